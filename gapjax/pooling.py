@@ -1,0 +1,436 @@
+"""Global pooling: one family of operators that reduce a set of feature vectors to one.
+
+Every pool takes ``x [B, *spatial, C]`` (an image ``[B, H, W, C]``, a set ``[B, N, C]``, or
+any number of spatial axes) and an optional boolean ``mask [B, *spatial]`` (True = real
+position) and returns ``[B, C]`` (``[B, 2C]`` for ``catavgmax``). Each is a weighted sum
+``pool(x) = sum_i w_i x_i``: uniform weights (``gap``), one-hot at the maximum (``gmp``),
+all ones (``gsp``), given weights (``weighted``) or weights learned from ``x``
+(``attention``); ``gem`` and ``lse`` interpolate between mean and max.
+
+Conventions shared by all of them:
+  * Reductions accumulate in float32 whatever the input dtype; the result has the input dtype.
+  * Masked positions never change a result. A row with no real position pools to zeros,
+    with finite gradients (never -inf or NaN, forward or backward).
+  * ``gmp``'s gradient is one-hot at the arg max. Tie rule: the first maximal position in
+    row-major order of the spatial axes receives the whole gradient.
+
+Pure functions hold the math; the Linen modules registered in ``POOLS`` wrap them, own any
+parameters (``p`` of GeM, ``r`` of LSE, the attention projection) and report their output
+width through ``output_width(channels)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gapjax.registry import Registry
+
+Array = jax.Array
+
+POOLS: Registry[type[nn.Module]] = Registry("pool")
+
+
+# --------------------------------------------------------------------------------------
+# Shape handling
+# --------------------------------------------------------------------------------------
+
+
+def _as_sets(x: Array, mask: Array | None, name: str = "x") -> tuple[Array, Array | None]:
+    """Flattens ``x [B, *S, C]`` to ``[B, N, C]`` and ``mask [B, *S]`` to ``[B, N]``."""
+    x = jnp.asarray(x)
+    if x.ndim < 3:
+        raise ValueError(
+            f"pooling expects {name} of shape [batch, *spatial, channels] with at least one "
+            f"spatial (or set) axis, i.e. rank >= 3; got shape {tuple(x.shape)}"
+        )
+    batch, channels = x.shape[0], x.shape[-1]
+    sets = x.reshape(batch, -1, channels)
+    if mask is None:
+        return sets, None
+    mask = jnp.asarray(mask)
+    if tuple(mask.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"mask must have shape [batch, *spatial] = {tuple(x.shape[:-1])} to match x of "
+            f"shape {tuple(x.shape)}; got {tuple(mask.shape)}"
+        )
+    return sets, mask.reshape(batch, -1).astype(bool)
+
+
+def _counts(sets: Array, mask: Array | None) -> Array:
+    """Number of real positions per row, float32 ``[B, 1]``."""
+    if mask is None:
+        return jnp.full((sets.shape[0], 1), sets.shape[1], jnp.float32)
+    return mask.sum(axis=1, keepdims=True, dtype=jnp.float32)
+
+
+def _zero_masked(sets: Array, mask: Array | None) -> Array:
+    return sets if mask is None else jnp.where(mask[..., None], sets, jnp.zeros((), sets.dtype))
+
+
+def _finite_min(dtype: Any) -> Array:
+    return jnp.asarray(jnp.finfo(dtype).min if jnp.issubdtype(dtype, jnp.floating) else
+                       jnp.iinfo(dtype).min, dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Parameter-free pools
+# --------------------------------------------------------------------------------------
+
+
+def gsp(x: Array, mask: Array | None = None) -> Array:
+    """Global sum pooling: ``[B, *S, C] -> [B, C]``, the sum over real positions."""
+    sets, mask = _as_sets(x, mask)
+    return _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32).astype(x.dtype)
+
+
+def gap(x: Array, mask: Array | None = None) -> Array:
+    """Global average pooling: ``[B, *S, C] -> [B, C]``, the mean over real positions.
+
+    Its gradient is ``1/N`` at every real position (``N`` = number of real positions).
+    """
+    sets, mask = _as_sets(x, mask)
+    total = _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32)
+    return (total / jnp.maximum(_counts(sets, mask), 1.0)).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _max_over_positions(sets: Array) -> Array:
+    return sets.max(axis=1)
+
+
+def _max_fwd(sets: Array) -> tuple[Array, Array]:
+    return sets.max(axis=1), sets
+
+
+def _max_bwd(sets: Array, g: Array) -> tuple[Array]:
+    # One-hot at the first arg max, so ties never split the gradient.
+    winner = jnp.argmax(sets, axis=1)  # [B, C]
+    one_hot = jnp.arange(sets.shape[1])[None, :, None] == winner[:, None, :]
+    return (jnp.where(one_hot, g[:, None, :], jnp.zeros((), g.dtype)),)
+
+
+_max_over_positions.defvjp(_max_fwd, _max_bwd)
+
+
+def gmp(x: Array, mask: Array | None = None) -> Array:
+    """Global max pooling: ``[B, *S, C] -> [B, C]``, the max over real positions.
+
+    The gradient is one-hot at the arg max of each (row, channel); on ties the first
+    maximal position (row-major over the spatial axes) receives it.
+    """
+    sets, mask = _as_sets(x, mask)
+    if mask is None:
+        return _max_over_positions(sets)
+    filled = jnp.where(mask[..., None], sets, _finite_min(sets.dtype))
+    pooled = _max_over_positions(filled)
+    return jnp.where(_counts(sets, mask) > 0, pooled, jnp.zeros((), pooled.dtype))
+
+
+def avgmax(x: Array, mask: Array | None = None) -> Array:
+    """Average of GAP and GMP: ``[B, *S, C] -> [B, C]``."""
+    mean = gap(x, mask).astype(jnp.float32)
+    peak = gmp(x, mask).astype(jnp.float32)
+    return (0.5 * (mean + peak)).astype(x.dtype)
+
+
+def catavgmax(x: Array, mask: Array | None = None) -> Array:
+    """GAP and GMP concatenated: ``[B, *S, C] -> [B, 2C]`` (mean first)."""
+    return jnp.concatenate([gap(x, mask), gmp(x, mask)], axis=-1)
+
+
+# --------------------------------------------------------------------------------------
+# Power means: GeM and log-sum-exp
+# --------------------------------------------------------------------------------------
+
+
+def _log_mean_exp(z: Array, mask: Array | None) -> tuple[Array, Array]:
+    """Stable ``log(mean_i exp(z_i))`` over axis 1 of ``z [B, N, C]`` (float32).
+
+    Returns ``(value [B, C], has_any [B, 1])``. The max is subtracted (without gradient)
+    and ``log1p(mean(expm1(.)))`` keeps precision when all ``z`` are close to each other,
+    which is what makes the small-temperature limit (the mean) accurate.
+    """
+    counts = _counts(z, mask)
+    has_any = counts > 0
+    filled = z if mask is None else jnp.where(mask[..., None], z, _finite_min(z.dtype))
+    peak = jax.lax.stop_gradient(filled.max(axis=1, keepdims=True))
+    peak = jnp.where(has_any[:, None], peak, 0.0)
+    shifted = z - peak
+    if mask is not None:
+        shifted = jnp.where(mask[..., None], shifted, 0.0)  # keeps expm1 of pads finite
+    mean_expm1 = jnp.expm1(shifted).sum(axis=1) / jnp.maximum(counts, 1.0)
+    return peak[:, 0] + jnp.log1p(mean_expm1), has_any
+
+
+def gem(x: Array, p: Array | float = 3.0, mask: Array | None = None, eps: float = 1e-6) -> Array:
+    """Generalized mean pooling ``(mean_i max(x_i, eps)^p)^(1/p)``: ``[B, *S, C] -> [B, C]``.
+
+    ``p`` is a scalar or per channel ``[C]``; ``p = 1`` is GAP (for inputs >= eps) and
+    ``p -> inf`` tends to GMP. Evaluated in log space, so it is stable for ``p`` of several
+    hundred; inputs below ``eps`` (zeros, negatives) are clamped to ``eps`` as in the
+    original formulation, which keeps the logarithm finite.
+    """
+    sets, mask = _as_sets(x, mask)
+    p = jnp.asarray(p, jnp.float32)
+    if p.ndim > 1 or (p.ndim == 1 and p.shape[0] not in (1, sets.shape[-1])):
+        raise ValueError(
+            f"gem: p must be a scalar or have shape [channels] = [{sets.shape[-1]}]; "
+            f"got shape {tuple(p.shape)}"
+        )
+    logs = jnp.log(jnp.maximum(sets.astype(jnp.float32), eps))
+    log_mean, has_any = _log_mean_exp(p * logs, mask)
+    pooled = jnp.exp(log_mean / p)
+    return jnp.where(has_any, pooled, 0.0).astype(x.dtype)
+
+
+def lse(x: Array, r: Array | float = 10.0, mask: Array | None = None) -> Array:
+    """Log-sum-exp pooling ``(1/r) log(mean_i exp(r x_i))``: ``[B, *S, C] -> [B, C]``.
+
+    ``r`` (scalar or ``[C]``, > 0) is the temperature's inverse: the pool tends to GAP as
+    ``r -> 0`` and to GMP as ``r -> inf``. The max is subtracted, so no overflow.
+    """
+    sets, mask = _as_sets(x, mask)
+    r = jnp.asarray(r, jnp.float32)
+    log_mean, has_any = _log_mean_exp(r * sets.astype(jnp.float32), mask)
+    return jnp.where(has_any, log_mean / r, 0.0).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Weighted and attention pooling
+# --------------------------------------------------------------------------------------
+
+
+def normalize_weights(weights: Array, mask: Array | None = None) -> Array:
+    """Non-negative position weights ``[B, *S]`` -> weights summing to one over real positions.
+
+    Masked positions get weight 0; a row whose weights sum to 0 gets all zeros.
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+    if mask is not None:
+        weights = jnp.where(mask, weights, 0.0)
+    axes = tuple(range(1, weights.ndim))
+    total = weights.sum(axis=axes, keepdims=True)
+    safe_total = jnp.where(total > 0, total, 1.0)
+    return jnp.where(total > 0, weights / safe_total, 0.0)
+
+
+def weighted(x: Array, weights: Array, mask: Array | None = None) -> Array:
+    """Weighted pooling ``sum_i w_i x_i / sum_i w_i``: ``[B, *S, C] -> [B, C]``.
+
+    ``weights`` are non-negative, of shape ``[B, *S]`` or ``[*S]`` (shared by the batch).
+    Uniform weights give exactly the GAP result up to float rounding.
+    """
+    sets, flat_mask = _as_sets(x, mask)
+    spatial = tuple(x.shape[1:-1])
+    weights = jnp.asarray(weights)
+    if tuple(weights.shape) == spatial:
+        weights = jnp.broadcast_to(weights, (x.shape[0], *spatial))
+    if tuple(weights.shape) != (x.shape[0], *spatial):
+        raise ValueError(
+            f"weights must have shape [batch, *spatial] = {(x.shape[0], *spatial)} or "
+            f"[*spatial] = {spatial}; got {tuple(weights.shape)}"
+        )
+    probs = normalize_weights(weights.reshape(x.shape[0], -1), flat_mask)
+    return jnp.einsum("bn,bnc->bc", probs, sets.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention_weights(scores: Array, mask: Array | None = None) -> Array:
+    """Masked softmax of ``scores [B, *S]`` over all spatial positions (float32).
+
+    Masked positions get 0; a fully masked row gets all zeros with finite gradients.
+    """
+    batch = scores.shape[0]
+    flat = jnp.asarray(scores, jnp.float32).reshape(batch, -1)
+    flat_mask = None if mask is None else jnp.asarray(mask, bool).reshape(batch, -1)
+    filled = flat if flat_mask is None else jnp.where(flat_mask, flat, _finite_min(jnp.float32))
+    peak = jax.lax.stop_gradient(filled.max(axis=1, keepdims=True))
+    shifted = flat - peak
+    if flat_mask is not None:
+        shifted = jnp.where(flat_mask, shifted, 0.0)
+    exps = jnp.exp(shifted)
+    if flat_mask is not None:
+        exps = jnp.where(flat_mask, exps, 0.0)
+    total = exps.sum(axis=1, keepdims=True)
+    probs = jnp.where(total > 0, exps / jnp.where(total > 0, total, 1.0), 0.0)
+    return probs.reshape(scores.shape)
+
+
+def attention(
+    x: Array, scores: Array, mask: Array | None = None, return_weights: bool = False
+) -> Array | tuple[Array, Array]:
+    """Attention pooling: softmax of ``scores [B, *S]`` over positions, then a weighted sum.
+
+    Returns ``[B, C]``, and the weights ``[B, *S]`` too when ``return_weights``.
+    """
+    if tuple(scores.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"attention scores must have shape [batch, *spatial] = {tuple(x.shape[:-1])}; "
+            f"got {tuple(scores.shape)}"
+        )
+    probs = attention_weights(scores, mask)
+    sets, _ = _as_sets(x, mask)
+    pooled = jnp.einsum(
+        "bn,bnc->bc", probs.reshape(x.shape[0], -1), sets.astype(jnp.float32)
+    ).astype(x.dtype)
+    return (pooled, probs) if return_weights else pooled
+
+
+#: Parameter-free pools by name, for code that pools without a module (graph readouts,
+#: diagnostics). Keys are the canonical ``POOLS`` names.
+FUNCTIONS: dict[str, Callable[..., Array]] = {
+    "gap": gap,
+    "gmp": gmp,
+    "gsp": gsp,
+    "avgmax": avgmax,
+    "catavgmax": catavgmax,
+}
+
+
+# --------------------------------------------------------------------------------------
+# Linen modules (the POOLS registry)
+# --------------------------------------------------------------------------------------
+
+
+class Pool(nn.Module):
+    """Base class: ``__call__(x [B, *S, C], mask=None) -> [B, output_width(C)]``."""
+
+    def output_width(self, channels: int) -> int:
+        return channels
+
+
+def _parameter_free(class_name: str, fn: Callable[..., Array], width_factor: int = 1):
+    """A Linen wrapper around a parameter-free pure pool."""
+
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        return fn(x, mask)
+
+    def output_width(self, channels: int) -> int:
+        return width_factor * channels
+
+    namespace = {"__call__": __call__, "output_width": output_width, "__doc__": fn.__doc__,
+                 "__module__": __name__, "__qualname__": class_name}
+    return type(class_name, (Pool,), namespace)
+
+
+GlobalAvgPool = POOLS.register("gap", "mean")(_parameter_free("GlobalAvgPool", gap))
+GlobalMaxPool = POOLS.register("gmp", "max")(_parameter_free("GlobalMaxPool", gmp))
+GlobalSumPool = POOLS.register("gsp", "sum")(_parameter_free("GlobalSumPool", gsp))
+AvgMaxPool = POOLS.register("avgmax")(_parameter_free("AvgMaxPool", avgmax))
+CatAvgMaxPool = POOLS.register("catavgmax")(_parameter_free("CatAvgMaxPool", catavgmax, 2))
+
+
+@POOLS.register("gem")
+class GeMPool(Pool):
+    """GeM pooling with a learnable exponent ``p`` (scalar, or per channel)."""
+
+    init_p: float = 3.0
+    learn_p: bool = True
+    per_channel: bool = False
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        shape = (x.shape[-1],) if self.per_channel else ()
+        if self.learn_p:
+            p = self.param("p", nn.initializers.constant(self.init_p), shape, jnp.float32)
+        else:
+            p = jnp.full(shape, self.init_p, jnp.float32)
+        return gem(x, p, mask, self.eps)
+
+
+@POOLS.register("lse")
+class LSEPool(Pool):
+    """Log-sum-exp pooling with a learnable positive sharpness ``r``."""
+
+    init_r: float = 10.0
+    learn_r: bool = True
+    per_channel: bool = False
+    min_r: float = 1e-4
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        shape = (x.shape[-1],) if self.per_channel else ()
+        if self.learn_r:
+            r = self.param("r", nn.initializers.constant(self.init_r), shape, jnp.float32)
+        else:
+            r = jnp.full(shape, self.init_r, jnp.float32)
+        return lse(x, jnp.maximum(r, self.min_r), mask)
+
+
+@POOLS.register("weighted")
+class WeightedPool(Pool):
+    """Weighted pooling with fixed or learned per-position weights.
+
+    ``spatial_weights`` (shape ``[*S]`` or ``[B, *S]``, non-negative) fixes the weights;
+    when it is None the weights are ``softmax`` of a learned logit map of shape ``[*S]``
+    initialised to zeros, i.e. uniform, so the module starts as exactly GAP. Weights given
+    to ``__call__`` override both.
+    """
+
+    spatial_weights: Any = None
+
+    @nn.compact
+    def __call__(
+        self, x: Array, mask: Array | None = None, weights: Array | None = None,
+        return_weights: bool = False,
+    ) -> Array | tuple[Array, Array]:
+        if weights is None and self.spatial_weights is not None:
+            weights = jnp.asarray(self.spatial_weights)
+        if weights is None:
+            logits = self.param("logits", nn.initializers.zeros, x.shape[1:-1], jnp.float32)
+            weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max()))
+        if tuple(weights.shape) == tuple(x.shape[1:-1]):
+            weights = jnp.broadcast_to(weights, x.shape[:-1])
+        pooled = weighted(x, weights, mask)
+        if not return_weights:
+            return pooled
+        probs = normalize_weights(weights.reshape(x.shape[0], -1),
+                                  None if mask is None else mask.reshape(x.shape[0], -1))
+        return pooled, probs.reshape(x.shape[:-1])
+
+
+@POOLS.register("attention")
+class AttentionPool(Pool):
+    """Attention pooling: scores from a learned projection of each position, softmax over
+    positions (masked), weighted sum. ``hidden`` adds a tanh layer before the score
+    (attention-MIL style); ``None`` scores with a single linear map."""
+
+    hidden: int | None = None
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(
+        self, x: Array, mask: Array | None = None, return_weights: bool = False
+    ) -> Array | tuple[Array, Array]:
+        h = x
+        if self.hidden:
+            h = jnp.tanh(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(h))
+        scores = nn.Dense(1, dtype=self.dtype, name="score")(h)[..., 0]
+        return attention(x, scores, mask, return_weights=return_weights)
+
+
+def pool(name: str, x: Array, mask: Array | None = None, **kwargs: Any) -> Array:
+    """Applies a parameter-free pool, or gem/lse with given ``p``/``r``, by registry name."""
+    canonical = POOLS.canonical(name)
+    if canonical in FUNCTIONS:
+        return FUNCTIONS[canonical](x, mask, **kwargs)
+    if canonical == "gem":
+        return gem(x, kwargs.pop("p", 3.0), mask, **kwargs)
+    if canonical == "lse":
+        return lse(x, kwargs.pop("r", 10.0), mask)
+    raise ValueError(
+        f"pool {name!r} has parameters or needs weights; use POOLS.get({name!r}) "
+        f"or the pure function gapjax.pooling.{canonical}"
+    )
+
+
+__all__ = [
+    "POOLS", "FUNCTIONS", "Pool", "gap", "gmp", "gsp", "avgmax", "catavgmax", "gem", "lse",
+    "weighted", "attention", "attention_weights", "normalize_weights", "pool",
+    "GlobalAvgPool", "GlobalMaxPool", "GlobalSumPool", "AvgMaxPool", "CatAvgMaxPool",
+    "GeMPool", "LSEPool", "WeightedPool", "AttentionPool",
+]
