@@ -21,7 +21,8 @@ width through ``output_width(channels)``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -429,8 +430,28 @@ def pool(name: str, x: Array, mask: Array | None = None, **kwargs: Any) -> Array
 
 
 __all__ = [
-    "POOLS", "FUNCTIONS", "Pool", "gap", "gmp", "gsp", "avgmax", "catavgmax", "gem", "lse",
-    "weighted", "attention", "attention_weights", "normalize_weights", "pool",
-    "GlobalAvgPool", "GlobalMaxPool", "GlobalSumPool", "AvgMaxPool", "CatAvgMaxPool",
-    "GeMPool", "LSEPool", "WeightedPool", "AttentionPool",
+    "FUNCTIONS",
+    "POOLS",
+    "AttentionPool",
+    "AvgMaxPool",
+    "CatAvgMaxPool",
+    "GeMPool",
+    "GlobalAvgPool",
+    "GlobalMaxPool",
+    "GlobalSumPool",
+    "LSEPool",
+    "Pool",
+    "WeightedPool",
+    "attention",
+    "attention_weights",
+    "avgmax",
+    "catavgmax",
+    "gap",
+    "gem",
+    "gmp",
+    "gsp",
+    "lse",
+    "normalize_weights",
+    "pool",
+    "weighted",
 ]

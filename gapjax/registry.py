@@ -7,7 +7,8 @@ A registry name is the config value: ``config.model.pool = "gem"`` selects
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
