@@ -61,6 +61,11 @@ def _as_sets(x: Array, mask: Array | None, name: str = "x") -> tuple[Array, Arra
     return sets, mask.reshape(batch, -1).astype(bool)
 
 
+def _result_dtype(x: Array) -> Any:
+    """Pools keep a floating input's dtype; integer or boolean inputs pool to float32."""
+    return x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.float32
+
+
 def _counts(sets: Array, mask: Array | None) -> Array:
     """Number of real positions per row, float32 ``[B, 1]``."""
     if mask is None:
@@ -69,12 +74,22 @@ def _counts(sets: Array, mask: Array | None) -> Array:
 
 
 def _zero_masked(sets: Array, mask: Array | None) -> Array:
+    """``sets [B, N, C]`` with masked positions set to 0, so padding (even inf) never leaks."""
     return sets if mask is None else jnp.where(mask[..., None], sets, jnp.zeros((), sets.dtype))
 
 
 def _finite_min(dtype: Any) -> Array:
+    """The lowest finite value of ``dtype``: a fill that keeps later arithmetic finite."""
     return jnp.asarray(jnp.finfo(dtype).min if jnp.issubdtype(dtype, jnp.floating) else
                        jnp.iinfo(dtype).min, dtype)
+
+
+def _max_identity(dtype: Any) -> Array:
+    """The identity of ``max``: -inf for floats, so no real value (even the lowest finite
+    one) can tie with a padded position; the lowest integer for integer types."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray(-jnp.inf, dtype)
+    return _finite_min(dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -85,7 +100,7 @@ def _finite_min(dtype: Any) -> Array:
 def gsp(x: Array, mask: Array | None = None) -> Array:
     """Global sum pooling: ``[B, *S, C] -> [B, C]``, the sum over real positions."""
     sets, mask = _as_sets(x, mask)
-    return _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32).astype(x.dtype)
+    return _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32).astype(_result_dtype(sets))
 
 
 def gap(x: Array, mask: Array | None = None) -> Array:
@@ -95,11 +110,12 @@ def gap(x: Array, mask: Array | None = None) -> Array:
     """
     sets, mask = _as_sets(x, mask)
     total = _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32)
-    return (total / jnp.maximum(_counts(sets, mask), 1.0)).astype(x.dtype)
+    return (total / jnp.maximum(_counts(sets, mask), 1.0)).astype(_result_dtype(sets))
 
 
 @jax.custom_vjp
 def _max_over_positions(sets: Array) -> Array:
+    """``sets [B, N, C] -> [B, C]`` max whose gradient follows the documented tie rule."""
     return sets.max(axis=1)
 
 
@@ -108,8 +124,9 @@ def _max_fwd(sets: Array) -> tuple[Array, Array]:
 
 
 def _max_bwd(sets: Array, g: Array) -> tuple[Array]:
-    # One-hot at the first arg max, so ties never split the gradient.
-    winner = jnp.argmax(sets, axis=1)  # [B, C]
+    # Autodiff of max would split the gradient evenly between tied positions; the whole
+    # gradient goes to the first arg max instead, as for a one-hot pooling weight.
+    winner = jnp.argmax(sets, axis=1)  # [B, C], the first maximal position
     one_hot = jnp.arange(sets.shape[1])[None, :, None] == winner[:, None, :]
     return (jnp.where(one_hot, g[:, None, :], jnp.zeros((), g.dtype)),)
 
@@ -120,27 +137,28 @@ _max_over_positions.defvjp(_max_fwd, _max_bwd)
 def gmp(x: Array, mask: Array | None = None) -> Array:
     """Global max pooling: ``[B, *S, C] -> [B, C]``, the max over real positions.
 
-    The gradient is one-hot at the arg max of each (row, channel); on ties the first
-    maximal position (row-major over the spatial axes) receives it.
+    The gradient is one-hot at the arg max of each (row, channel). Tie rule: the first
+    maximal position (row-major over the spatial axes) receives the whole gradient.
     """
     sets, mask = _as_sets(x, mask)
     if mask is None:
         return _max_over_positions(sets)
-    filled = jnp.where(mask[..., None], sets, _finite_min(sets.dtype))
+    filled = jnp.where(mask[..., None], sets, _max_identity(sets.dtype))
     pooled = _max_over_positions(filled)
     return jnp.where(_counts(sets, mask) > 0, pooled, jnp.zeros((), pooled.dtype))
 
 
 def avgmax(x: Array, mask: Array | None = None) -> Array:
-    """Average of GAP and GMP: ``[B, *S, C] -> [B, C]``."""
+    """Average of GAP and GMP, ``(gap + gmp) / 2``: ``[B, *S, C] -> [B, C]``."""
     mean = gap(x, mask).astype(jnp.float32)
     peak = gmp(x, mask).astype(jnp.float32)
-    return (0.5 * (mean + peak)).astype(x.dtype)
+    return (0.5 * (mean + peak)).astype(_result_dtype(jnp.asarray(x)))
 
 
 def catavgmax(x: Array, mask: Array | None = None) -> Array:
-    """GAP and GMP concatenated: ``[B, *S, C] -> [B, 2C]`` (mean first)."""
-    return jnp.concatenate([gap(x, mask), gmp(x, mask)], axis=-1)
+    """GAP and GMP concatenated, ``[gap, gmp]``: ``[B, *S, C] -> [B, 2C]`` (mean first)."""
+    dtype = _result_dtype(jnp.asarray(x))
+    return jnp.concatenate([gap(x, mask).astype(dtype), gmp(x, mask).astype(dtype)], axis=-1)
 
 
 # --------------------------------------------------------------------------------------
@@ -167,37 +185,45 @@ def _log_mean_exp(z: Array, mask: Array | None) -> tuple[Array, Array]:
     return peak[:, 0] + jnp.log1p(mean_expm1), has_any
 
 
+def _exponent(value: Array | float, name: str, pool_name: str, channels: int) -> Array:
+    """Validates a scalar or per-channel ``[C]`` exponent (``p`` of GeM, ``r`` of LSE)."""
+    value = jnp.asarray(value, jnp.float32)
+    if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, channels)):
+        raise ValueError(
+            f"{pool_name}: {name} must be a scalar or have shape [channels] = [{channels}]; "
+            f"got shape {tuple(value.shape)}"
+        )
+    return value
+
+
 def gem(x: Array, p: Array | float = 3.0, mask: Array | None = None, eps: float = 1e-6) -> Array:
     """Generalized mean pooling ``(mean_i max(x_i, eps)^p)^(1/p)``: ``[B, *S, C] -> [B, C]``.
 
-    ``p`` is a scalar or per channel ``[C]``; ``p = 1`` is GAP (for inputs >= eps) and
-    ``p -> inf`` tends to GMP. Evaluated in log space, so it is stable for ``p`` of several
-    hundred; inputs below ``eps`` (zeros, negatives) are clamped to ``eps`` as in the
-    original formulation, which keeps the logarithm finite.
+    ``p > 0`` is a scalar or per channel ``[C]``; ``p = 1`` is GAP (for inputs >= eps) and
+    ``p -> inf`` tends to GMP. Evaluated in log space with the max subtracted, so it is
+    stable for ``p`` of several hundred (``x^p`` itself would overflow float32 from
+    ``p ~ 40`` for ``x ~ 10``); inputs below ``eps`` (zeros, negatives) are clamped to
+    ``eps`` as in the original formulation, which keeps the logarithm and its gradient finite.
     """
     sets, mask = _as_sets(x, mask)
-    p = jnp.asarray(p, jnp.float32)
-    if p.ndim > 1 or (p.ndim == 1 and p.shape[0] not in (1, sets.shape[-1])):
-        raise ValueError(
-            f"gem: p must be a scalar or have shape [channels] = [{sets.shape[-1]}]; "
-            f"got shape {tuple(p.shape)}"
-        )
-    logs = jnp.log(jnp.maximum(sets.astype(jnp.float32), eps))
+    p = _exponent(p, "p", "gem", sets.shape[-1])
+    logs = jnp.log(jnp.maximum(_zero_masked(sets, mask).astype(jnp.float32), eps))
     log_mean, has_any = _log_mean_exp(p * logs, mask)
     pooled = jnp.exp(log_mean / p)
-    return jnp.where(has_any, pooled, 0.0).astype(x.dtype)
+    return jnp.where(has_any, pooled, 0.0).astype(_result_dtype(sets))
 
 
 def lse(x: Array, r: Array | float = 10.0, mask: Array | None = None) -> Array:
     """Log-sum-exp pooling ``(1/r) log(mean_i exp(r x_i))``: ``[B, *S, C] -> [B, C]``.
 
-    ``r`` (scalar or ``[C]``, > 0) is the temperature's inverse: the pool tends to GAP as
-    ``r -> 0`` and to GMP as ``r -> inf``. The max is subtracted, so no overflow.
+    ``r > 0`` (scalar or ``[C]``) is the inverse temperature: the pool tends to GAP as
+    ``r -> 0`` and to GMP as ``r -> inf`` (within ``log(N) / r``). The max is subtracted,
+    so nothing overflows.
     """
     sets, mask = _as_sets(x, mask)
-    r = jnp.asarray(r, jnp.float32)
-    log_mean, has_any = _log_mean_exp(r * sets.astype(jnp.float32), mask)
-    return jnp.where(has_any, log_mean / r, 0.0).astype(x.dtype)
+    r = _exponent(r, "r", "lse", sets.shape[-1])
+    log_mean, has_any = _log_mean_exp(r * _zero_masked(sets, mask).astype(jnp.float32), mask)
+    return jnp.where(has_any, log_mean / r, 0.0).astype(_result_dtype(sets))
 
 
 # --------------------------------------------------------------------------------------
@@ -219,38 +245,62 @@ def normalize_weights(weights: Array, mask: Array | None = None) -> Array:
     return jnp.where(total > 0, weights / safe_total, 0.0)
 
 
+def _weighted_sum(probs: Array, sets: Array, mask: Array | None) -> Array:
+    """``sum_n probs[b, n] * sets[b, n, c]`` accumulated in float32: ``[B, C]``.
+
+    A broadcast multiply and a reduction rather than a batched matrix-vector product: on CPU
+    XLA fuses it into one pass over ``sets``. Masked positions are zeroed first so that
+    padding (even inf, where ``0 * inf`` would be NaN) cannot leak into the result.
+    """
+    values = _zero_masked(sets, mask).astype(jnp.float32)
+    return (probs[..., None] * values).sum(axis=1)
+
+
 def weighted(x: Array, weights: Array, mask: Array | None = None) -> Array:
     """Weighted pooling ``sum_i w_i x_i / sum_i w_i``: ``[B, *S, C] -> [B, C]``.
 
     ``weights`` are non-negative, of shape ``[B, *S]`` or ``[*S]`` (shared by the batch).
-    Uniform weights give exactly the GAP result up to float rounding.
+    Uniform weights give the GAP result up to float rounding; a row whose weights (over
+    real positions) sum to zero pools to zeros.
     """
     sets, flat_mask = _as_sets(x, mask)
-    spatial = tuple(x.shape[1:-1])
+    spatial = tuple(jnp.shape(x)[1:-1])
+    batch = sets.shape[0]
     weights = jnp.asarray(weights)
     if tuple(weights.shape) == spatial:
-        weights = jnp.broadcast_to(weights, (x.shape[0], *spatial))
-    if tuple(weights.shape) != (x.shape[0], *spatial):
+        weights = jnp.broadcast_to(weights, (batch, *spatial))
+    if tuple(weights.shape) != (batch, *spatial):
         raise ValueError(
-            f"weights must have shape [batch, *spatial] = {(x.shape[0], *spatial)} or "
+            f"weights must have shape [batch, *spatial] = {(batch, *spatial)} or "
             f"[*spatial] = {spatial}; got {tuple(weights.shape)}"
         )
-    probs = normalize_weights(weights.reshape(x.shape[0], -1), flat_mask)
-    return jnp.einsum("bn,bnc->bc", probs, sets.astype(jnp.float32)).astype(x.dtype)
+    probs = normalize_weights(weights.reshape(batch, -1), flat_mask)
+    return _weighted_sum(probs, sets, flat_mask).astype(_result_dtype(sets))
 
 
 def attention_weights(scores: Array, mask: Array | None = None) -> Array:
-    """Masked softmax of ``scores [B, *S]`` over all spatial positions (float32).
+    """Masked softmax of ``scores [B, *S]`` over all spatial positions: ``[B, *S]`` float32.
 
     Masked positions get 0; a fully masked row gets all zeros with finite gradients.
     """
+    scores = jnp.asarray(scores)
     batch = scores.shape[0]
-    flat = jnp.asarray(scores, jnp.float32).reshape(batch, -1)
-    flat_mask = None if mask is None else jnp.asarray(mask, bool).reshape(batch, -1)
+    flat = scores.astype(jnp.float32).reshape(batch, -1)
+    flat_mask = None
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if tuple(mask.shape) != tuple(scores.shape):
+            raise ValueError(
+                f"mask must have the shape of the scores [batch, *spatial] = "
+                f"{tuple(scores.shape)}; got {tuple(mask.shape)}"
+            )
+        flat_mask = mask.astype(bool).reshape(batch, -1)
     filled = flat if flat_mask is None else jnp.where(flat_mask, flat, _finite_min(jnp.float32))
     peak = jax.lax.stop_gradient(filled.max(axis=1, keepdims=True))
     shifted = flat - peak
     if flat_mask is not None:
+        # Zeroed before exp: a padded score far above the real ones would overflow to inf,
+        # and inf * 0 in the backward pass is NaN.
         shifted = jnp.where(flat_mask, shifted, 0.0)
     exps = jnp.exp(shifted)
     if flat_mask is not None:
@@ -265,18 +315,19 @@ def attention(
 ) -> Array | tuple[Array, Array]:
     """Attention pooling: softmax of ``scores [B, *S]`` over positions, then a weighted sum.
 
-    Returns ``[B, C]``, and the weights ``[B, *S]`` too when ``return_weights``.
+    Returns ``[B, C]``, and the weights ``[B, *S]`` (float32, summing to one over real
+    positions) too when ``return_weights``.
     """
-    if tuple(scores.shape) != tuple(x.shape[:-1]):
+    sets, flat_mask = _as_sets(x, mask)
+    scores = jnp.asarray(scores)
+    if tuple(scores.shape) != tuple(jnp.shape(x)[:-1]):
         raise ValueError(
-            f"attention scores must have shape [batch, *spatial] = {tuple(x.shape[:-1])}; "
+            f"attention scores must have shape [batch, *spatial] = {tuple(jnp.shape(x)[:-1])}; "
             f"got {tuple(scores.shape)}"
         )
     probs = attention_weights(scores, mask)
-    sets, _ = _as_sets(x, mask)
-    pooled = jnp.einsum(
-        "bn,bnc->bc", probs.reshape(x.shape[0], -1), sets.astype(jnp.float32)
-    ).astype(x.dtype)
+    flat_probs = probs.reshape(sets.shape[0], -1)
+    pooled = _weighted_sum(flat_probs, sets, flat_mask).astype(_result_dtype(sets))
     return (pooled, probs) if return_weights else pooled
 
 
@@ -300,6 +351,7 @@ class Pool(nn.Module):
     """Base class: ``__call__(x [B, *S, C], mask=None) -> [B, output_width(C)]``."""
 
     def output_width(self, channels: int) -> int:
+        """Width of the pooled vector for ``channels`` input channels."""
         return channels
 
 
@@ -332,6 +384,7 @@ class GeMPool(Pool):
     learn_p: bool = True
     per_channel: bool = False
     eps: float = 1e-6
+    min_p: float = 1e-3
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
@@ -340,7 +393,8 @@ class GeMPool(Pool):
             p = self.param("p", nn.initializers.constant(self.init_p), shape, jnp.float32)
         else:
             p = jnp.full(shape, self.init_p, jnp.float32)
-        return gem(x, p, mask, self.eps)
+        # A learned p could step through 0, where 1/p blows up; keep it positive.
+        return gem(x, jnp.maximum(p, self.min_p), mask, self.eps)
 
 
 @POOLS.register("lse")
@@ -389,8 +443,8 @@ class WeightedPool(Pool):
         pooled = weighted(x, weights, mask)
         if not return_weights:
             return pooled
-        probs = normalize_weights(weights.reshape(x.shape[0], -1),
-                                  None if mask is None else mask.reshape(x.shape[0], -1))
+        flat_mask = None if mask is None else jnp.asarray(mask).reshape(x.shape[0], -1)
+        probs = normalize_weights(weights.reshape(x.shape[0], -1), flat_mask)
         return pooled, probs.reshape(x.shape[:-1])
 
 
@@ -407,26 +461,46 @@ class AttentionPool(Pool):
     def __call__(
         self, x: Array, mask: Array | None = None, return_weights: bool = False
     ) -> Array | tuple[Array, Array]:
-        h = x
+        _as_sets(x, mask)  # shape errors surface here, before the projection
+        # Padded positions are zeroed before scoring so that garbage there (even inf)
+        # cannot reach the projection's gradient.
+        h = x if mask is None else jnp.where(jnp.asarray(mask, bool)[..., None], x, 0)
         if self.hidden:
             h = jnp.tanh(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(h))
         scores = nn.Dense(1, dtype=self.dtype, name="score")(h)[..., 0]
         return attention(x, scores, mask, return_weights=return_weights)
 
 
+#: Keyword arguments that ``pool`` accepts for each parameterised pool it can apply.
+_POOL_KWARGS = {"gem": ("p", "eps"), "lse": ("r",)}
+
+
 def pool(name: str, x: Array, mask: Array | None = None, **kwargs: Any) -> Array:
-    """Applies a parameter-free pool, or gem/lse with given ``p``/``r``, by registry name."""
+    """Applies a pool by registry name: ``x [B, *S, C] -> [B, width]``.
+
+    Parameter-free pools take no keyword arguments; ``gem`` takes ``p`` (default 3) and
+    ``eps``, ``lse`` takes ``r`` (default 10). Pools with learned parameters or given
+    weights (``weighted``, ``attention``) need their module or pure function instead.
+    """
     canonical = POOLS.canonical(name)
-    if canonical in FUNCTIONS:
-        return FUNCTIONS[canonical](x, mask, **kwargs)
+    allowed = () if canonical in FUNCTIONS else _POOL_KWARGS.get(canonical)
+    if allowed is None:
+        raise ValueError(
+            f"pool {name!r} has learned parameters or needs weights; use "
+            f"POOLS.get({name!r}) or the pure function gapjax.pooling.{canonical}. "
+            f"By name, choose one of: {', '.join(sorted([*FUNCTIONS, *_POOL_KWARGS]))}"
+        )
+    unexpected = sorted(set(kwargs) - set(allowed))
+    if unexpected:
+        raise ValueError(
+            f"pool {name!r} got unexpected keyword arguments {unexpected}; "
+            f"it accepts {list(allowed) or 'none'}"
+        )
     if canonical == "gem":
-        return gem(x, kwargs.pop("p", 3.0), mask, **kwargs)
+        return gem(x, kwargs.get("p", 3.0), mask, kwargs.get("eps", 1e-6))
     if canonical == "lse":
-        return lse(x, kwargs.pop("r", 10.0), mask)
-    raise ValueError(
-        f"pool {name!r} has parameters or needs weights; use POOLS.get({name!r}) "
-        f"or the pure function gapjax.pooling.{canonical}"
-    )
+        return lse(x, kwargs.get("r", 10.0), mask)
+    return FUNCTIONS[canonical](x, mask)
 
 
 __all__ = [

@@ -60,6 +60,8 @@ class Registry(Generic[T]):
 
     def canonical(self, name: str) -> str:
         """The primary name for ``name`` (resolving aliases); raises if unknown."""
+        if not isinstance(name, str):  # e.g. None or a list from a malformed config
+            raise UnknownNameError(self._unknown_message(name))
         if name in self._entries:
             return name
         if name in self._aliases:
@@ -86,7 +88,7 @@ class Registry(Generic[T]):
         return message
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries or name in self._aliases
+        return isinstance(name, str) and (name in self._entries or name in self._aliases)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -1,0 +1,165 @@
+"""Shared pieces of the benchmark scripts: timing, machine description, targets, JSON out.
+
+Benchmarks are not tests: they print figures and never fail on a time. Every script prints
+one JSON object to stdout (and writes it to ``--out FILE`` when given) holding the
+measurements, the machine they came from, and for each target the measured value, the goal
+and the distance to it.
+
+This module needs only jax and numpy, so the GPU script (``gpu.sh``) can use it on a machine
+without TFDS, grain, scikit-learn or matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+# Scripts are run as ``python benchmarks/NAME.py`` from the repository root; make the
+# project importable even when it is not pip-installed.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def quick_mode_from_env() -> bool:
+    """True when ``GAPJAX_BENCH_QUICK=1``: tiny shapes, to prove a script runs end to end."""
+    return os.environ.get("GAPJAX_BENCH_QUICK", "0") not in ("", "0", "false", "False")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every benchmark shares: --out, --quick, --repeats."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--quick", action="store_true", default=quick_mode_from_env(),
+                        help="small shapes and few repeats (also GAPJAX_BENCH_QUICK=1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per measurement (default depends on --quick)")
+    return parser
+
+
+def block(tree: Any) -> Any:
+    """Waits until every array in ``tree`` is computed (JAX dispatch is asynchronous)."""
+    return jax.block_until_ready(tree)
+
+
+def time_calls(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 1) -> dict[str, float]:
+    """Times ``fn()`` (which must block until its result is ready) ``repeats`` times.
+
+    Returns seconds: ``median``, ``min``, ``mean`` and the ``first`` (warm-up) call, which for
+    a freshly jitted function includes compilation.
+    """
+    if repeats < 1:
+        raise ValueError(f"time_calls: repeats must be >= 1; got {repeats}")
+    first = None
+    for _ in range(max(warmup, 0)):
+        start = time.perf_counter()
+        fn()
+        first = time.perf_counter() - start if first is None else first
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "mean": statistics.fmean(samples),
+        "first": samples[0] if first is None else first,
+        "repeats": repeats,
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    devices = jax.devices()
+    return {
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def target(name: str, value: float | None, goal: float, *, higher_is_better: bool,
+           unit: str = "") -> dict[str, Any]:
+    """A measured value against its goal.
+
+    ``distance`` is ``value / goal`` when higher is better and ``goal / value`` otherwise, so
+    ``distance >= 1`` always means the target is met and ``0.8`` means 20% short of it.
+    """
+    if value is None or value <= 0:
+        return {"name": name, "value": value, "goal": goal, "unit": unit, "met": False,
+                "distance": None, "higher_is_better": higher_is_better}
+    distance = value / goal if higher_is_better else goal / value
+    return {"name": name, "value": value, "goal": goal, "unit": unit, "met": distance >= 1.0,
+            "distance": distance, "higher_is_better": higher_is_better}
+
+
+def describe_target(result: dict[str, Any]) -> str:
+    """One line for humans, e.g. ``SE/ResNet step time: 1.031 (goal <= 1.05) met, 1.02x``."""
+    sign = ">=" if result["higher_is_better"] else "<="
+    if result["distance"] is None:
+        return f"{result['name']}: not measured (goal {sign} {result['goal']}{result['unit']})"
+    status = "met" if result["met"] else "NOT met"
+    return (f"{result['name']}: {result['value']:.4g}{result['unit']} (goal {sign} "
+            f"{result['goal']}{result['unit']}) {status}, distance {result['distance']:.2f}x")
+
+
+def emit(payload: dict[str, Any], out: Path | None) -> dict[str, Any]:
+    """Adds the machine description, prints the JSON, writes it to ``out`` if given.
+
+    Target lines go to stderr so stdout stays one parseable JSON document.
+    """
+    payload = {"machine": machine(), **payload}
+    text = json.dumps(payload, indent=2, default=float)
+    print(text)
+    for result in payload.get("targets", []):
+        print(describe_target(result), file=sys.stderr)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    return payload
+
+
+def error_entry(exc: BaseException) -> dict[str, str]:
+    """How a benchmark item that could not run is recorded (the script carries on)."""
+    return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def import_train_step_modules() -> tuple[Any, Any, Any]:
+    """``(gapjax.train.steps, gapjax.train.state, gapjax.train.optim)``: the project's own
+    train step, state and optimizers.
+
+    Those three modules need only jax, flax and optax, but the package ``gapjax.train``
+    also holds the training loop, which imports the data pipeline (TFDS, grain) and
+    ml_collections. Accelerator machines may lack those, so when importing the package
+    fails for a missing module, the three submodules are loaded under a bare package
+    instead: the benchmark still times the very same ``train_step`` function.
+    """
+    import importlib
+    import types
+
+    names = ("steps", "state", "optim")
+    try:
+        return tuple(importlib.import_module(f"gapjax.train.{name}") for name in names)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == "gapjax":
+            raise
+    bare = types.ModuleType("gapjax.train")
+    bare.__path__ = [str(REPO_ROOT / "gapjax" / "train")]
+    sys.modules["gapjax.train"] = bare
+    return tuple(importlib.import_module(f"gapjax.train.{name}") for name in names)

@@ -1,0 +1,34 @@
+"""The embedded default: a small CNN with a GAP head on scikit-learn's handwritten digits.
+
+    python train.py --config configs/digits.py --workdir runs/digits
+
+Reaches >= 98% test accuracy in well under a minute on two CPU cores. The optional
+argument picks the pool of the GAP head: ``--config configs/digits.py:gmp``.
+"""
+
+from gapjax.train.defaults import base_config
+
+
+def get_config(pool: str = "gap"):
+    """Digits config; ``pool`` (``configs/digits.py:<pool>``) selects the head's pool."""
+    config = base_config()
+    config.dataset.name = "gapjax_digits"
+    config.model.name = "cnn"
+    config.model.pool = pool or "gap"
+    config.model.head = "gap"
+
+    config.batch_size = 128
+    config.total_steps = 600
+    config.log_every = 50
+    config.eval_every = 200
+    config.checkpoint_every = 200
+
+    config.optimizer.name = "sgd"
+    config.optimizer.learning_rate = 0.1
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = True
+    config.optimizer.schedule = "cosine"
+    config.optimizer.warmup_steps = 50
+    config.optimizer.weight_decay = 5e-4
+    config.optimizer.label_smoothing = 0.0
+    return config

@@ -1,0 +1,39 @@
+"""Datasets and the input pipeline (needs TFDS, grain and scikit-learn).
+
+Importing this package registers the embedded datasets in ``DATASETS``:
+``gapjax_digits`` (scikit-learn's 8x8 digits), ``gapjax_cluttered_digits`` (one digit among
+clutter, with box and mask) and ``gapjax_multilabel_digits`` (2-4 digits, multi-hot
+labels, boxes). Any other ``config.dataset.name`` is read as a prepared TFDS dataset.
+
+Public API: ``dataset_info(config.dataset)``, ``make_iterator(config.dataset, split, *,
+batch_size, seed, train, process_index=0, process_count=1)`` and ``model_inputs(info,
+batch)``; see ``gapjax.data.pipeline``.
+"""
+
+from gapjax.data import cluttered_digits, digits, multilabel_digits
+from gapjax.data.pipeline import (
+    DatasetError,
+    DatasetInfo,
+    data_dir,
+    dataset_info,
+    make_iterator,
+    model_inputs,
+    stack_and_pad,
+)
+from gapjax.data.spec import DATASETS, DatasetSpec, register
+
+__all__ = [
+    "DATASETS",
+    "DatasetError",
+    "DatasetInfo",
+    "DatasetSpec",
+    "cluttered_digits",
+    "data_dir",
+    "dataset_info",
+    "digits",
+    "make_iterator",
+    "model_inputs",
+    "multilabel_digits",
+    "register",
+    "stack_and_pad",
+]

@@ -1,0 +1,221 @@
+"""Image helpers shared by the embedded datasets and the input pipeline (NumPy only).
+
+The source of every embedded image dataset is scikit-learn's bundled 8x8 handwritten
+digits (1797 images, values 0..16). These helpers load them, split them, resize them,
+composite them onto canvases and derive boxes and masks from what was drawn.
+
+Conventions: images are ``[H, W]`` or ``[H, W, C]`` arrays; boxes are
+``(ymin, xmin, ymax, xmax)`` normalised to [0, 1] (the TFDS ``BBoxFeature`` convention),
+with ``ymax``/``xmax`` the far edge of the last covered pixel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+# The digits' own split: stratified by class, 20% test, ``random_state`` fixed below. This
+# gives 1437 training and 360 test images and is the split every embedded dataset draws
+# from (the cluttered and multi-label test canvases use only test digits).
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+@functools.cache
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as ``(images uint8 [1797, 8, 8] in 0..255, labels [1797])``.
+
+    Values 0..16 are scaled by 255/16 and rounded. No download: the data ships with
+    scikit-learn.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return images, digits.target.astype(np.int64)
+
+
+@functools.cache
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed ``"train"`` (1437) or ``"test"`` (360) part of the digits, stratified by class.
+
+    Returns ``(images uint8 [N, 8, 8], labels int64 [N])`` in a fixed order.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "test"):
+        raise ValueError(f"digits split must be 'train' or 'test'; got {split!r}")
+    images, labels = sklearn_digits()
+    train_index, test_index = train_test_split(
+        np.arange(len(labels)),
+        test_size=DIGITS_TEST_FRACTION,
+        stratify=labels,
+        random_state=DIGITS_SPLIT_SEED,
+    )
+    index = np.sort(train_index if split == "train" else test_index)
+    return images[index], labels[index]
+
+
+def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
+    """Row-stochastic ``[out_size, in_size]`` matrix of a triangle (bilinear) filter.
+
+    When shrinking, the filter widens by the scale factor so that every input pixel
+    contributes (antialiasing), the same rule as ``jax.image.resize(..., antialias=True)``.
+    """
+    scale = out_size / in_size
+    width = max(1.0, 1.0 / scale)
+    centres = (np.arange(out_size) + 0.5) / scale - 0.5
+    distance = np.abs(np.arange(in_size)[None, :] - centres[:, None]) / width
+    weights = np.maximum(0.0, 1.0 - distance)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_resize_weights(in_size: int, out_size: int) -> np.ndarray:
+    return _resize_weights(in_size, out_size)
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear (antialiased when shrinking) resize of ``[H, W]`` or ``[H, W, C]`` to float32.
+
+    Separable: two small matrix products, so it is cheap enough to run per example.
+    """
+    image = np.asarray(image, np.float32)
+    rows = _cached_resize_weights(image.shape[0], height)
+    cols = _cached_resize_weights(image.shape[1], width)
+    if image.ndim == 2:
+        return rows @ image @ cols.T
+    # Channels first for two batched matrix products, then back to [H, W, C].
+    return np.ascontiguousarray((rows @ image.transpose(2, 0, 1) @ cols.T).transpose(1, 2, 0))
+
+
+def paste_max(canvas: np.ndarray, patch: np.ndarray, top: int, left: int) -> None:
+    """Composites ``patch [h, w]`` onto ``canvas [H, W]`` in place with a pixel-wise max.
+
+    Max compositing keeps strokes visible where digits or fragments overlap, as ink would.
+    Parts of the patch outside the canvas are clipped.
+    """
+    height, width = canvas.shape
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + patch.shape[0], height), min(left + patch.shape[1], width)
+    if y1 <= y0 or x1 <= x0:
+        return
+    region = patch[y0 - top : y1 - top, x0 - left : x1 - left]
+    np.maximum(canvas[y0:y1, x0:x1], region, out=canvas[y0:y1, x0:x1])
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """Tight normalised box ``float32 [4]`` around the True pixels of ``mask [H, W]``.
+
+    An empty mask gives the all ``-1`` box used for padding.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return np.full(4, -1.0, np.float32)
+    height, width = mask.shape
+    return np.array(
+        [rows[0] / height, cols[0] / width, (rows[-1] + 1) / height, (cols[-1] + 1) / width],
+        np.float32,
+    )
+
+
+def box_overlap(box: np.ndarray, other: np.ndarray) -> float:
+    """Intersection area over the smaller box's area (0 = disjoint, 1 = one inside the other)."""
+    height = min(box[2], other[2]) - max(box[0], other[0])
+    width = min(box[3], other[3]) - max(box[1], other[1])
+    if height <= 0 or width <= 0:
+        return 0.0
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    other_area = (other[2] - other[0]) * (other[3] - other[1])
+    smaller = min(area, other_area)
+    return float(height * width / max(smaller, 1e-12))
+
+
+def shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Translates ``image [H, W, ...]`` by ``(dy, dx)`` pixels, filling with zeros.
+
+    Equivalent to zero-padding and cropping at an offset: the "random crop with padding"
+    augmentation with the image size unchanged.
+    """
+    out = np.zeros_like(image)
+    height, width = image.shape[:2]
+    src_y = slice(max(0, -dy), min(height, height - dy))
+    dst_y = slice(max(0, dy), min(height, height + dy))
+    src_x = slice(max(0, -dx), min(width, width - dx))
+    dst_x = slice(max(0, dx), min(width, width + dx))
+    out[dst_y, dst_x] = image[src_y, src_x]
+    return out
+
+
+def shift_boxes(boxes: np.ndarray, dy: int, dx: int, height: int, width: int) -> np.ndarray:
+    """Moves normalised ``boxes [..., 4]`` with a ``shift`` of the image, clipping to [0, 1].
+
+    Padding boxes (all -1) stay padding; a box shifted wholly off the canvas becomes padding.
+    """
+    boxes = np.asarray(boxes, np.float32)
+    offset = np.array([dy / height, dx / width, dy / height, dx / width], np.float32)
+    moved = np.clip(boxes + offset, 0.0, 1.0)
+    empty = (moved[..., 2] <= moved[..., 0]) | (moved[..., 3] <= moved[..., 1])
+    padding = np.all(boxes < 0, axis=-1)
+    return np.where((empty | padding)[..., None], np.float32(-1.0), moved)
+
+
+def preprocess_image_example(
+    example: dict,
+    rng: np.random.Generator | None,
+    *,
+    mean: float,
+    std: float,
+    size: tuple[int, int] | None = None,
+    max_shift: int = 0,
+    max_boxes: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Turns one raw embedded-dataset example into model-ready arrays.
+
+    Args:
+      example: ``image uint8 [H, W, C]``, ``label`` (int, or multi-hot ``[K]``), optional
+        ``bbox [4]`` or ``[M, 4]`` and ``segmentation uint8 [H, W]``.
+      rng: per-example generator for augmentation, or None for none (evaluation).
+      mean, std: normalisation of the [0, 1] intensities.
+      size: ``(height, width)`` to resize to first, or None to keep the stored size.
+      max_shift: augmentation translates by up to this many pixels each way (random crop
+        after zero padding by ``max_shift``); no flips, since digits are not symmetric.
+      max_boxes: boxes are padded with all -1 rows (or truncated) to this many.
+
+    Returns:
+      ``image float32 [h, w, C]``, ``label`` (int32 scalar or float32 ``[K]``), and where
+      present ``bbox float32 [max_boxes, 4]`` and ``segmentation float32 [h, w]``.
+    """
+    image = np.asarray(example["image"], np.float32) * np.float32(1.0 / 255.0)
+    segmentation = example.get("segmentation")
+    if segmentation is not None:
+        segmentation = np.asarray(segmentation, np.float32)
+    if size is not None and tuple(image.shape[:2]) != tuple(size):
+        image = resize(image, *size)
+        if segmentation is not None:
+            segmentation = resize(segmentation, *size)
+    boxes = example.get("bbox")
+    if boxes is not None:
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        count = max_boxes or boxes.shape[0]
+        padded = np.full((count, 4), -1.0, np.float32)
+        padded[: min(count, boxes.shape[0])] = boxes[:count]
+        boxes = padded
+    if rng is not None and max_shift > 0:
+        dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
+        height, width = image.shape[:2]
+        image = shift(image, dy, dx)
+        if segmentation is not None:
+            segmentation = shift(segmentation, dy, dx)
+        if boxes is not None:
+            boxes = shift_boxes(boxes, dy, dx, height, width)
+    out = {"image": (image - np.float32(mean)) * np.float32(1.0 / std)}
+    label = np.asarray(example["label"])
+    out["label"] = label.astype(np.int32) if label.ndim == 0 else label.astype(np.float32)
+    if boxes is not None:
+        out["bbox"] = boxes
+    if segmentation is not None:
+        out["segmentation"] = segmentation
+    return out

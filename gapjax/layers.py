@@ -1,0 +1,447 @@
+"""Building blocks shared by the image models: channel gates, classification heads, and the
+``Classifier`` base class that ties a backbone to a head.
+
+* ``SqueezeExcite`` pools the whole feature map (any ``POOLS`` name), passes the pooled
+  vector through a bottleneck MLP and scales every channel by the resulting gate: global
+  context at a tiny parameter cost.
+* ``LocalGate`` is the same bottleneck MLP applied at every pixel (a pair of 1x1
+  convolutions) with no pooling, so each gate sees only its own pixel. It has exactly the
+  parameters of ``SqueezeExcite``; the only difference is the global context.
+* ``GAPHead`` pools (any ``POOLS`` name) and applies one Dense; ``FCHead`` flattens the
+  map and applies the classic VGG stack of Dense layers.
+
+Pure functions (``make_divisible``, ``se_reduced_channels``, ``scale_channels``,
+``adaptive_avg_pool``, ``GATES``) hold the arithmetic; the Linen modules own parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gapjax.pooling import POOLS
+
+Array = jax.Array
+
+HEADS = ("gap", "fc")
+ATTENTIONS = ("se", "local")
+
+
+# --------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------
+
+
+def check_choice(field: str, value: Any, choices: Sequence[Any]) -> Any:
+    """Returns ``value`` if it is one of ``choices``; otherwise raises one clear ValueError."""
+    if value not in choices:
+        raise ValueError(
+            f"{field}={value!r} is not valid; choose one of: "
+            + ", ".join(repr(choice) for choice in choices)
+        )
+    return value
+
+
+def build_module(cls: type[nn.Module], model_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Instantiates ``cls(**kwargs)`` after checking every key is one of its options.
+
+    Config keys arrive as keyword arguments (``config.model.<key>``), so an unknown key is
+    reported with its value and the list of options instead of a bare ``TypeError``.
+    """
+    options = sorted(
+        field.name for field in dataclasses.fields(cls) if field.name not in ("parent", "name")
+    )
+    for key, value in kwargs.items():
+        if key not in options:
+            raise ValueError(
+                f"model {model_name!r} has no option {key!r} (got {key}={value!r}); "
+                f"valid options: {', '.join(options)}"
+            )
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------
+
+
+def make_divisible(
+    value: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.0
+) -> int:
+    """Rounds a channel count to the nearest multiple of ``divisor`` (at least ``min_value``,
+    default ``divisor``); adds one ``divisor`` when rounding lost more than ``1 -
+    round_limit`` of ``value``. With ``round_limit=0`` (what SE blocks use) the result is
+    simply the nearest multiple, never below ``divisor``: ``64 / 16 = 4 -> 8``.
+    """
+    if divisor < 1:
+        raise ValueError(f"divisor must be a positive integer; got {divisor!r}")
+    min_value = min_value or divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < round_limit * value:
+        rounded += divisor
+    return rounded
+
+
+def se_reduced_channels(channels: int, reduction: float = 16, divisor: int = 8) -> int:
+    """Width of the SE bottleneck: ``make_divisible(channels / reduction, divisor)``.
+
+    ``divisor=8`` reproduces the published SE-ResNets of the timm library
+    (64 channels -> 8, 256 -> 16, 2048 -> 128); ``divisor=1`` gives plain
+    ``channels // reduction`` (64 -> 4), the convention of some other model zoos.
+    """
+    if reduction <= 0:
+        raise ValueError(f"se reduction must be positive; got {reduction!r}")
+    return make_divisible(channels / reduction, divisor, round_limit=0.0)
+
+
+def hard_sigmoid(x: Array) -> Array:
+    """Piecewise-linear sigmoid ``relu6(x + 3) / 6``: 0.5 at 0, range [0, 1]."""
+    return jax.nn.relu6(x + 3.0) / 6.0
+
+
+#: Gate nonlinearities of SE and LocalGate, by name. Range: sigmoid and hard_sigmoid
+#: [0, 1], tanh [-1, 1], identity unbounded.
+GATES: dict[str, Callable[[Array], Array]] = {
+    "sigmoid": jax.nn.sigmoid,
+    "hard_sigmoid": hard_sigmoid,
+    "tanh": jnp.tanh,
+    "identity": lambda x: x,
+}
+
+
+def scale_channels(x: Array, gates: Array) -> Array:
+    """Multiplies ``x [B, *S, C]`` by per-example channel gates ``gates [B, C]``."""
+    if gates.shape != (x.shape[0], x.shape[-1]):
+        raise ValueError(
+            f"channel gates must have shape [batch, channels] = {(x.shape[0], x.shape[-1])}; "
+            f"got {tuple(gates.shape)}"
+        )
+    broadcast = gates.reshape(gates.shape[0], *([1] * (x.ndim - 2)), gates.shape[1])
+    return x * broadcast.astype(x.dtype)
+
+
+def _adaptive_bins(size: int, bins: int) -> np.ndarray:
+    """Averaging matrix ``[bins, size]``: row ``i`` averages positions
+    ``floor(i * size / bins)`` to ``ceil((i + 1) * size / bins) - 1``. Bins overlap when
+    ``size`` is not a multiple of ``bins`` and repeat positions when ``size < bins``."""
+    matrix = np.zeros((bins, size), np.float32)
+    for i in range(bins):  # runs at trace time on static sizes, never inside XLA
+        start = (i * size) // bins
+        end = math.ceil((i + 1) * size / bins)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_avg_pool(x: Array, output_size: tuple[int, int]) -> Array:
+    """Average-pools ``x [B, H, W, C]`` to ``[B, oh, ow, C]`` with adaptive bins.
+
+    Same bins as PyTorch's ``AdaptiveAvgPool2d``, so an FC head built for a 7x7 grid keeps
+    its shape at any input size: larger maps are averaged down, smaller ones are repeated
+    up (a 1x1 map becomes 7x7 copies of itself). When ``(H, W) == output_size`` the input
+    is returned unchanged. Accumulates in float32.
+    """
+    out_h, out_w = output_size
+    height, width = x.shape[1], x.shape[2]
+    if (height, width) == (out_h, out_w):
+        return x
+    rows = jnp.asarray(_adaptive_bins(height, out_h))
+    cols = jnp.asarray(_adaptive_bins(width, out_w))
+    pooled = jnp.einsum("ih,bhwc,jw->bijc", rows, x.astype(jnp.float32), cols)
+    return pooled.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Channel gates
+# --------------------------------------------------------------------------------------
+
+
+def make_pool(pool: str, dtype: Any, name: str) -> nn.Module:
+    """Instantiates the ``POOLS`` module ``pool``, passing the compute dtype if it takes one."""
+    pool_class = POOLS.get(pool)
+    field_names = {field.name for field in dataclasses.fields(pool_class)}
+    kwargs = {"dtype": dtype} if "dtype" in field_names else {}
+    return pool_class(name=name, **kwargs)
+
+
+def returns_weights(pool_module: nn.Module) -> bool:
+    """Whether a pool module accepts ``return_weights`` (weighted and attention pools)."""
+    return "return_weights" in inspect.signature(type(pool_module).__call__).parameters
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-Excitation: ``x * gate(W2 relu(W1 pool(x) + b1) + b2)`` per channel.
+
+    ``x [B, H, W, C] -> [B, H, W, C]``. The squeeze is any ``POOLS`` name (``gap`` as in
+    the paper; ``gmp`` and ``avgmax`` for the squeeze-operator ablation); the bottleneck
+    has ``se_reduced_channels(C, reduction, divisor)`` units; both Dense layers have biases
+    (the 1x1 convolutions of the reference implementations). The gates ``[B, C]`` are
+    sown as ``intermediates/gates`` and returned too with ``return_gates=True``.
+    """
+
+    reduction: float = 16
+    divisor: int = 8
+    pool: str = "gap"
+    gate: str = "sigmoid"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, return_gates: bool = False) -> Array | tuple[Array, Array]:
+        gate_fn = GATES[check_choice("se_gate", self.gate, tuple(GATES))]
+        channels = x.shape[-1]
+        hidden = se_reduced_channels(channels, self.reduction, self.divisor)
+        squeezed = make_pool(self.pool, self.dtype, name="squeeze")(x)  # [B, C] (2C: catavgmax)
+        hidden_act = nn.relu(nn.Dense(hidden, dtype=self.dtype, name="reduce")(squeezed))
+        logits = nn.Dense(channels, dtype=self.dtype, name="expand")(hidden_act)
+        gates = gate_fn(logits.astype(jnp.float32))  # gate math in float32 for exact 0.5 etc.
+        self.sow("intermediates", "gates", gates)
+        out = scale_channels(x, gates)
+        return (out, gates) if return_gates else out
+
+
+class LocalGate(nn.Module):
+    """Per-pixel gate with no global context: the SE bottleneck MLP applied at each pixel.
+
+    ``x [B, H, W, C] -> x * gate(W2 relu(W1 x_hw + b1) + b2)``, i.e. two 1x1 convolutions.
+    Same parameter names and count as ``SqueezeExcite`` with the same options, so the two
+    differ only in whether the gate sees the whole image: at any pixel the output depends
+    on that pixel alone. Gates ``[B, H, W, C]`` are sown as ``intermediates/gates``.
+    """
+
+    reduction: float = 16
+    divisor: int = 8
+    gate: str = "sigmoid"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, return_gates: bool = False) -> Array | tuple[Array, Array]:
+        gate_fn = GATES[check_choice("se_gate", self.gate, tuple(GATES))]
+        channels = x.shape[-1]
+        hidden = se_reduced_channels(channels, self.reduction, self.divisor)
+        hidden_act = nn.relu(nn.Dense(hidden, dtype=self.dtype, name="reduce")(x))
+        logits = nn.Dense(channels, dtype=self.dtype, name="expand")(hidden_act)
+        gates = gate_fn(logits.astype(jnp.float32))
+        self.sow("intermediates", "gates", gates)
+        out = x * gates.astype(x.dtype)
+        return (out, gates) if return_gates else out
+
+
+def make_attention(
+    attn: str | None,
+    *,
+    reduction: float = 16,
+    divisor: int = 8,
+    pool: str = "gap",
+    gate: str = "sigmoid",
+    dtype: Any = None,
+    name: str = "se",
+) -> nn.Module | None:
+    """The channel gate a block uses: ``"se"``, ``"local"`` or ``None`` (no gate)."""
+    check_choice("attn", attn, (*ATTENTIONS, None))
+    if attn == "se":
+        return SqueezeExcite(reduction, divisor, pool, gate, dtype, name=name)
+    if attn == "local":
+        return LocalGate(reduction, divisor, gate, dtype, name=name)
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Heads
+# --------------------------------------------------------------------------------------
+
+
+class GAPHead(nn.Module):
+    """Global pooling, optional dropout, one Dense: ``[B, h, w, C] -> float32 logits [B, K]``.
+
+    ``pool`` is any ``POOLS`` name. Weighted and attention pools are called with
+    ``return_weights=True`` and their weights ``[B, h, w]`` are sown as
+    ``intermediates/head/pool_weights``. The classifier (``Dense`` named ``classifier``,
+    kernel ``[width, K]``) runs in float32 whatever the compute dtype: it is a tiny matmul
+    and keeps logits and class activation maps on the same arithmetic.
+    """
+
+    num_classes: int
+    pool: str = "gap"
+    dropout: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, features: Array, train: bool = False) -> Array:
+        pool_module = make_pool(self.pool, self.dtype, name="pool")
+        if returns_weights(pool_module):
+            pooled, weights = pool_module(features, return_weights=True)
+            self.sow("intermediates", "pool_weights", weights)
+        else:
+            pooled = pool_module(features)
+        pooled = pooled.astype(jnp.float32)
+        if self.dropout > 0:
+            pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier")(pooled)
+
+
+class FCHead(nn.Module):
+    """Flatten -> [Dense(width) -> ReLU -> Dropout] per width -> Dense(K): the classic VGG
+    head with ``widths=(4096, 4096)``; ``widths=()`` is a single linear layer on the
+    flattened map. ``[B, h, w, C] -> float32 logits [B, K]``.
+
+    ``grid=(gh, gw)`` first average-pools the map to a fixed grid with adaptive bins (VGG
+    uses 7x7), so the head has the same shape at every input size; larger inputs are
+    averaged down, smaller ones repeated up. With ``grid=None`` the head flattens the map
+    as it is, so its first Dense is sized by the input size used at ``init``; applying
+    it to another size raises an error that says so.
+    """
+
+    num_classes: int
+    widths: Sequence[int] = (4096, 4096)
+    dropout: float = 0.5
+    grid: tuple[int, int] | None = None
+    dtype: Any = None
+    kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, features: Array, train: bool = False) -> Array:
+        if self.grid is not None:
+            features = adaptive_avg_pool(features, tuple(self.grid))
+        flat = features.reshape(features.shape[0], -1)
+        self._check_flat_size(flat.shape[1], features.shape)
+        for index, width in enumerate(self.widths):
+            flat = nn.Dense(
+                width, dtype=self.dtype, kernel_init=self.kernel_init, name=f"fc{index + 1}"
+            )(flat)
+            flat = nn.relu(flat)
+            if self.dropout > 0:
+                flat = nn.Dropout(self.dropout, deterministic=not train)(flat)
+        flat = flat.astype(jnp.float32)
+        return nn.Dense(
+            self.num_classes, dtype=jnp.float32, kernel_init=self.kernel_init,
+            name="classifier",
+        )(flat)
+
+    def _check_flat_size(self, size: int, shape: tuple[int, ...]) -> None:
+        first = "fc1" if self.widths else "classifier"
+        params = self.variables.get("params", {})
+        if first not in params:
+            return  # initialising
+        expected = params[first]["kernel"].shape[0]
+        if expected != size:
+            raise ValueError(
+                f"FCHead: the feature map {tuple(shape[1:])} flattens to {size} values but "
+                f"the head was initialised for {expected}; a flatten head without a grid "
+                "fixes the input size. Apply it at the input size used for init, or set "
+                "fc_grid=(h, w) to pool to a fixed grid first."
+            )
+
+
+# --------------------------------------------------------------------------------------
+# Classifier base
+# --------------------------------------------------------------------------------------
+
+
+class Classifier(nn.Module):
+    """Base of the image classifiers: a backbone to a feature map, then the ``head``.
+
+    ``__call__(x [B, H, W, C], train=False) -> float32 logits [B, K]``. Subclasses
+    implement ``backbone(x, train) -> [B, h, w, C']`` (in the compact ``__call__``'s
+    scope). The pre-pool map is sown as ``intermediates/features``, so
+    ``model.apply(variables, x, mutable=["intermediates"])`` returns the logits and the
+    features from one forward pass (for class activation maps).
+
+    Attributes:
+      num_classes: K.
+      dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``, or their names);
+        parameters and BatchNorm statistics stay float32, logits are float32.
+      head: ``"gap"`` (pool + Dense) or ``"fc"`` (flatten + Dense stack).
+      pool: ``POOLS`` name of the GAP head's pool.
+      dropout: head dropout; None = the head's default (0 for gap, 0.5 for fc).
+      fc_widths: hidden widths of the FC head (subclasses set their classic default).
+      fc_grid: fixed grid the FC head pools to before flattening, or None.
+      axis_name: pmap axis for cross-device BatchNorm statistics, None under jit.
+      stem: ``"imagenet"`` or ``"cifar"`` (see each model).
+    """
+
+    num_classes: int
+    dtype: Any = jnp.float32
+    head: str = "gap"
+    pool: str = "gap"
+    dropout: float | None = None
+    fc_widths: Sequence[int] = ()
+    fc_grid: tuple[int, int] | None = None
+    axis_name: str | None = None
+    stem: str = "imagenet"
+
+    def backbone(self, x: Array, train: bool) -> Array:
+        raise NotImplementedError(f"{type(self).__name__} must implement backbone()")
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    def make_head(self) -> nn.Module:
+        """The head submodule, named ``head``."""
+        check_choice("head", self.head, HEADS)
+        if self.head == "gap":
+            dropout = 0.0 if self.dropout is None else self.dropout
+            return GAPHead(self.num_classes, self.pool, dropout, self.compute_dtype, name="head")
+        dropout = 0.5 if self.dropout is None else self.dropout
+        return FCHead(
+            self.num_classes, tuple(self.fc_widths), dropout, self.resolved_fc_grid(),
+            self.compute_dtype, kernel_init=self.fc_kernel_init(), name="head",
+        )
+
+    def resolved_fc_grid(self) -> tuple[int, int] | None:
+        return None if self.fc_grid is None else tuple(self.fc_grid)
+
+    def fc_kernel_init(self) -> Callable[..., Array]:
+        return nn.initializers.lecun_normal()
+
+    def norm_layer(self, train: bool, name: str) -> nn.Module:
+        """BatchNorm with the reference momentum 0.9 and epsilon 1e-5, float32 statistics."""
+        return nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=1e-5,
+            dtype=self.compute_dtype, axis_name=self.axis_name, name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        if x.ndim != 4:
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape [batch, height, width, "
+                f"channels]; got shape {tuple(x.shape)}"
+            )
+        features = self.backbone(jnp.asarray(x, self.compute_dtype), train)
+        self.sow("intermediates", "features", features)
+        return self.make_head()(features, train=train).astype(jnp.float32)
+
+
+#: Convolution init of the reference ResNets and VGGs: He normal with fan-out.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+__all__ = [
+    "ATTENTIONS",
+    "GATES",
+    "HEADS",
+    "Classifier",
+    "FCHead",
+    "GAPHead",
+    "LocalGate",
+    "SqueezeExcite",
+    "adaptive_avg_pool",
+    "build_module",
+    "check_choice",
+    "conv_kernel_init",
+    "hard_sigmoid",
+    "make_attention",
+    "make_divisible",
+    "make_pool",
+    "returns_weights",
+    "scale_channels",
+    "se_reduced_channels",
+]

@@ -1,0 +1,112 @@
+"""VGG-11 and VGG-16 (optionally with BatchNorm), NHWC, in the torchvision layout.
+
+Features: 3x3 convolutions (padding 1, with bias) + ReLU, BN between them when
+``batch_norm=True``, and a 2x2 max pool after each of the five blocks. Heads:
+
+* ``head="fc"`` (default, the published model): torchvision's adaptive average pool to
+  7x7, flatten, Dense 4096 - ReLU - Dropout(0.5) - Dense 4096 - ReLU - Dropout(0.5) -
+  Dense K. At 224x224 the final map is already 7x7 and the pool does nothing; at other
+  sizes the pool keeps the head at 25,088 inputs: larger maps are averaged to 7x7, smaller
+  ones are *repeated* to 7x7 (a 1x1 map becomes 49 copies), which adds no information but
+  keeps every parameter of the published head. With ``1000`` classes the parameter counts
+  equal torchvision's (vgg16: 138,357,544; vgg16_bn: 138,365,992).
+* ``head="gap"``: any ``POOLS`` pool on the same final map, then Dense K (CAM's VGG head
+  apart from CAM's extra convolution): 512 * K + K head parameters instead of ~124M.
+
+``stem="cifar"`` drops the fifth max pool, so a 32x32 image keeps a 2x2 final map (stride
+16) and the FC head flattens that map directly (no 7x7 grid) unless ``fc_grid`` says
+otherwise. ``base_width`` scales every width (64 in the published models).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from gapjax.layers import Classifier, build_module, check_choice, conv_kernel_init
+from gapjax.models import MODELS
+
+Array = jax.Array
+
+STEMS = ("imagenet", "cifar")
+
+#: Output widths of the convolutions per block, as multiples of ``base_width / 64``.
+CONFIGS: dict[int, tuple[tuple[int, ...], ...]] = {
+    11: ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    16: ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+}
+
+AUTO = "auto"
+
+
+class VGG(Classifier):
+    """VGG classifier: ``[B, H, W, C] -> float32 logits [B, K]``.
+
+    Attributes (beyond ``Classifier``'s):
+      depth: 11 or 16.
+      batch_norm: BN after every convolution (torchvision's ``vgg*_bn``).
+      base_width: width of the first block (64 in the published models).
+      head: ``"fc"`` by default (the published model) or ``"gap"``.
+      fc_widths: hidden widths of the FC head, ``(4096, 4096)`` by default.
+      fc_grid: grid the FC head pools to before flattening; ``"auto"`` = ``(7, 7)`` with
+        the imagenet stem and None (flatten as is) with the cifar stem.
+    """
+
+    depth: int = 16
+    batch_norm: bool = False
+    base_width: int = 64
+    head: str = "fc"
+    fc_widths: tuple[int, ...] = (4096, 4096)
+    fc_grid: Any = AUTO
+
+    def resolved_fc_grid(self) -> tuple[int, int] | None:
+        if self.fc_grid == AUTO:
+            return (7, 7) if self.stem == "imagenet" else None
+        return None if self.fc_grid is None else tuple(self.fc_grid)
+
+    def fc_kernel_init(self):
+        return nn.initializers.normal(0.01)  # torchvision's init of the VGG classifier
+
+    def backbone(self, x: Array, train: bool) -> Array:
+        check_choice("stem", self.stem, STEMS)
+        check_choice("depth", self.depth, tuple(CONFIGS))
+        blocks = CONFIGS[self.depth]
+        for block_index, widths in enumerate(blocks):
+            for conv_index, width in enumerate(widths):
+                name = f"conv{block_index + 1}_{conv_index + 1}"
+                x = nn.Conv(
+                    width * self.base_width // 64, (3, 3), padding=((1, 1), (1, 1)),
+                    dtype=self.compute_dtype, kernel_init=conv_kernel_init,
+                    bias_init=nn.initializers.zeros, name=name,
+                )(x)
+                if self.batch_norm:
+                    x = self.norm_layer(train, f"bn{block_index + 1}_{conv_index + 1}")(x)
+                x = nn.relu(x)
+            last = block_index == len(blocks) - 1
+            if not (last and self.stem == "cifar"):
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        return x
+
+
+def _register(name: str, depth: int, batch_norm: bool) -> None:
+    preset = {"depth": depth, "batch_norm": batch_norm}
+
+    def build(**kwargs: Any) -> VGG:
+        return build_module(VGG, name, {**preset, **kwargs})
+
+    build.__name__ = name
+    build.__doc__ = (
+        f"VGG-{depth}{' with BatchNorm' if batch_norm else ''}; keyword arguments are VGG "
+        "attributes, e.g. num_classes, head, pool, stem, dtype."
+    )
+    MODELS.add(name, build)
+
+
+for _depth in CONFIGS:
+    _register(f"vgg{_depth}", _depth, False)
+    _register(f"vgg{_depth}_bn", _depth, True)
+
+
+__all__ = ["CONFIGS", "VGG"]

@@ -1,0 +1,62 @@
+"""Every training config key with its default. Configs and experiments start from here.
+
+``base_config()`` returns an unlocked ``ml_collections.ConfigDict``; a config file fills
+in ``dataset.name``, ``model.name``, the step counts and the optimizer, and may add keys
+of its own (``dataset.task`` for graphs, model keyword arguments, ...). Every key of
+``config.model`` other than ``name`` is passed to ``gapjax.models.get`` as a keyword.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PARALLEL_MODES = ("jit", "pmap")
+DTYPES = ("float32", "bfloat16")
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The shared defaults (global batch 128, SGD + cosine, jit over all devices)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.batch_size = 128  # global: split over processes, then over devices
+    config.total_steps = 1000
+    config.eval_every = 500
+    config.checkpoint_every = 500
+    config.log_every = 50
+    config.keep_checkpoints = 3
+    config.parallel = "jit"
+    config.dtype = "float32"
+    config.progress = "auto"
+    config.gradflow_every = 0
+
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = ""
+    config.dataset.data_dir = None
+    config.dataset.augment = True
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = ""
+    config.model.pool = "gap"
+    config.model.head = "gap"
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "sgd"
+    config.optimizer.learning_rate = 0.1
+    config.optimizer.schedule = "cosine"
+    config.optimizer.warmup_steps = 0
+    config.optimizer.weight_decay = 5e-4
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = False
+    config.optimizer.grad_clip = 0.0  # global-norm clip; 0 disables it
+    config.optimizer.label_smoothing = 0.0
+    # "step" schedule: multiply the rate by step_factor at these fractions of total_steps.
+    config.optimizer.step_boundaries = (0.5, 0.75)
+    config.optimizer.step_factor = 0.1
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.localization = False
+    config.eval.cam_method = "auto"
+    return config

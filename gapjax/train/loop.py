@@ -1,0 +1,423 @@
+"""The training loop: ``run(config, workdir) -> TrainResult``.
+
+config -> registries (dataset, model, pool, optimizer) -> input pipeline -> compiled step
+-> checkpoints and metrics. The loop owns the order of events at a step ``s``:
+
+1. train on the next batch (asynchronous dispatch, no host sync);
+2. every ``log_every`` steps: fetch the on-device running sums, check the loss is finite,
+   write ``train/*``;
+3. every ``eval_every`` steps and at the end: evaluate, write ``eval/*``;
+4. when the Orbax policy asks (every ``checkpoint_every`` steps, a preemption sync point),
+   at the end, or after SIGTERM: check the loss is finite, then save.
+
+Because metrics for ``s`` are written before the checkpoint of ``s``, and the state holds
+the running sums and the iterator position is saved with it, a run resumed from any
+checkpoint writes exactly the records an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gapjax.train.checkpoint import Checkpointer
+from gapjax.train.defaults import DTYPES
+from gapjax.train.metrics import MetricWriter, NullWriter, Progress
+from gapjax.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer
+from gapjax.train.parallel import DataParallel
+from gapjax.train.state import NO_BAD_STEP, TrainState, create_train_state, reset_sums
+from gapjax.train.steps import eval_step, train_step, zero_eval_sums
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on for a reason the user can act on (one-line message)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The training loss became NaN or infinite; nothing after the last good step is saved."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``run`` returns.
+
+    Attributes:
+      model: the Linen module that was trained.
+      variables: its variables (``{"params": ..., "batch_stats": ...}``), replicated arrays.
+      metrics: the latest value of every logged metric, plus ``step``.
+      workdir: where checkpoints, ``metrics.jsonl`` and TensorBoard files are.
+    """
+
+    model: Any
+    variables: dict[str, Any]
+    metrics: dict[str, float]
+    workdir: Path
+
+
+# --------------------------------------------------------------------------------------
+# Set-up helpers
+# --------------------------------------------------------------------------------------
+
+
+def _check_choices(config: Any) -> None:
+    """Fails fast, before any data or compilation, on names that are not registered."""
+    from gapjax import models
+
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype={config.dtype!r} is not supported; choose one of: "
+                         f"{', '.join(DTYPES)}")
+    models.MODELS.get(config.model.name)
+    pool = config.model.get("pool")
+    if pool is not None:
+        from gapjax.pooling import POOLS
+
+        POOLS.get(pool)
+    OPTIMIZERS.get(config.optimizer.name)
+    SCHEDULES.get(config.optimizer.get("schedule", "constant"))
+    for key in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
+        if int(config[key]) <= 0:
+            raise ValueError(f"config.{key}={config[key]!r} must be a positive integer")
+
+
+def build_model(config: Any, num_classes: int, axis_name: str | None) -> Any:
+    """``gapjax.models.get(config.model.name, num_classes, dtype, axis_name, **config.model)``."""
+    from gapjax import models
+
+    kwargs = {key: value for key, value in config.model.items() if key != "name"}
+    kwargs = {key: tuple(v) if isinstance(v, list) else v for key, v in kwargs.items()}
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    return models.get(config.model.name, num_classes=num_classes, dtype=dtype,
+                      axis_name=axis_name, **kwargs)
+
+
+def _sample_inputs(data: Any, info: Any, config: Any, batch_size: int) -> Any:
+    """Model inputs from the first evaluation batch, to initialise shapes (no training data
+    is consumed, so a fresh and a resumed run see the same training batches)."""
+    iterator = data.make_iterator(config.dataset, info.eval_split, batch_size=batch_size,
+                                  seed=config.seed, train=False, process_index=0,
+                                  process_count=1)
+    batch = next(iter(iterator))
+    inputs = data.model_inputs(info, batch)
+    if info.task != "graph":
+        inputs = jax.tree.map(lambda x: np.asarray(x)[:1], inputs)
+    return inputs
+
+
+def _config_json(config: Any) -> dict[str, Any]:
+    import json
+
+    return json.loads(config.to_json_best_effort())
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self.raised = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Average precision of one class: ``scores [n]``, binary ``labels [n]``.
+
+    The mean of the precision at the rank of each positive (ties broken by order); NaN
+    when there is no positive.
+    """
+    positives = labels > 0.5
+    if not positives.any():
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    hits = positives[order].astype(np.float64)
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def multilabel_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``eval/map`` (mean over classes with a positive) and ``eval/ap_<k>`` per class."""
+    per_class = [average_precision(logits[:, k], labels[:, k]) for k in range(labels.shape[1])]
+    metrics = {f"eval/ap_{k}": ap for k, ap in enumerate(per_class)}
+    finite = [ap for ap in per_class if np.isfinite(ap)]
+    metrics["eval/map"] = float(np.mean(finite)) if finite else float("nan")
+    return metrics
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+class _Run:
+    """The pieces of one run, built once by ``run``."""
+
+    def __init__(self, config: Any, workdir: Path):
+        from gapjax import data
+
+        _check_choices(config)
+        self.config = config
+        self.workdir = workdir
+        self.data = data
+        self.info = data.dataset_info(config.dataset)
+        self.parallel = DataParallel(config.parallel)
+        if self.info.task == "graph" and (config.parallel == "pmap"
+                                          or jax.process_count() > 1):
+            raise ValueError(
+                f"config.parallel={config.parallel!r} with {jax.process_count()} process(es): "
+                "graph batches cannot be split per device or per process; use "
+                "parallel='jit' in a single process"
+            )
+        self.local_batch_size = self.parallel.local_batch_size(int(config.batch_size))
+        self.is_chief = jax.process_index() == 0
+        self.model = build_model(config, self.info.num_classes, self.parallel.axis_name)
+        self.tx = make_optimizer(config.optimizer, int(config.total_steps))
+        self.inputs_fn = functools.partial(data.model_inputs, self.info)
+        self.train_step = self.parallel.compile_train_step(functools.partial(
+            train_step, model=self.model, tx=self.tx, task=self.info.task,
+            inputs_fn=self.inputs_fn,
+            label_smoothing=float(config.optimizer.get("label_smoothing", 0.0)),
+            seed=int(config.seed)))
+        self.eval_step = self.parallel.compile_eval_step(functools.partial(
+            eval_step, model=self.model, task=self.info.task, inputs_fn=self.inputs_fn))
+        self.reset_sums = jax.jit(reset_sums, donate_argnums=(0,))
+        self.checkpointer = Checkpointer(
+            workdir / CHECKPOINT_DIR, checkpoint_every=int(config.checkpoint_every),
+            keep=int(config.get("keep_checkpoints", 3)))
+
+    def make_train_iterator(self) -> Any:
+        return self.data.make_iterator(
+            self.config.dataset, self.info.train_split, batch_size=self.local_batch_size,
+            seed=int(self.config.seed), train=True, process_index=jax.process_index(),
+            process_count=jax.process_count())
+
+    def initial_state(self) -> TrainState:
+        sample = _sample_inputs(self.data, self.info, self.config, self.local_batch_size)
+        model, tx, seed = self.model, self.tx, int(self.config.seed)
+        return self.parallel.init(lambda: create_train_state(model, tx, sample, seed))
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return {"step": int(step), "config": _config_json(self.config),
+                "device_count": self.parallel.device_count,
+                "process_count": jax.process_count(), "parallel": self.config.parallel}
+
+    def evaluate(self, canonical_state: TrainState) -> dict[str, float]:
+        """Evaluation metrics (``eval/...``) of ``canonical_state`` on the eval split."""
+        config, info = self.config, self.info
+        variables = self.parallel.to_step_form(canonical_state.variables())
+        sums = self.parallel.replicate(zero_eval_sums())
+        iterator = self.data.make_iterator(
+            config.dataset, info.eval_split, batch_size=self.local_batch_size,
+            seed=int(config.seed), train=False, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        localization = None
+        if config.eval.get("localization", False):
+            from gapjax.wsol import LocalizationEvaluator
+
+            localization = LocalizationEvaluator(self.model, config.eval.get("cam_method",
+                                                                             "auto"))
+        collected: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for batch in iterator:
+            sums, logits = self.eval_step(variables, self.parallel.global_batch(batch), sums)
+            if info.task == "multilabel":
+                collected.append((self.parallel.local_rows(logits), np.asarray(batch["label"]),
+                                  np.asarray(batch["weight"])))
+            if localization is not None:
+                localization.update(canonical_state.variables(), batch)
+        totals = self.parallel.fetch(sums)
+        weight = max(float(totals["weight_sum"]), 1.0)
+        metrics = {"eval/loss": float(totals["loss_sum"]) / weight,
+                   "eval/accuracy": float(totals["correct_sum"]) / weight}
+        if info.task != "multilabel" and info.num_classes >= 10:
+            metrics["eval/top5_accuracy"] = float(totals["top5_sum"]) / weight
+        if collected:
+            logits, labels, weights = (np.concatenate(parts) for parts in zip(*collected))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                logits, labels, weights = (
+                    np.asarray(multihost_utils.process_allgather(a, tiled=True))
+                    for a in (logits, labels, weights))
+            real = weights > 0
+            metrics.update(multilabel_metrics(logits[real], labels[real]))
+        if localization is not None:
+            metrics.update({key if key.startswith("eval/") else f"eval/{key}": float(value)
+                            for key, value in localization.result().items()})
+        return metrics
+
+
+def _raise_if_bad(bad_step: int, checkpointer: Checkpointer) -> None:
+    if bad_step != NO_BAD_STEP:
+        checkpointer.wait()
+        kept = checkpointer.latest_step()
+        where = (f"the last good checkpoint (step {kept}) is kept in {checkpointer.directory}"
+                 if kept is not None else "no checkpoint was written")
+        raise NonFiniteLossError(
+            f"training loss became non-finite (NaN or inf) at step {bad_step}; stopped "
+            f"without saving; {where}. Lower config.optimizer.learning_rate or set "
+            f"config.optimizer.grad_clip"
+        )
+
+
+def run(config: Any, workdir: str | Path, *, eval_only: bool = False) -> TrainResult:
+    """Trains (or resumes) the run described by ``config`` in ``workdir``.
+
+    Rerunning with the same ``workdir`` resumes from the latest checkpoint; a finished run
+    returns at once with its final metrics. ``eval_only`` evaluates the latest checkpoint
+    and writes its ``eval/*`` record. ``config.progress="none"`` keeps it quiet, which is
+    what programmatic callers (experiments) want.
+    """
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    job = _Run(config, workdir)
+    checkpointer, parallel = job.checkpointer, job.parallel
+    total_steps, batch_size = int(config.total_steps), int(config.batch_size)
+    try:
+        train_iterator = None if eval_only else job.make_train_iterator()
+        state = job.initial_state()
+        start_step = 0
+        if checkpointer.latest_step() is not None:
+            abstract = parallel.abstract_canonical(state)
+            restored = checkpointer.restore(abstract, train_iterator)
+            state, start_step = restored.state, restored.step
+        elif eval_only:
+            raise TrainingError(
+                f"--eval_only: no checkpoint in {checkpointer.directory}; train first with "
+                "the same --workdir")
+
+        writer = (MetricWriter(workdir, resume_step=start_step) if job.is_chief
+                  else NullWriter())
+        progress = Progress(config.progress if job.is_chief else "none", total_steps,
+                            start_step, batch_size)
+        latest: dict[str, float] = {}
+        try:
+            if eval_only:
+                latest = job.evaluate(state)
+                writer.write(start_step, latest)
+                progress.message(_summary(start_step, latest, 0.0, workdir))
+                return TrainResult(job.model, state.variables(), {"step": start_step, **latest},
+                                   workdir)
+            if start_step:
+                progress.message(f"resuming from step {start_step} ({checkpointer.directory})")
+            latest = _train(job, state, train_iterator, start_step, writer, progress)
+            state = latest.pop("_state")
+        finally:
+            progress.close()
+            writer.close()
+        return TrainResult(job.model, state.variables(), latest, workdir)
+    finally:
+        checkpointer.close()
+
+
+def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer: Any,
+           progress: Progress) -> dict[str, Any]:
+    """Steps ``start_step + 1 .. total_steps``; returns the latest metrics and ``_state``."""
+    config, parallel, checkpointer = job.config, job.parallel, job.checkpointer
+    total_steps = int(config.total_steps)
+    log_every, eval_every = int(config.log_every), int(config.eval_every)
+    gradflow_every = int(config.get("gradflow_every", 0) or 0)
+    multi_process = jax.process_count() > 1
+    sigterm = _SigtermFlag()
+    if not multi_process:  # multi-host jobs use the distributed runtime's preemption notice
+        sigterm.install()
+    latest: dict[str, float] = {}
+    step_state = parallel.to_step_form(state)
+    started = time.perf_counter()
+    step = start_step
+    try:
+        if start_step >= total_steps:
+            progress.message(f"already trained to step {start_step}; nothing to do")
+        batches = iter(iterator)
+        while step < total_steps:
+            batch = next(batches)
+            step_state = job.train_step(step_state, parallel.global_batch(batch))
+            step += 1
+            progress.advance(step)
+            record: dict[str, float] = {}
+            if gradflow_every and step % gradflow_every == 0:
+                record.update(_gradflow(job, parallel.to_canonical(step_state), batch))
+            if step % log_every == 0 or step == total_steps:
+                sums, bad = parallel.fetch((step_state.sums, step_state.first_bad_step))
+                _raise_if_bad(int(bad), checkpointer)
+                count = max(float(sums["steps"]), 1.0)
+                record["train/loss"] = float(sums["loss_sum"]) / count
+                record["train/accuracy"] = float(sums["accuracy_sum"]) / count
+                record["train/learning_rate"] = float(_learning_rate(config, step))
+                step_state = job.reset_sums(step_state)
+                progress.log(step, {k: v for k, v in record.items() if "rate" not in k},
+                             progress.examples_per_second(step))
+            if step % eval_every == 0 or step == total_steps:
+                eval_metrics = job.evaluate(parallel.to_canonical(step_state))
+                record.update(eval_metrics)
+                progress.log(step, eval_metrics)
+            if record:
+                writer.write(step, record)
+                latest.update(record)
+            preempted = sigterm.raised or (multi_process
+                                           and checkpointer.reached_preemption(step))
+            if step == total_steps or preempted or checkpointer.should_save(step):
+                bad = parallel.fetch(step_state.first_bad_step)
+                _raise_if_bad(int(bad), checkpointer)
+                checkpointer.save(step, parallel.to_canonical(step_state), iterator,
+                                  job.meta(step), force=True)
+            if preempted:
+                checkpointer.wait()
+                progress.message(f"preempted (SIGTERM): saved a checkpoint at step {step}; "
+                                 "rerun the same command to resume")
+                break
+        checkpointer.wait()
+    finally:
+        sigterm.restore()
+    latest = {"step": step, **latest}
+    if step >= total_steps or start_step >= total_steps:
+        progress.message(_summary(step, latest, time.perf_counter() - started, job.workdir))
+    latest["_state"] = parallel.to_canonical(step_state)
+    return latest
+
+
+def _learning_rate(config: Any, step: int) -> float:
+    from gapjax.train.optim import make_schedule
+
+    return float(make_schedule(config.optimizer, int(config.total_steps))(step - 1))
+
+
+def _gradflow(job: _Run, state: TrainState, batch: dict[str, Any]) -> dict[str, float]:
+    from gapjax.gradflow import training_diagnostics
+
+    values = training_diagnostics(job.model, state.variables(), batch, job.info.task)
+    return {f"train/grad_{key}": float(value) for key, value in values.items()}
+
+
+def _summary(step: int, metrics: dict[str, Any], seconds: float, workdir: Path) -> str:
+    shown = [f"step {step}"]
+    for key in ("eval/accuracy", "eval/map", "eval/loss", "train/loss"):
+        if key in metrics:
+            shown.append(f"{key} {metrics[key]:.4f}")
+    shown.append(f"{seconds:.1f}s")
+    return "done: " + ", ".join(shown) + f" -> {workdir}"

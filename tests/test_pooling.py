@@ -1,0 +1,430 @@
+"""Identities, limits, gradients, dtypes, transformations and errors of the pool family.
+
+Invariances under permutation and padding live in ``test_pooling_invariance.py``.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gapjax import pooling
+from gapjax.pooling import POOLS
+from gapjax.registry import UnknownNameError
+
+RNG = np.random.default_rng(0)
+PARAMETER_FREE = ["gap", "gmp", "gsp", "avgmax", "catavgmax"]
+
+
+def numpy_reference(name: str, x: np.ndarray) -> np.ndarray:
+    """What each parameter-free pool means, written over all spatial axes at once."""
+    axes = tuple(range(1, x.ndim - 1))
+    mean, peak = x.mean(axis=axes), x.max(axis=axes)
+    return {
+        "gap": mean,
+        "gmp": peak,
+        "gsp": x.sum(axis=axes),
+        "avgmax": (mean + peak) / 2,
+        "catavgmax": np.concatenate([mean, peak], axis=-1),
+    }[name]
+
+
+def all_pools(x: jax.Array, aux: jax.Array) -> dict[str, jax.Array]:
+    """Every pure pool on ``x [B, *S, C]``; ``aux [B, *S]`` gives weights and scores."""
+    return {
+        **{name: pooling.FUNCTIONS[name](x) for name in PARAMETER_FREE},
+        "gem": pooling.gem(x, 3.0),
+        "lse": pooling.lse(x, 2.0),
+        "weighted": pooling.weighted(x, jnp.abs(aux)),
+        "attention": pooling.attention(x, aux),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Registry contents and modules
+# --------------------------------------------------------------------------------------
+
+
+def test_pools_hold_the_design_names_and_aliases():
+    primary = {"gap", "gmp", "gsp", "avgmax", "catavgmax", "gem", "lse", "weighted", "attention"}
+    assert primary <= set(POOLS.names())
+    assert {"mean", "max", "sum"} <= set(POOLS.names(aliases=True))
+    assert POOLS.get("mean") is POOLS.get("gap") is pooling.GlobalAvgPool
+    assert POOLS.get("max") is pooling.GlobalMaxPool
+    assert POOLS.get("sum") is pooling.GlobalSumPool
+    for name in primary:
+        assert issubclass(POOLS.get(name), pooling.Pool)
+
+
+@pytest.mark.parametrize(
+    "name", ["gap", "gmp", "gsp", "avgmax", "catavgmax", "gem", "lse", "weighted", "attention"]
+)
+def test_every_module_output_width_matches_its_output(name):
+    x = jnp.asarray(RNG.uniform(0.1, 2.0, (2, 3, 4, 5)), jnp.float32)
+    mask = jnp.asarray(RNG.random((2, 3, 4)) < 0.7)
+    module = POOLS.get(name)()
+    variables = module.init(jax.random.PRNGKey(0), x)
+    for maybe_mask in (None, mask):
+        out = module.apply(variables, x, maybe_mask)
+        assert out.shape == (2, module.output_width(5))
+        assert out.dtype == x.dtype and bool(jnp.isfinite(out).all())
+    expected = {"catavgmax": 10}.get(name, 5)
+    assert module.output_width(5) == expected
+
+
+def test_parameter_free_modules_equal_their_functions():
+    x = jnp.asarray(RNG.normal(size=(2, 3, 4, 5)), jnp.float32)
+    for name in PARAMETER_FREE:
+        out = POOLS.get(name)().apply({}, x)
+        np.testing.assert_array_equal(out, pooling.pool(name, x))
+
+
+def test_modules_with_parameters_start_as_their_pure_functions():
+    x = jnp.asarray(RNG.uniform(0.1, 2.0, (2, 6, 3)), jnp.float32)
+    gem_module = pooling.GeMPool(init_p=4.0, per_channel=True)
+    variables = gem_module.init(jax.random.PRNGKey(0), x)
+    assert variables["params"]["p"].shape == (3,)
+    np.testing.assert_allclose(gem_module.apply(variables, x), pooling.gem(x, 4.0), rtol=1e-6)
+    lse_module = pooling.LSEPool(init_r=5.0, learn_r=False)
+    assert lse_module.init(jax.random.PRNGKey(0), x) == {}
+    np.testing.assert_allclose(lse_module.apply({}, x), pooling.lse(x, 5.0), rtol=1e-6)
+    # A learned weight map starts uniform, i.e. as GAP.
+    weighted_module = pooling.WeightedPool()
+    variables = weighted_module.init(jax.random.PRNGKey(0), x)
+    pooled, weights = weighted_module.apply(variables, x, return_weights=True)
+    np.testing.assert_allclose(pooled, pooling.gap(x), rtol=1e-6)
+    np.testing.assert_allclose(weights, np.full((2, 6), 1 / 6), rtol=1e-6)
+
+
+def test_attention_module_weights_are_a_masked_distribution():
+    x = jnp.asarray(RNG.normal(size=(2, 3, 4, 5)), jnp.float32)
+    mask = jnp.asarray(RNG.random((2, 3, 4)) < 0.6).at[:, 0, 0].set(True)
+    module = pooling.AttentionPool(hidden=4)
+    variables = module.init(jax.random.PRNGKey(1), x)
+    pooled, weights = module.apply(variables, x, mask, return_weights=True)
+    assert weights.shape == (2, 3, 4)
+    np.testing.assert_allclose(weights.sum(axis=(1, 2)), 1.0, rtol=1e-6)
+    assert float(jnp.abs(jnp.where(mask, 0.0, weights)).max()) == 0.0
+    expected = np.einsum("bhw,bhwc->bc", np.asarray(weights), np.asarray(x))
+    np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Identities and limits
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spatial", [(7,), (3, 4), (2, 3, 2)])
+@pytest.mark.parametrize("name", PARAMETER_FREE)
+def test_parameter_free_pools_over_any_number_of_spatial_axes(name, spatial):
+    x = RNG.normal(size=(2, *spatial, 3)).astype(np.float32)
+    out = pooling.pool(name, jnp.asarray(x))
+    np.testing.assert_allclose(out, numpy_reference(name, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial", [(7,), (3, 4), (2, 3, 2)])
+def test_power_means_and_weighted_over_any_number_of_spatial_axes(spatial):
+    x = RNG.uniform(0.1, 3.0, size=(2, *spatial, 3)).astype(np.float64)
+    w = RNG.uniform(0.0, 1.0, size=(2, *spatial))
+    axes = tuple(range(1, x.ndim - 1))
+    gem_ref = np.mean(x**3, axis=axes) ** (1 / 3)
+    lse_ref = np.log(np.mean(np.exp(2.0 * x), axis=axes)) / 2.0
+    w_ref = np.einsum("bn,bnc->bc", w.reshape(2, -1), x.reshape(2, -1, 3)) / w.reshape(2, -1).sum(
+        1, keepdims=True
+    )
+    x32 = jnp.asarray(x, jnp.float32)
+    np.testing.assert_allclose(pooling.gem(x32, 3.0), gem_ref, rtol=1e-5)
+    np.testing.assert_allclose(pooling.lse(x32, 2.0), lse_ref, rtol=1e-5)
+    np.testing.assert_allclose(pooling.weighted(x32, jnp.asarray(w)), w_ref, rtol=1e-5)
+    probs = np.exp(w.reshape(2, -1)) / np.exp(w.reshape(2, -1)).sum(1, keepdims=True)
+    att_ref = np.einsum("bn,bnc->bc", probs, x.reshape(2, -1, 3))
+    np.testing.assert_allclose(pooling.attention(x32, jnp.asarray(w)), att_ref, rtol=1e-5)
+
+
+def test_uniform_weights_and_gem_p1_equal_gap():
+    x = jnp.asarray(RNG.uniform(0.0, 5.0, (3, 4, 5, 6)), jnp.float32)
+    mask = jnp.asarray(RNG.random((3, 4, 5)) < 0.5).at[:, 0, 0].set(True)
+    for m in (None, mask):
+        gap = pooling.gap(x, m)
+        np.testing.assert_allclose(pooling.weighted(x, jnp.full((4, 5), 2.5), m), gap, rtol=1e-6)
+        np.testing.assert_allclose(pooling.gem(x, 1.0, m), gap, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pooling.attention(x, jnp.zeros((3, 4, 5)), m), gap, rtol=1e-6)
+
+
+def test_avgmax_catavgmax_and_gsp_definitions():
+    x = jnp.asarray(RNG.normal(size=(3, 4, 5, 6)), jnp.float32)
+    mask = jnp.asarray(RNG.random((3, 4, 5)) < 0.5).at[:, 0, 0].set(True)
+    for m in (None, mask):
+        gap, gmp = pooling.gap(x, m), pooling.gmp(x, m)
+        np.testing.assert_allclose(pooling.avgmax(x, m), (gap + gmp) / 2, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(pooling.catavgmax(x, m), jnp.concatenate([gap, gmp], -1))
+        counts = 20.0 if m is None else m.sum(axis=(1, 2))[:, None]
+        np.testing.assert_allclose(pooling.gsp(x, m), gap * counts, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [20.0, 100.0, 500.0, 5000.0])
+def test_gem_tends_to_gmp_within_the_power_mean_bound(p):
+    # max * N^(-1/p) <= power mean <= max holds exactly, so the gap to GMP is log(N)/p.
+    x = jnp.asarray(RNG.uniform(0.0, 50.0, (2, 8, 8, 4)), jnp.float32)
+    peak = pooling.gmp(x)
+    out = pooling.gem(x, p)
+    assert bool(jnp.isfinite(out).all())
+    assert bool((out <= peak * (1 + 1e-5)).all())
+    assert bool((out >= peak * 64 ** (-1 / p) * (1 - 1e-5)).all())
+
+
+def test_gem_is_stable_at_p_500_with_zeros_and_negatives():
+    x = jnp.asarray(RNG.normal(size=(3, 5, 4)), jnp.float32)
+    x = x.at[0].set(0.0).at[1].set(-jnp.abs(x[1]) - 1.0)  # an all-zero and an all-negative row
+    x = x.at[2, 0].set(1e4)  # 1e4 ** 500 overflows anything without the log-space form
+    out, grads = jax.value_and_grad(lambda x, p: pooling.gem(x, p).sum(), argnums=(0, 1))(
+        x, jnp.float32(500.0)
+    )
+    pooled = pooling.gem(x, 500.0)
+    assert bool(jnp.isfinite(out)) and all(bool(jnp.isfinite(g).all()) for g in grads)
+    np.testing.assert_allclose(pooled[:2], 1e-6, rtol=1e-3)  # clamped to eps
+    np.testing.assert_allclose(pooled[2], 1e4 * 5 ** (-1 / 500), rtol=1e-4)
+    # Positions at or below eps carry no gradient; the dominant one carries nearly all.
+    assert float(jnp.abs(grads[0][:2]).max()) == 0.0
+    np.testing.assert_allclose(grads[0][2, 0], 5 ** (-1 / 500), rtol=1e-3)
+
+
+def test_lse_tends_to_gap_and_to_gmp():
+    x = jnp.asarray(RNG.normal(size=(2, 6, 6, 3)), jnp.float32)
+    mean, peak = pooling.gap(x), pooling.gmp(x)
+    spread = pooling.gmp(x) + pooling.gmp(-x)  # max - min
+    for r in (1e-4, 1e-2):
+        # Hoeffding: 0 <= lse_r - mean <= r (max - min)^2 / 8.
+        excess = pooling.lse(x, r) - mean
+        assert bool((excess >= -1e-5).all())
+        assert bool((excess <= r * spread**2 / 8 + 1e-5).all())
+    for r in (1e2, 1e4):
+        # max - log(N)/r <= lse_r <= max.
+        out = pooling.lse(x, r)
+        assert bool((out <= peak + 1e-5).all())
+        assert bool((out >= peak - np.log(36) / r - 1e-5).all())
+
+
+def test_lse_and_gem_accept_per_channel_parameters():
+    x = jnp.asarray(RNG.uniform(0.1, 2.0, (2, 5, 3)), jnp.float32)
+    p = jnp.asarray([1.0, 3.0, 8.0])
+    per_channel = pooling.gem(x, p)
+    for c in range(3):
+        np.testing.assert_allclose(per_channel[:, c], pooling.gem(x, p[c])[:, c], rtol=1e-6)
+    per_channel = pooling.lse(x, p)
+    for c in range(3):
+        np.testing.assert_allclose(per_channel[:, c], pooling.lse(x, p[c])[:, c], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"gem: p must be a scalar or have shape \[channels\]"):
+        pooling.gem(x, jnp.ones(4))
+    with pytest.raises(ValueError, match=r"lse: r must be a scalar or have shape \[channels\]"):
+        pooling.lse(x, jnp.ones((3, 1)))
+
+
+# --------------------------------------------------------------------------------------
+# Gradients
+# --------------------------------------------------------------------------------------
+
+
+def test_gap_gradient_is_one_over_n_everywhere():
+    x = jnp.asarray(RNG.normal(size=(2, 3, 5, 4)), jnp.float32)
+    grad = jax.grad(lambda x: pooling.gap(x).sum())(x)
+    np.testing.assert_allclose(grad, np.full(x.shape, 1 / 15), rtol=1e-6)
+
+
+def test_gap_gradient_with_a_mask_is_one_over_real_count():
+    x = jnp.asarray(RNG.normal(size=(3, 3, 5, 4)), jnp.float32)
+    mask = np.zeros((3, 3, 5), bool)
+    mask[0] = True
+    mask[1, :2, :3] = True  # 6 real positions; row 2 has none
+    grad = jax.grad(lambda x: pooling.gap(x, jnp.asarray(mask)).sum())(x)
+    np.testing.assert_allclose(grad[0], 1 / 15, rtol=1e-6)
+    np.testing.assert_allclose(grad[1], np.where(mask[1, ..., None], 1 / 6, 0.0), rtol=1e-6)
+    assert float(jnp.abs(grad[2]).max()) == 0.0
+
+
+def test_gmp_gradient_is_one_hot_at_the_first_arg_max():
+    # Row-major order over (H, W): (0, 2) comes before (1, 0).
+    x = np.zeros((1, 2, 3, 2), np.float32)
+    x[0, 0, 2, 0] = x[0, 1, 0, 0] = 5.0  # a tie in channel 0
+    x[0, 1, 1, 1] = 3.0  # a unique max in channel 1
+    grad = np.asarray(jax.grad(lambda x: pooling.gmp(x).sum())(jnp.asarray(x)))
+    expected = np.zeros_like(x)
+    expected[0, 0, 2, 0] = expected[0, 1, 1, 1] = 1.0
+    np.testing.assert_array_equal(grad, expected)
+    # An all-equal channel (every position ties) sends its gradient to position (0, 0).
+    grad = np.asarray(jax.grad(lambda x: pooling.gmp(x).sum())(jnp.zeros((1, 2, 3, 1))))
+    assert grad[0, 0, 0, 0] == 1.0 and grad.sum() == 1.0
+
+
+def test_gmp_gradient_with_a_mask_skips_padding_even_when_it_is_larger():
+    x = np.array([[[9.0], [2.0], [7.0], [7.0]]], np.float32)  # [1, 4, 1]
+    mask = jnp.asarray([[False, True, True, True]])
+    out, grad = jax.value_and_grad(lambda x: pooling.gmp(x, mask).sum())(jnp.asarray(x))
+    assert float(out) == 7.0
+    np.testing.assert_array_equal(grad[0, :, 0], [0.0, 0.0, 1.0, 0.0])
+    # The lowest finite value is still a real value, never tied with padding.
+    lowest = np.finfo(np.float32).min
+    x = jnp.asarray([[[1.0], [lowest]]], jnp.float32)
+    mask = jnp.asarray([[False, True]])
+    out, grad = jax.value_and_grad(lambda x: pooling.gmp(x, mask).sum())(x)
+    assert float(out) == lowest
+    np.testing.assert_array_equal(grad[0, :, 0], [0.0, 1.0])
+
+
+def test_avgmax_gradient_mixes_uniform_and_one_hot():
+    x = jnp.asarray([[[1.0], [4.0], [4.0], [0.0]]], jnp.float32)
+    grad = jax.grad(lambda x: pooling.avgmax(x).sum())(x)
+    np.testing.assert_allclose(grad[0, :, 0], [0.125, 0.625, 0.125, 0.125], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Low-precision inputs accumulate in float32
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_inputs_accumulate_in_float32(dtype):
+    # 4096 copies of 0.1: a float16 running sum stalls at 256, where 0.1 is less than half
+    # the spacing between representable numbers, so the true sum (~409.5) is far away.
+    n = 4096
+    values = np.full(n, 0.1, np.float16)
+    assert np.cumsum(values, dtype=np.float16)[-1] == 256.0
+    x = jnp.full((2, n, 1), 0.1, dtype)
+    exact = float(np.asarray(x[0, 0, 0], np.float64)) * n
+    for name, expected in (("gsp", exact), ("gap", exact / n), ("avgmax", exact / n)):
+        out = pooling.pool(name, x)
+        assert out.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=1e-2)
+    out = pooling.weighted(x, jnp.ones((2, n)))
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out, np.float64), exact / n, rtol=1e-2)
+    for out in (pooling.gem(x, 3.0), pooling.lse(x, 1.0), pooling.attention(x, jnp.zeros((2, n)))):
+        assert out.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out, np.float64), exact / n, rtol=1e-2)
+
+
+def test_integer_inputs_pool_to_float32():
+    x = jnp.arange(2 * 3 * 2).reshape(2, 3, 2)
+    np.testing.assert_allclose(pooling.gap(x), [[2.0, 3.0], [8.0, 9.0]])
+    assert pooling.gap(x).dtype == jnp.float32
+    assert pooling.gmp(x).dtype == x.dtype
+
+
+# --------------------------------------------------------------------------------------
+# jit and vmap
+# --------------------------------------------------------------------------------------
+
+
+def test_every_pool_under_jit_and_vmap():
+    x = jnp.asarray(RNG.uniform(0.1, 2.0, (3, 2, 4, 5, 3)), jnp.float32)  # [E, B, H, W, C]
+    aux = jnp.asarray(RNG.uniform(0.1, 1.0, (3, 2, 4, 5)), jnp.float32)
+    eager = [all_pools(x[e], aux[e]) for e in range(3)]
+    jitted = jax.jit(all_pools)(x[0], aux[0])
+    mapped = jax.jit(jax.vmap(all_pools))(x, aux)
+    for name in eager[0]:
+        np.testing.assert_allclose(jitted[name], eager[0][name], rtol=1e-5, err_msg=name)
+        stacked = np.stack([eager[e][name] for e in range(3)])
+        np.testing.assert_allclose(mapped[name], stacked, rtol=1e-5, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------
+# Forks and errors
+# --------------------------------------------------------------------------------------
+
+
+def _load_fork():
+    """Imports tests/pool_fork_example.py once, as a fork's own module would be."""
+    name = "gapjax_pool_fork_example"
+    if name not in sys.modules:
+        path = Path(__file__).with_name("pool_fork_example.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_a_fork_registers_its_own_pool_and_selects_it_by_name():
+    fork = _load_fork()
+    assert "mine" in POOLS and POOLS.get("rms") is fork.RootMeanSquarePool
+    x = jnp.asarray(RNG.normal(size=(2, 3, 4, 5)), jnp.float32)
+    pool_module = POOLS.get("mine")()
+    out = pool_module.apply({}, x)
+    expected = np.sqrt(np.mean(np.square(np.asarray(x)), axis=(1, 2)))
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    assert out.shape == (2, pool_module.output_width(5))
+    # Masks work because the fork builds on the pure functions.
+    mask = jnp.zeros((2, 3, 4), bool).at[0].set(True)
+    grad = jax.grad(lambda x: pool_module.apply({}, x, mask).sum())(x)
+    assert bool(jnp.isfinite(grad).all()) and float(jnp.abs(grad[1]).max()) == 0.0
+
+
+def test_unknown_pool_name_is_a_one_line_error_listing_choices():
+    for lookup in (POOLS.get, lambda name: pooling.pool(name, jnp.ones((1, 2, 3)))):
+        with pytest.raises(UnknownNameError) as info:
+            lookup("gapp")
+        message = str(info.value)
+        assert "\n" not in message
+        assert "unknown pool 'gapp'; choose one of: " in message
+        for name in ("attention", "avgmax", "catavgmax", "gap", "gem", "gmp", "gsp", "lse",
+                     "max", "mean", "sum", "weighted"):
+            assert name in message
+        assert "did you mean 'gap'?" in message
+
+
+def test_pool_by_name_refuses_pools_that_need_parameters_and_stray_arguments():
+    x = jnp.ones((1, 2, 3))
+    with pytest.raises(ValueError, match="'attention' has learned parameters or needs weights"):
+        pooling.pool("attention", x)
+    with pytest.raises(ValueError, match=r"unexpected keyword arguments \['p'\]"):
+        pooling.pool("gap", x, p=3.0)
+    np.testing.assert_allclose(pooling.pool("gem", x, p=2.0), pooling.gem(x, 2.0))
+    np.testing.assert_allclose(pooling.pool("lse", x, r=2.0), pooling.lse(x, 2.0))
+
+
+def _pure_calls(x, mask=None):
+    aux = jnp.ones(x.shape[:-1]) if x.ndim >= 2 else jnp.ones(1)
+    return {
+        **{name: (lambda n=name: pooling.pool(n, x, mask)) for name in PARAMETER_FREE},
+        "gem": lambda: pooling.gem(x, 3.0, mask),
+        "lse": lambda: pooling.lse(x, 3.0, mask),
+        "weighted": lambda: pooling.weighted(x, aux, mask),
+        "attention": lambda: pooling.attention(x, aux, mask),
+    }
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 4)])
+def test_wrong_rank_is_a_clear_error(shape):
+    for name, call in _pure_calls(jnp.ones(shape)).items():
+        with pytest.raises(ValueError, match=r"rank >= 3; got shape") as info:
+            call()
+        assert str(shape) in str(info.value), name
+    module = pooling.AttentionPool()
+    with pytest.raises(ValueError, match=r"rank >= 3; got shape \(2, 4\)"):
+        module.init(jax.random.PRNGKey(0), jnp.ones((2, 4)))
+
+
+def test_mask_of_the_wrong_shape_is_a_clear_error():
+    x = jnp.ones((2, 3, 4, 5))
+    for wrong in (jnp.ones((2, 4, 3), bool), jnp.ones((2, 12), bool), jnp.ones((2, 3, 4, 5), bool)):
+        for name, call in _pure_calls(x, wrong).items():
+            with pytest.raises(ValueError, match=r"mask must have shape \[batch, \*spatial\]") as e:
+                call()
+            assert "(2, 3, 4)" in str(e.value) and str(tuple(wrong.shape)) in str(e.value), name
+    module = pooling.AttentionPool()
+    with pytest.raises(ValueError, match=r"mask must have shape"):
+        module.init(jax.random.PRNGKey(0), x, jnp.ones((2, 4, 3), bool))
+    with pytest.raises(ValueError, match=r"mask must have the shape of the scores"):
+        pooling.attention_weights(jnp.ones((2, 3, 4)), jnp.ones((2, 12), bool))
+
+
+def test_weights_and_scores_of_the_wrong_shape_are_clear_errors():
+    x = jnp.ones((2, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"weights must have shape \[batch, \*spatial\]"):
+        pooling.weighted(x, jnp.ones((2, 4, 3)))
+    with pytest.raises(ValueError, match=r"attention scores must have shape"):
+        pooling.attention(x, jnp.ones((2, 12)))
