@@ -35,6 +35,7 @@ GT-known localization is MaxBoxAcc itself.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,7 +116,8 @@ def box_iou(boxes_a: Any, boxes_b: Any) -> np.ndarray:
     intersection = np.clip(bottom - top, 0, None) * np.clip(right - left, 0, None)
 
     def area(boxes):
-        return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+        heights = np.clip(boxes[:, 2] - boxes[:, 0], 0, None)
+        return heights * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
 
     union = area(a)[:, None] + area(b)[None, :] - intersection
     return np.where(union > 0, intersection / np.where(union > 0, union, 1.0), 0.0)
@@ -323,6 +325,15 @@ def pxap(score_maps: Any, masks: Any, thresholds: Any = DEFAULT_THRESHOLDS) -> f
 # --------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_map_fn(model: Any, method: str, resize: str) -> Any:
+    """One jitted map function per (model, method, resize): the training loop builds a new
+    evaluator at every evaluation, and this spares each one a recompilation."""
+    from gapjax import cam
+
+    return cam.make_map_fn(model, method, resize=resize, normalize=True)
+
+
 class LocalizationEvaluator:
     """Accumulates localization metrics over evaluation batches.
 
@@ -349,7 +360,10 @@ class LocalizationEvaluator:
         self.method = cam.resolve_method(model, method)
         self.thresholds = _thresholds(thresholds)
         self.loc_threshold = float(loc_threshold)
-        self._map_fn = cam.make_map_fn(model, self.method, resize=resize, normalize=True)
+        try:
+            self._map_fn = _shared_map_fn(model, self.method, resize)
+        except TypeError:  # an unhashable model: compile for this evaluator alone
+            self._map_fn = cam.make_map_fn(model, self.method, resize=resize, normalize=True)
         self.reset()
 
     def reset(self) -> None:

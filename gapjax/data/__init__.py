@@ -2,15 +2,16 @@
 
 Importing this package registers the embedded datasets in ``DATASETS``:
 ``gapjax_digits`` (scikit-learn's 8x8 digits), ``gapjax_cluttered_digits`` (one digit among
-clutter, with box and mask) and ``gapjax_multilabel_digits`` (2-4 digits, multi-hot
-labels, boxes). Any other ``config.dataset.name`` is read as a prepared TFDS dataset.
+clutter, with box and mask), ``gapjax_multilabel_digits`` (2-4 digits, multi-hot labels,
+boxes) and ``gapjax_graph_tasks`` (synthetic graph readout tasks). Any other
+``config.dataset.name`` is read as a prepared TFDS dataset.
 
 Public API: ``dataset_info(config.dataset)``, ``make_iterator(config.dataset, split, *,
 batch_size, seed, train, process_index=0, process_count=1)`` and ``model_inputs(info,
 batch)``; see ``gapjax.data.pipeline``.
 """
 
-from gapjax.data import cluttered_digits, digits, multilabel_digits
+from gapjax.data import cluttered_digits, digits, graph_tasks, multilabel_digits
 from gapjax.data.pipeline import (
     DatasetError,
     DatasetInfo,
@@ -31,6 +32,7 @@ __all__ = [
     "data_dir",
     "dataset_info",
     "digits",
+    "graph_tasks",
     "make_iterator",
     "model_inputs",
     "multilabel_digits",

@@ -31,6 +31,9 @@ from etils import epath
 from gapjax.data import canvas
 from gapjax.data.spec import DatasetSpec, register
 
+# Arrays stored as raw bytes: one field per array, instead of one int64 per pixel.
+RAW_BYTES = tfds.features.Encoding.BYTES
+
 CANVAS_SIZES = (32, 64)
 CLUTTER_LEVELS = {"low": (3, 0.05), "medium": (6, 0.10), "high": (12, 0.15)}
 DEFAULT_CANVAS_SIZE = 64
@@ -98,8 +101,11 @@ def builder_config(dataset_config: Any) -> ClutteredDigitsConfig:
 
 
 def render_digit(digit: np.ndarray, side: int) -> np.ndarray:
-    """Upsamples an 8x8 uint8 digit to a ``[side, side]`` float32 patch in [0, 1]."""
-    return np.clip(canvas.resize(digit.astype(np.float32) / 255.0, side, side), 0.0, 1.0)
+    """Upsamples an 8x8 (or smaller) uint8 digit to a ``[side, side]`` float32 patch in [0, 1].
+
+    Bilinear weights are non-negative and sum to one, so values stay in [0, 1].
+    """
+    return canvas.resize(digit * np.float32(1.0 / 255.0), side, side)
 
 
 def cluttered_canvas(
@@ -121,23 +127,24 @@ def cluttered_canvas(
     side = int(rng.integers(size // 4, size // 2 + 1))
     top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
 
-    pixels = np.zeros((size, size), np.float32)
+    # Clutter: every piece's source, window, size and position drawn in one go.
     others = np.flatnonzero(labels != labels[target])
-    for _ in range(num_pieces):
-        source = images[others[rng.integers(len(others))]]
-        y, x = (int(v) for v in rng.integers(0, 5, size=2))
-        piece_side = int(rng.integers(size // 8, size // 4 + 1))
-        piece = render_digit(source[y : y + 4, x : x + 4], piece_side)
-        py, px = (int(v) for v in rng.integers(-piece_side // 2, size - piece_side // 2, size=2))
-        canvas.paste_max(pixels, piece, py, px)
+    sources = others[rng.integers(len(others), size=num_pieces)]
+    windows = rng.integers(0, 5, size=(num_pieces, 2))
+    piece_sides = rng.integers(size // 8, size // 4 + 1, size=num_pieces)
+    low = -(piece_sides // 2)
+    positions = rng.integers(low[:, None], (size + low)[:, None], size=(num_pieces, 2))
+    pixels = np.zeros((size, size), np.float32)
+    for source, (y, x), piece_side, (py, px) in zip(sources, windows, piece_sides, positions):
+        piece = render_digit(images[source, y : y + 4, x : x + 4], int(piece_side))
+        canvas.paste_max(pixels, piece, int(py), int(px))
 
-    digit = render_digit(images[target], side)
     drawn = np.zeros((size, size), np.float32)
-    canvas.paste_max(drawn, digit, top, left)
+    canvas.paste_max(drawn, render_digit(images[target], side), top, left)
     mask = drawn > MASK_THRESHOLD * drawn.max()
     np.maximum(pixels, drawn, out=pixels)
 
-    pixels += rng.normal(0.0, noise, size=pixels.shape).astype(np.float32)
+    pixels += np.float32(noise) * rng.standard_normal(pixels.shape, dtype=np.float32)
     image = np.rint(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
     return {
         "image": image[..., None],
@@ -169,10 +176,14 @@ class GapjaxClutteredDigits(tfds.core.GeneratorBasedBuilder):
             description=__doc__,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8),
+                    "image": tfds.features.Tensor(
+                        shape=(size, size, 1), dtype=np.uint8, encoding=RAW_BYTES
+                    ),
                     "label": tfds.features.ClassLabel(num_classes=10),
                     "bbox": tfds.features.BBoxFeature(),
-                    "segmentation": tfds.features.Tensor(shape=(size, size), dtype=np.uint8),
+                    "segmentation": tfds.features.Tensor(
+                        shape=(size, size), dtype=np.uint8, encoding=RAW_BYTES
+                    ),
                 }
             ),
             supervised_keys=("image", "label"),

@@ -1,16 +1,20 @@
 """``gapjax_graph_tasks``: what a graph readout can know about a multiset of node colours.
 
-Random connected graphs of 5-40 nodes (a ring through the nodes in random order plus
-``n // 4`` random chords, so degrees do not grow with size) whose nodes are coloured red,
-green or blue. Structure is uninformative; the label depends only on the multiset of
-colours, and each builder config asks for a different statistic of it (Xu et al., "How
-Powerful are Graph Neural Networks?", ICLR 2019):
+Random graphs of 5-40 nodes coloured red, green or blue. The label depends only on the
+multiset of colours, and each builder config asks for a different statistic of it (Xu et
+al., "How Powerful are Graph Neural Networks?", ICLR 2019). The structure is a random
+2-regular multigraph whose edges join nodes of the same colour (one random cycle per
+colour), so it carries no information of its own: after any number of message-passing
+layers a node's state depends on its colour only, the multiset of node states is the
+multiset of colours, and the readout is the one thing that decides what a model can
+know. (With edges between colours, neighbourhoods are local samples of the colour
+distribution and a max readout over them estimates proportions and, through rare local
+patterns in larger graphs, sizes, which blurs the comparison.)
 
 * ``presence``: is there a red node (1-3 red nodes, or none)? A *set* property: sum,
   mean and max readouts can all represent it.
-* ``proportion``: are most nodes red (the red fraction is drawn from 0.3-0.5 or
-  0.5-0.7, close enough to 1/2 that a few neighbourhoods do not reveal it)? A
-  *distribution* property: sum and mean can represent it, max cannot.
+* ``proportion``: are most nodes red (red fraction 0.3-0.5 or 0.5-0.7, never exactly
+  1/2)? A *distribution* property: sum and mean can represent it, max cannot.
 * ``count``: are there at least ``COUNT_THRESHOLD`` = 10 red nodes (6-9 or 10-13 red)?
   The graph size is ``round(red / q)`` with the red fraction ``q`` drawn from the same
   range for both classes, so proportions do not reveal the answer. A *multiset*
@@ -25,8 +29,8 @@ member of the pair (0 for ``v``, 1 for ``v'``), ``pair`` = index of the pair.
 * (c) ``{g, r}`` vs ``{g, g, r, r}``: mean and max both fail, sum separates them.
 
 Examples store variable-length arrays: ``colors [n]``, ``senders [e]``, ``receivers [e]``
-(both directions of each undirected edge). Generation is deterministic (NumPy seeded by
-task, split and index).
+(both directions of each undirected edge; ``e = 2n`` for the random graphs). Generation
+is deterministic (NumPy seeded by task, split and index).
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ COLORS = ("red", "green", "blue")
 RED, GREEN, BLUE = range(len(COLORS))
 NUM_COLORS = len(COLORS)
 MIN_NODES, MAX_NODES = 5, 40
-# Ring (n edges) plus n // 4 chords, both directions stored.
-MAX_EDGES = 2 * (MAX_NODES + MAX_NODES // 4)
+# Every node receives exactly two messages (see ``random_structure``).
+MAX_EDGES = 2 * MAX_NODES
 COUNT_THRESHOLD = 10
 NUM_TRAIN, NUM_TEST = 4000, 1000
 _TASK_SEEDS = {task: index for index, task in enumerate(TASKS)}
@@ -74,24 +78,21 @@ FIG3_SEPARATES = {
 # --------------------------------------------------------------------------------------
 
 
-def random_structure(num_nodes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A connected graph: a ring in random order plus ``num_nodes // 4`` random chords.
+def random_structure(colors: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random 2-regular multigraph whose edges join nodes of the same colour.
 
-    Returns ``(senders, receivers)`` int32 ``[e]`` with both directions of every edge.
+    The nodes of each colour form one cycle in random order (for two nodes the cycle is a
+    double edge, for a lone node a double self-loop), so every node receives exactly two
+    messages, both from nodes of its own colour. Returns ``(senders, receivers)`` int32
+    ``[2n]`` with both directions of every edge.
     """
-    order = rng.permutation(num_nodes)
-    edges = {tuple(sorted((int(a), int(b)))) for a, b in zip(order, np.roll(order, -1))}
-    chords = 0
-    while chords < num_nodes // 4:
-        a, b = (int(v) for v in rng.choice(num_nodes, size=2, replace=False))
-        edge = (min(a, b), max(a, b))
-        if edge not in edges:
-            edges.add(edge)
-            chords += 1
-    pairs = np.array(sorted(edges), np.int32).reshape(-1, 2)
-    senders = np.concatenate([pairs[:, 0], pairs[:, 1]])
-    receivers = np.concatenate([pairs[:, 1], pairs[:, 0]])
-    return senders, receivers
+    senders, receivers = [], []
+    for color in np.unique(colors):
+        cycle = rng.permutation(np.flatnonzero(colors == color)).astype(np.int32)
+        following = np.roll(cycle, -1)
+        senders += [cycle, following]
+        receivers += [following, cycle]
+    return np.concatenate(senders), np.concatenate(receivers)
 
 
 def _colours(num_nodes: int, num_red: int, rng: np.random.Generator) -> np.ndarray:
@@ -115,8 +116,11 @@ def sample_colour_counts(task: str, rng: np.random.Generator) -> tuple[int, int,
             low = min(high, int(np.ceil(0.3 * num_nodes)))
         num_red = int(rng.integers(low, high + 1))
     elif task == "count":
-        num_red = int(rng.integers(COUNT_THRESHOLD, COUNT_THRESHOLD + 4) if label
-                      else rng.integers(COUNT_THRESHOLD - 4, COUNT_THRESHOLD))
+        num_red = int(
+            rng.integers(COUNT_THRESHOLD, COUNT_THRESHOLD + 4)
+            if label
+            else rng.integers(COUNT_THRESHOLD - 4, COUNT_THRESHOLD)
+        )
         # The same red-fraction range for both classes: only the count tells them apart.
         fraction = rng.uniform(0.35, 0.85)
         num_nodes = int(np.clip(round(num_red / fraction), max(MIN_NODES, num_red), MAX_NODES))
@@ -128,9 +132,10 @@ def sample_colour_counts(task: str, rng: np.random.Generator) -> tuple[int, int,
 def generate_example(task: str, rng: np.random.Generator) -> dict[str, Any]:
     """One random coloured graph for ``task``: ``colors``, ``senders``, ``receivers``, ``label``."""
     label, num_nodes, num_red = sample_colour_counts(task, rng)
-    senders, receivers = random_structure(num_nodes, rng)
+    colors = _colours(num_nodes, num_red, rng)
+    senders, receivers = random_structure(colors, rng)
     return {
-        "colors": _colours(num_nodes, num_red, rng),
+        "colors": colors,
         "senders": senders,
         "receivers": receivers,
         "label": label,
@@ -190,14 +195,19 @@ def builder_config(dataset_config: Any) -> GraphTasksConfig:
     for key, value in (("num_train", num_train), ("num_test", num_test)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(
-                f"config.dataset.{key}={value!r} is not valid for {NAME}; choose a positive "
-                f"integer"
+                f"config.dataset.{key}={value!r} is not valid for {NAME}; choose a positive integer"
             )
-    name = task if (num_train, num_test) == (NUM_TRAIN, NUM_TEST) else (
-        f"{task}_{num_train}x{num_test}")
+    name = (
+        task
+        if (num_train, num_test) == (NUM_TRAIN, NUM_TEST)
+        else (f"{task}_{num_train}x{num_test}")
+    )
     return GraphTasksConfig(
-        name=name, description=f"{task}: {num_train} train / {num_test} test graphs",
-        task=task, num_train=num_train, num_test=num_test,
+        name=name,
+        description=f"{task}: {num_train} train / {num_test} test graphs",
+        task=task,
+        num_train=num_train,
+        num_test=num_test,
     )
 
 
@@ -218,13 +228,15 @@ class GapjaxGraphTasks(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "colors": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "senders": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "receivers": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "label": tfds.features.ClassLabel(num_classes=2),
-                "pair": tfds.features.Scalar(dtype=np.int32),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "colors": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "senders": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "receivers": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "label": tfds.features.ClassLabel(num_classes=2),
+                    "pair": tfds.features.Scalar(dtype=np.int32),
+                }
+            ),
         )
 
     def _split_generators(self, dl_manager):

@@ -30,6 +30,9 @@ from etils import epath
 from gapjax.data import canvas
 from gapjax.data.spec import DatasetSpec, register
 
+# Arrays stored as raw bytes: one field per array, instead of one int64 per pixel.
+RAW_BYTES = tfds.features.Encoding.BYTES
+
 CANVAS_SIZES = (32, 64)
 DEFAULT_CANVAS_SIZE = 64
 NUM_TRAIN, NUM_TEST = 5000, 1000
@@ -116,12 +119,12 @@ def multilabel_canvas(
         digit = images[candidates[rng.integers(len(candidates))]]
         side = int(rng.integers(size // 4, (3 * size) // 8 + 1))
         top, left = _place(rng, size, side, placed)
-        patch = np.clip(canvas.resize(digit.astype(np.float32) / 255.0, side, side), 0.0, 1.0)
+        patch = canvas.resize(digit * np.float32(1.0 / 255.0), side, side)
         drawn = np.zeros((size, size), np.float32)
         canvas.paste_max(drawn, patch, top, left)
         boxes.append(canvas.mask_box(drawn > MASK_THRESHOLD * drawn.max()))
         np.maximum(pixels, drawn, out=pixels)
-    pixels += rng.normal(0.0, NOISE, size=pixels.shape).astype(np.float32)
+    pixels += np.float32(NOISE) * rng.standard_normal(pixels.shape, dtype=np.float32)
     multi_hot = np.zeros(10, np.uint8)
     multi_hot[classes] = 1
     return {
@@ -152,7 +155,9 @@ class GapjaxMultilabelDigits(tfds.core.GeneratorBasedBuilder):
             description=__doc__,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8),
+                    "image": tfds.features.Tensor(
+                        shape=(size, size, 1), dtype=np.uint8, encoding=RAW_BYTES
+                    ),
                     "label": tfds.features.Tensor(shape=(10,), dtype=np.uint8),
                     "digits": tfds.features.Sequence(tfds.features.ClassLabel(num_classes=10)),
                     "bbox": tfds.features.Sequence(tfds.features.BBoxFeature()),

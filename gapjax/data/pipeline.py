@@ -296,10 +296,18 @@ def _evaluation_batches(
     return grain.MapDataset.range(num_batches).map(load_batch)
 
 
-def _read(source: Any, indices: np.ndarray) -> list[Example]:
-    if hasattr(source, "__getitems__"):
-        return list(source.__getitems__([int(i) for i in indices]))
-    return [source[int(i)] for i in indices]
+def _read(source: Any, indices: Sequence[int]) -> list[Example]:
+    """Reads examples with one batched lookup where the source offers it."""
+    keys = [int(i) for i in indices]
+    read_many = getattr(source, "__getitems__", None)
+    if read_many is not None:
+        try:
+            return list(read_many(keys))
+        except TypeError:
+            # tfds.testing.mock_data (TFDS 4.9) installs a __getitems__ that cannot be
+            # called; reading one by one works with it and with any other source.
+            pass
+    return [source[key] for key in keys]
 
 
 # --------------------------------------------------------------------------------------

@@ -107,9 +107,10 @@ def clear_run_cache() -> None:
 def run_name(config: ml_collections.ConfigDict) -> str:
     """A readable directory name for a run, e.g. ``gapjax_digits-cnn-head=fc-pool=gap-s0``."""
     parts = [config.dataset.name, config.model.name]
-    parts += [f"{key}={value}" for key, value in sorted(config.model.items()) if key != "name"]
+    parts += [f"{key}={value}" for key, value in sorted(config.model.items())
+              if key not in ("name", "widths")]
     parts.append(f"s{config.seed}")
-    return "-".join(str(part).replace("/", "_") for part in parts)
+    return "-".join(str(part).replace("/", "_").replace(" ", "") for part in parts)
 
 
 # --------------------------------------------------------------------------------------
@@ -369,10 +370,13 @@ STANDARD_RUNS: dict[tuple[str, bool], dict[str, Any]] = {
 
 
 def standard_config(dataset: str, quick: bool, *, model: str = "cnn", seed: int = 0,
+                    data_dir: Path | str | None = None,
                     **model_kwargs: Any) -> ml_collections.ConfigDict:
     """The config every section uses for "a ``model`` trained on ``dataset``", so that two
     sections asking for the same model share one memoised run (see ``train``).
-    ``model_kwargs`` override the standard cnn options (the widths apply to ``cnn`` only)."""
+    ``model_kwargs`` override the standard cnn options (the widths apply to ``cnn`` only).
+    ``data_dir``: where the embedded datasets are built (the report uses its own, so a
+    stale shared copy never leaks in); None = the TFDS default."""
     if (dataset, quick) not in STANDARD_RUNS:
         choices = sorted({name for name, _ in STANDARD_RUNS})
         raise ValueError(f"standard_config: dataset {dataset!r} has no standard run; "
@@ -380,9 +384,12 @@ def standard_config(dataset: str, quick: bool, *, model: str = "cnn", seed: int 
     standard = STANDARD_RUNS[(dataset, quick)]
     options = dict(standard["model"]) if model == "cnn" else {}
     options.update(model_kwargs)
+    dataset_options = dict(standard["dataset"])
+    if data_dir is not None:
+        dataset_options["data_dir"] = str(data_dir)
     return quick_config(dataset, model, steps=standard["steps"],
                         batch_size=standard["batch_size"], seed=seed,
-                        dataset_options=standard["dataset"], **options)
+                        dataset_options=dataset_options, **options)
 
 
 def standard_input_shape(dataset: str, quick: bool) -> tuple[int, int, int]:

@@ -22,11 +22,12 @@ from typing import Any
 
 from gapjax.experiments import common
 
-#: (model, input shape, classes) whose heads are counted.
-PARAMETER_MODELS = (
-    ("vgg16", (224, 224, 3), 1000),
-    ("resnet50", (224, 224, 3), 1000),
-    ("cnn", (64, 64, 1), 10),
+#: (model, input shape, classes, model kwargs) whose heads are counted: the ImageNet
+#: models, and the cnn as trained below on 64x64 cluttered digits (default widths).
+PARAMETER_MODELS: tuple[tuple[str, tuple[int, int, int], int, dict[str, Any]], ...] = (
+    ("vgg16", (224, 224, 3), 1000, {}),
+    ("resnet50", (224, 224, 3), 1000, {}),
+    ("cnn", (64, 64, 1), 10, {}),
 )
 HEADS = ("fc", "gap")
 #: The seed's "the head shrinks by about 50x or more" for the ImageNet models.
@@ -34,24 +35,25 @@ SHRINK_FACTOR = 50.0
 
 
 def head_parameters(name: str, input_shape: Sequence[int], num_classes: int,
-                    head: str) -> dict[str, int]:
+                    head: str, **model_kwargs: Any) -> dict[str, int]:
     """Parameters of ``name`` with ``head``: ``{"head", "backbone", "total"}`` (exact counts,
     from the shapes only). The head is the submodule named ``head``."""
     from gapjax import models
 
-    model = models.get(name, num_classes=num_classes, head=head)
+    model = models.get(name, num_classes=num_classes, head=head, **model_kwargs)
     params = common.abstract_variables(model, input_shape)["params"]
     head_count = common.parameter_count(params.get("head", {}))
     total = common.parameter_count(params)
     return {"head": head_count, "backbone": total - head_count, "total": total}
 
 
-def parameter_table(models: Sequence[tuple[str, tuple[int, ...], int]] = PARAMETER_MODELS
-                    ) -> list[dict[str, Any]]:
+def parameter_table(models: Sequence[tuple[str, tuple[int, ...], int, dict[str, Any]]]
+                    = PARAMETER_MODELS) -> list[dict[str, Any]]:
     """One record per model: both heads' sizes, totals and the FC/GAP head ratio."""
     records = []
-    for name, input_shape, num_classes in models:
-        counts = {head: head_parameters(name, input_shape, num_classes, head) for head in HEADS}
+    for name, input_shape, num_classes, kwargs in models:
+        counts = {head: head_parameters(name, input_shape, num_classes, head, **kwargs)
+                  for head in HEADS}
         records.append({
             "model": name,
             "input": "x".join(str(size) for size in input_shape),
@@ -103,7 +105,8 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
     steps = {}
     for dataset in (common.DIGITS, common.CLUTTERED):
         for head in HEADS:
-            config = common.standard_config(dataset, quick, head=head, pool="gap")
+            config = common.standard_config(dataset, quick, head=head, pool="gap",
+                                            data_dir=out_dir / "tfds")
             steps[dataset] = config.total_steps
             result = common.train(config, out_dir / "runs" / common.run_name(config))
             results[(dataset, head)] = common.train_test_accuracy(result, config)

@@ -48,8 +48,8 @@ SETTINGS = {
     True: {"num_train": 2000, "num_test": 500, "steps": 300, "batch_size": 64},
     False: {"num_train": 4000, "num_test": 1000, "steps": 1500, "batch_size": 64},
 }
-MODEL = {"num_layers": 2, "hidden": 32, "aggregator": "sum", "jumping_knowledge": True}
-LEARNING_RATE, WEIGHT_DECAY = 5e-3, 1e-4
+MODEL = {"num_layers": int(__import__("os").environ.get("NL", 2)), "hidden": 32, "aggregator": "sum", "jumping_knowledge": True}
+LEARNING_RATE, WEIGHT_DECAY = float(__import__("os").environ.get("LR", 5e-3)), 1e-4
 
 
 # --------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def gate_runs(out_dir: Path, quick: bool) -> list[dict[str, Any]]:
     records = []
     for label, options in variants:
         config = common.standard_config(common.CLUTTERED, quick, head="gap", pool="gap",
-                                        **options)
+                                        data_dir=out_dir / "tfds", **options)
         result = common.train(config, out_dir / "runs" / common.run_name(config))
         numbers = common.train_test_accuracy(result, config)
         params = common.parameter_count(result.variables["params"])

@@ -175,7 +175,8 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
     measures exactness, flips and accuracy. Returns a report section (``common.section``)."""
     out_dir = Path(out_dir)
     runs_dir = out_dir / "runs"
-    gap_config = common.standard_config(common.CLUTTERED, quick, head="gap", pool="gap")
+    gap_config = common.standard_config(common.CLUTTERED, quick, head="gap", pool="gap",
+                                        data_dir=out_dir / "tfds")
     gap_run = common.train(gap_config, runs_dir / common.run_name(gap_config))
     predictions = common.predict(gap_run.model, gap_run.variables, gap_config.dataset, "test",
                                  with_features=True)
@@ -187,7 +188,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
     gap_accuracy = 100.0 * common.accuracy(predictions["logits"], labels)
 
     attention_config = common.standard_config(common.CLUTTERED, quick, head="gap",
-                                              pool="attention")
+                                              pool="attention", data_dir=out_dir / "tfds")
     attention_run = common.train(attention_config, runs_dir / common.run_name(attention_config))
     attention_pred = common.predict(attention_run.model, attention_run.variables,
                                     attention_config.dataset, "test")

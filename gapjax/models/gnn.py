@@ -87,7 +87,8 @@ class GIN(nn.Module):
       learn_eps: learn GIN's epsilon (else fixed at ``eps_init``).
       eps_init: initial (or fixed) epsilon.
       mlp_layers: dense layers in each GIN layer's MLP.
-      norm: ``"batch"`` (masked BatchNorm in the MLPs) or ``"none"``.
+      norm: ``"batch"`` (BatchNorm over real nodes in the MLPs and over real graphs on the
+        graph embedding) or ``"none"``.
       num_colors: when ``node_features`` are int colours ``[N]``, their number (the
         one-hot width); None means ``node_features`` are float vectors ``[N, F]``.
       dropout: dropout rate before the classifier (needs a ``dropout`` rng in training).
@@ -173,6 +174,14 @@ class GIN(nn.Module):
             readouts.append(pooled(h))
         embedding = jnp.concatenate(readouts, axis=-1).astype(self.dtype)
         self.sow("intermediates", "graph_embedding", embedding)
+        if self.norm == "batch":
+            # Sum readouts grow with graph size; normalising each feature over the real
+            # graphs of the batch (an invertible affine map, so nothing is lost) keeps the
+            # classifier well conditioned whatever the readout's scale.
+            embedding = nn.BatchNorm(
+                use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                axis_name=self.axis_name, name="embedding_norm",
+            )(embedding, mask=graphs.graph_mask[:, None])
         x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(embedding))
         x = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(x)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)

@@ -1,0 +1,321 @@
+"""One command that reruns every claim of the project and writes a report.
+
+    python -m gapjax.experiments.report --out DIR [--full] [--only heads,se]
+
+writes ``DIR/REPORT.md`` (one section per claim: the claim, how it was measured, the
+numbers, whether it holds), ``DIR/results.json`` (every number, per section) and the PNG
+figures the sections draw, next to them. Quick mode (the default) is sized for about 20
+minutes on 2 CPU cores; ``--full`` trains longer. Each section runs on its own: one that
+fails is reported as failed, with its error, and the others still run.
+
+Sections and the modules that produce them:
+
+* ``heads``: FC vs GAP heads (``gapjax.experiments.heads``);
+* ``cam``: CAM localization table (``gapjax.experiments.localization``);
+* ``weighted``: weighted / attention pooling (``gapjax.experiments.weighted_pooling``);
+* ``se``: Squeeze-and-Excitation (``gapjax.experiments.squeeze_excite``);
+* ``gradflow``: gradient flow of GAP vs GMP (``gapjax.experiments.gradient_flow``);
+* ``readouts``: graph readouts (``gapjax.experiments.readouts``);
+* ``benchmarks``: pooling against the memory-bound yardstick and CAM cost
+  (``benchmarks/pooling.py`` and ``benchmarks/cam_cost.py``, quick settings).
+
+Every section module exposes ``run(out_dir, quick=True) -> dict``; a dict with the keys of
+``gapjax.experiments.common.section`` is rendered as is, any other dict generically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gapjax.experiments import common
+
+SectionFn = Callable[[Path, bool], dict[str, Any]]
+
+#: Section name -> module path of its ``run``; the order is the report's.
+SECTION_MODULES: dict[str, str] = {
+    "heads": "gapjax.experiments.heads",
+    "cam": "gapjax.experiments.localization",
+    "weighted": "gapjax.experiments.weighted_pooling",
+    "se": "gapjax.experiments.squeeze_excite",
+    "gradflow": "gapjax.experiments.gradient_flow",
+    "readouts": "gapjax.experiments.readouts",
+    "benchmarks": "gapjax.experiments.report",
+}
+TITLES = {
+    "heads": "Heads: FC vs GAP",
+    "cam": "CAM and weakly supervised localization",
+    "weighted": "Weighted pooling",
+    "se": "Squeeze-and-Excitation",
+    "gradflow": "Gradient flow: GAP vs GMP",
+    "readouts": "Graph readouts",
+    "benchmarks": "Benchmarks: pooling and CAM cost",
+}
+SECTION_KEYS = ("title", "claim", "method", "markdown", "numbers", "holds", "verdict", "figures")
+BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+BENCHMARK_SCRIPTS = ("pooling.py", "cam_cost.py")
+
+
+# --------------------------------------------------------------------------------------
+# The benchmarks section (the other sections live in their own modules)
+# --------------------------------------------------------------------------------------
+
+
+def run_benchmark_script(script: Path, out: Path, quick: bool,
+                         timeout_s: float = 600) -> dict[str, Any]:
+    """Runs one benchmark script in a subprocess; returns its JSON or ``{"error": ...}``."""
+    if not script.exists():
+        return {"error": f"{script} not found"}
+    command = [sys.executable, str(script), "--out", str(out)] + (["--quick"] if quick else [])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"{script.name} did not finish in {timeout_s:.0f} s"}
+    if done.returncode != 0 or not out.exists():
+        tail = (done.stderr or "").strip().splitlines()[-3:]
+        return {"error": f"{script.name} exited with {done.returncode}: " + " / ".join(tail)}
+    return json.loads(out.read_text())
+
+
+def target_rows(payload: dict[str, Any]) -> list[list[Any]]:
+    """Rows ``[target, value, goal, met, distance]`` from a benchmark's ``targets`` list."""
+    rows = []
+    for item in payload.get("targets", []):
+        sign = ">=" if item.get("higher_is_better") else "<="
+        rows.append([item.get("name"), item.get("value"), f"{sign} {item.get('goal')}",
+                     item.get("met"), item.get("distance")])
+    return rows
+
+
+def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
+    """The benchmarks section: ``benchmarks/pooling.py`` and ``benchmarks/cam_cost.py``."""
+    out_dir = Path(out_dir)
+    payloads = {script: run_benchmark_script(BENCHMARKS_DIR / script,
+                                             out_dir / f"bench_{Path(script).stem}.json", quick)
+                for script in BENCHMARK_SCRIPTS}
+    rows = [row for payload in payloads.values() for row in target_rows(payload)]
+    errors = {script: payload["error"] for script, payload in payloads.items()
+              if "error" in payload}
+    machine = next((payload["machine"] for payload in payloads.values()
+                    if "machine" in payload), {})
+    parts = [f"Machine: {machine.get('device_kind', '?')} ({machine.get('cpu_count', '?')} "
+             f"CPU cores, load {machine.get('load_average_1min', '?')})."]
+    if rows:
+        parts.append(common.markdown_table(["target", "value", "goal", "met", "distance"],
+                                           rows))
+    parts += [f"- {script}: {error}" for script, error in errors.items()]
+    met = [row[3] for row in rows]
+    holds = None if not rows or errors else all(met)
+    return common.section(
+        TITLES["benchmarks"],
+        claim=("Parameter-free pools run within 1.2x of the memory-bound yardstick "
+               "(x.sum()); CAM maps cost <= 10% of a forward pass."),
+        method=("benchmarks/pooling.py and benchmarks/cam_cost.py"
+                + (" with --quick (small shapes)" if quick else "")
+                + ", each in a fresh process; distance >= 1 means the target is met."),
+        markdown="\n\n".join(parts),
+        numbers={Path(script).stem: payload for script, payload in payloads.items()},
+        holds=holds,
+        verdict=(f"{sum(bool(m) for m in met)} of {len(met)} targets met"
+                 + (f"; failed to run: {', '.join(errors)}" if errors else "") + "."),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Running and rendering sections
+# --------------------------------------------------------------------------------------
+
+
+def load_section(name: str) -> SectionFn:
+    """The ``run`` function of section ``name``."""
+    if name not in SECTION_MODULES:
+        raise ValueError(f"unknown report section {name!r}; choose from "
+                         f"{', '.join(SECTION_MODULES)}")
+    return importlib.import_module(SECTION_MODULES[name]).run
+
+
+def normalize_section(name: str, result: Any, new_figures: Sequence[str]) -> dict[str, Any]:
+    """Any section result -> a dict with every key of ``common.section``.
+
+    Results built with ``common.section`` pass through. Other dicts are rendered generically:
+    a ``markdown`` / ``table`` string if present, the remaining values as JSON, and the PNGs
+    the section wrote as its figures.
+    """
+    if not isinstance(result, dict):
+        result = {"result": result}
+    if all(key in result for key in SECTION_KEYS):
+        section = dict(result)
+    else:
+        text = result.get("markdown") or result.get("table")
+        numbers = {key: value for key, value in result.items()
+                   if key not in ("markdown", "table", "figures")}
+        if not isinstance(text, str):
+            text = "```json\n" + json.dumps(common.to_jsonable(numbers), indent=1)[:6000] + "\n```"
+        section = {
+            "title": result.get("title", TITLES.get(name, name)),
+            "claim": result.get("claim", "(the section module states no claim)"),
+            "method": result.get("method", f"{SECTION_MODULES.get(name, name)}.run"),
+            "markdown": text,
+            "numbers": numbers,
+            "holds": result.get("holds"),
+            "verdict": result.get("verdict", "(no verdict given)"),
+            "figures": list(result.get("figures", [])),
+        }
+    figures = [str(figure) for figure in section.get("figures") or []]
+    section["figures"] = figures + [figure for figure in new_figures if figure not in figures]
+    return section
+
+
+def run_section(name: str, fn: SectionFn, out_dir: Path, quick: bool) -> dict[str, Any]:
+    """Runs one section; never raises. Adds ``status`` (ok | failed), ``seconds``, ``error``."""
+    before = {path.name for path in out_dir.glob("*.png")}
+    start = time.perf_counter()
+    try:
+        result = fn(out_dir, quick)
+        new_figures = sorted(path.name for path in out_dir.glob("*.png")
+                             if path.name not in before)
+        section = normalize_section(name, result, new_figures)
+        section.update(status="ok", error=None)
+    except Exception as exc:  # one failing section must not lose the others
+        section = {"title": TITLES.get(name, name), "claim": "", "method": "", "markdown": "",
+                   "numbers": {}, "holds": None, "verdict": "section failed", "figures": [],
+                   "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                   "traceback": traceback.format_exc(limit=8)}
+        print(section["traceback"], file=sys.stderr)
+    section["seconds"] = time.perf_counter() - start
+    return section
+
+
+def holds_text(section: dict[str, Any]) -> str:
+    if section["status"] != "ok":
+        return "FAILED to run"
+    return {True: "holds", False: "does not hold", None: "undecided"}[section["holds"]]
+
+
+def render_report(sections: dict[str, dict[str, Any]], *, quick: bool, command: str,
+                  seconds: float, machine: dict[str, Any]) -> str:
+    """REPORT.md: header, a summary table, then one part per section."""
+    lines = [
+        "# gapjax report",
+        "",
+        f"Regenerate with `{command}` ({'quick' if quick else 'full'} mode). Written "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC in {seconds / 60:.1f} min "
+        f"on {machine['processor']} ({machine['cpu_count']} CPU cores, {machine['platform']}, "
+        f"jax {machine['jax']}, load average {machine['load_average_1min']:.1f} at the end).",
+        "",
+        common.markdown_table(["section", "claim", "time (s)"],
+                              [[f"[{section['title']}](#{slug(section['title'])})",
+                                holds_text(section), section["seconds"]]
+                               for section in sections.values()], digits=3),
+    ]
+    for name, section in sections.items():
+        lines += ["", f"## {section['title']}", ""]
+        if section["status"] != "ok":
+            lines += [f"**This section failed to run** (`{name}`): `{section['error']}`", "",
+                      "```", section.get("traceback", "").strip(), "```"]
+            continue
+        lines += [f"**Claim.** {section['claim']}", "", f"**Method.** {section['method']}", "",
+                  section["markdown"], "",
+                  f"**Verdict: {holds_text(section)}.** {section['verdict']}"]
+        lines += [f"\n![{figure}]({figure})" for figure in section["figures"]]
+        lines += ["", f"_({section['seconds']:.0f} s)_"]
+    return "\n".join(lines) + "\n"
+
+
+def slug(title: str) -> str:
+    """GitHub's anchor for a heading."""
+    kept = "".join(ch for ch in title.lower() if ch.isalnum() or ch in " -_")
+    return kept.replace(" ", "-")
+
+
+def machine_description() -> dict[str, Any]:
+    import os
+
+    import jax
+
+    return {"processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "platform": jax.devices()[0].platform,
+            "jax": jax.__version__, "python": platform.python_version(),
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0}
+
+
+def build_report(out_dir: Path | str, *, quick: bool = True, only: Sequence[str] | None = None,
+                 sections: dict[str, SectionFn] | None = None,
+                 command: str = "python -m gapjax.experiments.report") -> dict[str, Any]:
+    """Runs the sections (all, or ``only``) and writes REPORT.md and results.json.
+
+    ``sections`` maps names to ``run`` functions; default: every entry of
+    ``SECTION_MODULES``, imported when its turn comes (so a section whose module is missing
+    or broken fails alone). Returns the results dict written to results.json.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(sections) if sections is not None else list(SECTION_MODULES)
+    if only:
+        unknown = [name for name in only if name not in names]
+        if unknown:
+            raise ValueError(f"--only: unknown section(s) {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(names)}")
+        names = [name for name in names if name in only]
+    start = time.perf_counter()
+    done: dict[str, dict[str, Any]] = {}
+    for name in names:
+        print(f"[report] {name} ...", file=sys.stderr, flush=True)
+        if sections is not None:
+            fn = sections[name]
+        else:
+            def fn(path: Path, quick_mode: bool, name: str = name) -> dict[str, Any]:
+                return load_section(name)(path, quick=quick_mode)
+        done[name] = run_section(name, fn, out_dir, quick)
+        print(f"[report] {name}: {holds_text(done[name])} ({done[name]['seconds']:.0f} s)",
+              file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start
+    machine = machine_description()
+    (out_dir / "REPORT.md").write_text(
+        render_report(done, quick=quick, command=command, seconds=seconds, machine=machine))
+    results = {
+        "quick": quick,
+        "seconds": seconds,
+        "machine": machine,
+        "sections": {name: {key: value for key, value in section.items() if key != "markdown"}
+                     for name, section in done.items()},
+    }
+    (out_dir / "results.json").write_text(
+        json.dumps(common.to_jsonable(results), indent=2, allow_nan=False) + "\n")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--full", action="store_true", help="larger runs (quick by default)")
+    parser.add_argument("--only", default="", help="comma-separated sections: "
+                        + ", ".join(SECTION_MODULES))
+    args = parser.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in only if name not in SECTION_MODULES]
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from "
+                     f"{', '.join(SECTION_MODULES)}")
+    command = "python -m gapjax.experiments.report " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    results = build_report(args.out, quick=not args.full, only=only, command=command.strip())
+    failed = [name for name, section in results["sections"].items()
+              if section["status"] != "ok"]
+    print(f"wrote {args.out / 'REPORT.md'} and results.json in {results['seconds'] / 60:.1f} "
+          f"min" + (f"; failed sections: {', '.join(failed)}" if failed else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Tests of gapjax.layers: SE and LocalGate, heads, adaptive pooling, validation."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gapjax import layers
+from gapjax.layers import (
+    GATES,
+    FCHead,
+    GAPHead,
+    LocalGate,
+    SqueezeExcite,
+    adaptive_avg_pool,
+    make_divisible,
+    se_reduced_channels,
+)
+from gapjax.pooling import gap
+
+
+def _count(tree) -> int:
+    return sum(int(leaf.size) for leaf in jax.tree.leaves(tree))
+
+
+def test_make_divisible_matches_reference_rounding():
+    assert make_divisible(4.0, 8, round_limit=0.0) == 8  # never below the divisor
+    assert make_divisible(12.0, 8, round_limit=0.0) == 16  # halves round up
+    assert make_divisible(11.9, 8, round_limit=0.0) == 8
+    assert make_divisible(20.0, 8, round_limit=0.9) == 24  # 16 would lose > 10%
+    assert [se_reduced_channels(c) for c in (64, 128, 256, 512, 2048)] == [8, 8, 16, 32, 128]
+    assert se_reduced_channels(64, divisor=1) == 4
+    with pytest.raises(ValueError, match="reduction"):
+        se_reduced_channels(64, reduction=0)
+
+
+@pytest.mark.parametrize("gate, low, high", [
+    ("sigmoid", 0.0, 1.0), ("hard_sigmoid", 0.0, 1.0), ("tanh", -1.0, 1.0),
+])
+def test_se_gates_in_range(gate, low, high):
+    x = 20.0 * jax.random.normal(jax.random.key(0), (3, 5, 5, 32))
+    module = SqueezeExcite(gate=gate)
+    variables = module.init(jax.random.key(1), x)
+    # Large weights push the excitation logits far into both tails of the gate.
+    variables = jax.tree.map(lambda w: 10.0 * w, variables)
+    out, gates = module.apply(variables, x, return_gates=True)
+    assert gates.shape == (3, 32)
+    assert float(gates.min()) >= low and float(gates.max()) <= high
+    assert float(gates.min()) < low + 0.05 and float(gates.max()) > high - 0.05
+    np.testing.assert_allclose(out, x * gates[:, None, None, :], rtol=1e-6)
+
+
+def test_hard_sigmoid_is_half_at_zero_and_clipped():
+    np.testing.assert_array_equal(layers.hard_sigmoid(jnp.array([-4.0, 0.0, 4.0])), [0, 0.5, 1])
+
+
+def test_se_with_zero_excitation_logits_scales_by_exactly_half():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
+    module = SqueezeExcite()
+    params = module.init(jax.random.key(1), x)["params"]
+    params = {**params, "expand": jax.tree.map(jnp.zeros_like, params["expand"])}
+    out = module.apply({"params": params}, x)
+    np.testing.assert_array_equal(np.asarray(out), 0.5 * np.asarray(x))
+
+
+def test_se_bottleneck_width_and_parameter_count():
+    x = jnp.ones((1, 3, 3, 64))
+    params = SqueezeExcite().init(jax.random.key(0), x)["params"]
+    assert params["reduce"]["kernel"].shape == (64, 8)  # make_divisible(64 / 16, 8)
+    assert _count(params) == 64 * 8 + 8 + 8 * 64 + 64
+    local = LocalGate().init(jax.random.key(0), x)["params"]
+    assert jax.tree.map(jnp.shape, local) == jax.tree.map(jnp.shape, params)
+
+
+def test_only_global_context_separates_se_from_local_gate():
+    """Two images share pixel (0, 0) and differ everywhere else. A local gate must treat
+    that pixel identically in both; SE must not, because its gate sees the whole image."""
+    channels = 16
+    shared_pixel = jnp.linspace(-1.0, 1.0, channels)
+    quiet = jnp.zeros((1, 6, 6, channels)).at[0, 0, 0].set(shared_pixel)
+    busy = jnp.tile(jnp.linspace(2.0, -2.0, channels), (1, 6, 6, 1)).at[0, 0, 0].set(shared_pixel)
+    images = jnp.concatenate([quiet, busy])
+
+    se = SqueezeExcite(reduction=2)
+    params = se.init(jax.random.key(0), images)["params"]
+    local = LocalGate(reduction=2)
+    se_out = se.apply({"params": params}, images)
+    local_out = local.apply({"params": params}, images)  # the very same weights
+
+    np.testing.assert_allclose(local_out[0, 0, 0], local_out[1, 0, 0], rtol=1e-6)
+    assert float(jnp.abs(se_out[0, 0, 0] - se_out[1, 0, 0]).max()) > 1e-3
+    # On a constant image the pooled vector equals every pixel, so the two gates agree.
+    constant = jnp.tile(shared_pixel, (1, 4, 4, 1))
+    np.testing.assert_allclose(
+        se.apply({"params": params}, constant), local.apply({"params": params}, constant),
+        rtol=1e-5, atol=1e-6,
+    )
+
+
+def test_se_squeeze_pool_is_selectable():
+    x = jnp.zeros((1, 4, 4, 8)).at[0, 1, 2].set(5.0)  # one bright pixel: mean != max
+    outputs = {}
+    for pool in ("gap", "gmp", "avgmax", "catavgmax"):
+        module = SqueezeExcite(pool=pool, reduction=2)
+        variables = module.init(jax.random.key(0), x)
+        outputs[pool] = module.apply(variables, x, return_gates=True)[1]
+        assert outputs[pool].shape == (1, 8)
+    assert not np.allclose(outputs["gap"], outputs["gmp"])
+    with pytest.raises(ValueError, match="se_gate='relu'.*sigmoid"):
+        SqueezeExcite(gate="relu").init(jax.random.key(0), x)
+
+
+def test_adaptive_avg_pool_bins():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 14, 3))
+    assert adaptive_avg_pool(x, (5, 14)) is x
+    pooled = adaptive_avg_pool(x, (3, 7))
+    # Reference bins: [floor(i * n / k), ceil((i + 1) * n / k)).
+    xs = np.asarray(x)
+    for i in range(3):
+        for j in range(7):
+            r0, r1 = (i * 5) // 3, math.ceil((i + 1) * 5 / 3)
+            c0, c1 = (j * 14) // 7, math.ceil((j + 1) * 14 / 7)
+            np.testing.assert_allclose(
+                pooled[:, i, j], xs[:, r0:r1, c0:c1].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6
+            )
+    tiny = jnp.arange(6.0).reshape(1, 1, 1, 6)
+    np.testing.assert_array_equal(adaptive_avg_pool(tiny, (7, 7)), jnp.tile(tiny, (1, 7, 7, 1)))
+
+
+def test_gap_head_is_pool_then_classifier_in_float32():
+    features = jax.random.normal(jax.random.key(0), (2, 3, 3, 8)).astype(jnp.bfloat16)
+    head = GAPHead(num_classes=5, dtype=jnp.bfloat16)
+    variables = head.init(jax.random.key(1), features)
+    logits = head.apply(variables, features)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 5)
+    kernel = variables["params"]["classifier"]["kernel"]
+    bias = variables["params"]["classifier"]["bias"]
+    # The pool keeps the compute dtype; the classifier then runs in float32.
+    pooled = gap(features).astype(jnp.float32)
+    np.testing.assert_allclose(logits, pooled @ kernel + bias, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["attention", "weighted"])
+def test_gap_head_sows_pool_weights(pool):
+    features = jax.random.normal(jax.random.key(0), (2, 4, 3, 8))
+    head = GAPHead(num_classes=3, pool=pool)
+    variables = head.init(jax.random.key(1), features)
+    _, state = head.apply(variables, features, mutable=["intermediates"])
+    (weights,) = state["intermediates"]["pool_weights"]
+    assert weights.shape == (2, 4, 3)
+    np.testing.assert_allclose(weights.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+
+
+def test_fc_head_grid_fixes_the_parameter_count_and_flatten_head_checks_size():
+    head = FCHead(num_classes=4, widths=(6,), grid=(2, 2))
+    small = head.init(jax.random.key(0), jnp.ones((1, 1, 1, 3)))["params"]
+    large = head.init(jax.random.key(0), jnp.ones((1, 9, 9, 3)))["params"]
+    assert _count(small) == _count(large) == (2 * 2 * 3) * 6 + 6 + 6 * 4 + 4
+    assert small["classifier"]["kernel"].shape == (6, 4)
+
+    flatten = FCHead(num_classes=4, widths=())
+    variables = flatten.init(jax.random.key(0), jnp.ones((1, 2, 2, 3)))
+    assert variables["params"]["classifier"]["kernel"].shape == (12, 4)
+    with pytest.raises(ValueError, match="initialised for 12"):
+        flatten.apply(variables, jnp.ones((1, 3, 3, 3)))
+
+
+def test_fc_head_dropout_needs_train_flag_only():
+    head = FCHead(num_classes=2, widths=(8,), dropout=0.5)
+    x = jnp.ones((4, 2, 2, 3))
+    variables = head.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(head.apply(variables, x), head.apply(variables, x))
+    a = head.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    b = head.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(a, b)
+
+
+def test_make_attention_choices():
+    assert isinstance(layers.make_attention("se"), SqueezeExcite)
+    assert isinstance(layers.make_attention("local"), LocalGate)
+    assert layers.make_attention(None) is None
+    with pytest.raises(ValueError, match="attn='cbam'.*'se', 'local', None"):
+        layers.make_attention("cbam")
+
+
+def test_gates_registry_names():
+    assert set(GATES) == {"sigmoid", "hard_sigmoid", "tanh", "identity"}
+    assert isinstance(SqueezeExcite(), nn.Module)
