@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -56,6 +56,8 @@ def _initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    # Orbax reports every save at INFO level; keep the console for progress and results.
+    logging.set_verbosity(logging.WARNING)
     from gapjax.registry import UnknownNameError
     from gapjax.train import TrainingError, run
 

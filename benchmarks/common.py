@@ -55,8 +55,11 @@ def block(tree: Any) -> Any:
 def time_calls(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 1) -> dict[str, float]:
     """Times ``fn()`` (which must block until its result is ready) ``repeats`` times.
 
-    Returns seconds: ``median``, ``min``, ``mean`` and the ``first`` (warm-up) call, which for
-    a freshly jitted function includes compilation.
+    Returns seconds: ``median``, ``min``, ``mean`` wall time, the ``first`` (warm-up) call,
+    which for a freshly jitted function includes compilation, and ``cpu_median``: the
+    median CPU time of this process per call (all threads). On a machine shared with
+    other jobs the wall time grows with their load, the CPU time much less, so compare
+    frameworks by both.
     """
     if repeats < 1:
         raise ValueError(f"time_calls: repeats must be >= 1; got {repeats}")
@@ -65,16 +68,18 @@ def time_calls(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 1) -> 
         start = time.perf_counter()
         fn()
         first = time.perf_counter() - start if first is None else first
-    samples = []
+    samples, cpu_samples = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         samples.append(time.perf_counter() - start)
+        cpu_samples.append(time.process_time() - cpu_start)
     return {
         "median": statistics.median(samples),
         "min": min(samples),
         "mean": statistics.fmean(samples),
         "first": samples[0] if first is None else first,
+        "cpu_median": statistics.median(cpu_samples),
         "repeats": repeats,
     }
 
@@ -163,3 +168,81 @@ def import_train_step_modules() -> tuple[Any, Any, Any]:
     bare.__path__ = [str(REPO_ROOT / "gapjax" / "train")]
     sys.modules["gapjax.train"] = bare
     return tuple(importlib.import_module(f"gapjax.train.{name}") for name in names)
+
+
+# --------------------------------------------------------------------------------------
+# Reading results back: pooling targets, HBM bandwidth, the gpu.sh summary
+# --------------------------------------------------------------------------------------
+
+#: Pools that must run within ``POOL_TARGET`` of the ``x.sum()`` yardstick.
+PARAMETER_FREE_POOLS = ("gap", "gmp", "gsp", "avgmax", "catavgmax")
+POOL_TARGET = 1.2
+GAP_BANDWIDTH_TARGET = 0.8
+#: Peak HBM bandwidth (GB/s) by a substring of ``device_kind``; first match wins.
+PEAK_HBM_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0),
+                 ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0))
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A benchmark output file: one JSON document, or JSON lines (``{"records": [...]}``)."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"records": [json.loads(line) for line in text.splitlines() if line.strip()]}
+
+
+def peak_hbm_gbps(device_kind: str) -> float | None:
+    """Datasheet HBM bandwidth of a known accelerator, else None."""
+    return next((peak for key, peak in PEAK_HBM_GBPS if key in device_kind), None)
+
+
+def pooling_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Targets from ``benchmarks/pooling.py`` records: each parameter-free pool's forward
+    pass within 1.2x of ``x.sum()`` per shape, and on a known GPU, GAP's achieved bandwidth
+    (largest shape) at >= 80% of the HBM peak."""
+    targets = []
+    forward = [r for r in records if r.get("pass") == "forward"]
+    for record in forward:
+        if record.get("pool") in PARAMETER_FREE_POOLS:
+            shape = "x".join(map(str, record["shape"]))
+            targets.append(target(f"{record['pool']} {shape} {record['dtype']} time / x.sum()",
+                                  record.get("ratio"), POOL_TARGET, higher_is_better=False,
+                                  unit="x"))
+    gap = [r for r in forward if r.get("pool") == "gap"]
+    if gap:
+        largest = max(gap, key=lambda r: r["median_ms"])
+        peak = peak_hbm_gbps(str(largest.get("device", "")))
+        if peak is not None:
+            shape = "x".join(map(str, largest["shape"]))
+            targets.append(target(f"gap {shape} {largest['dtype']} bandwidth / HBM peak "
+                                  f"({peak:.0f} GB/s)", largest["gbps"] / peak,
+                                  GAP_BANDWIDTH_TARGET, higher_is_better=True))
+    return targets
+
+
+def summarize_run(out_dir: Path, seconds: float) -> dict[str, Any]:
+    """Collects every ``*.json`` under ``out_dir`` (gpu.sh's items) into ``summary.json``:
+    each item's status and every target with its distance; prints them."""
+    out_dir = Path(out_dir)
+    summary: dict[str, Any] = {"seconds": seconds, "machine": None, "items": {},
+                               "targets": []}
+    for path in sorted(out_dir.glob("*.json")):
+        if path.name == "summary.json":
+            continue
+        try:
+            payload = read_results(path)
+        except ValueError as exc:
+            payload = {"error": f"unreadable output: {exc}"}
+        summary["items"][path.stem] = payload.get("error", "ok")
+        summary["targets"] += payload.get("targets", [])
+        if "records" in payload:
+            summary["targets"] += pooling_targets(payload["records"])
+        summary["machine"] = summary["machine"] or payload.get("machine")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for item, status in summary["items"].items():
+        print(f"{item}: {status}")
+    for result in summary["targets"]:
+        print(describe_target(result))
+    print(f"total {seconds:.0f} s")
+    return summary

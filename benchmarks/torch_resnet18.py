@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import base_parser, emit
+from common import base_parser, emit, time_calls
 
 
 def build_resnet18_cifar(torch, num_classes: int):
@@ -93,14 +92,8 @@ def main() -> None:
         optimizer.step()
         return loss.item()
 
-    step()  # first call allocates buffers and picks kernels
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - start)
-    samples.sort()
-    median = samples[len(samples) // 2]
+    # The warm-up call allocates buffers and picks kernels.
+    timing = time_calls(step, repeats=repeats, warmup=1)
     emit({
         "benchmark": "torch_resnet18",
         "framework": f"torch {torch.__version__} eager",
@@ -109,9 +102,11 @@ def main() -> None:
         "image_size": args.image_size,
         "dtype": "float32",
         "threads": args.threads,
-        "step_time_s": median,
-        "step_time_min_s": samples[0],
-        "examples_per_s": args.batch / median,
+        "step_time_s": timing["median"],
+        "step_time_min_s": timing["min"],
+        "step_cpu_s": timing["cpu_median"],
+        "examples_per_s": args.batch / timing["median"],
+        "examples_per_cpu_s": args.batch / max(timing["cpu_median"], 1e-9),
         "repeats": repeats,
     }, args.out)
 

@@ -148,7 +148,9 @@ def measure(name: str, *, batch: int, dtype: str, repeats: int, image_size: int 
         "compile_s": step["compile_s"],
         "step_time_s": timing["median"],
         "step_time_min_s": timing["min"],
+        "step_cpu_s": timing["cpu_median"],
         "examples_per_s": batch / timing["median"],
+        "examples_per_cpu_s": batch / max(timing["cpu_median"], 1e-9),
         "flops_per_step": flops,
         "achieved_tflops": flops / timing["median"] / 1e12 if flops else None,
         "repeats": repeats,
@@ -205,9 +207,14 @@ def main() -> None:
         payload["torch_resnet18"] = torch_result
         ratio = (ours["examples_per_s"] / torch_result["examples_per_s"]
                  if "examples_per_s" in torch_result else None)
+        cpu_ratio = (ours["examples_per_cpu_s"] / torch_result["examples_per_cpu_s"]
+                     if "examples_per_cpu_s" in torch_result else None)
         targets.append(target(f"resnet18 cifar b{ours['batch']} {ours['dtype']}: gapjax / "
-                              "torch eager examples/s", ratio, 1.0, higher_is_better=True,
-                              unit="x"))
+                              "torch eager examples/s (wall)", ratio, 1.0,
+                              higher_is_better=True, unit="x"))
+        targets.append(target(f"resnet18 cifar b{ours['batch']} {ours['dtype']}: gapjax / "
+                              "torch eager examples per CPU-second", cpu_ratio, 1.0,
+                              higher_is_better=True, unit="x"))
     if platform == "gpu" and "resnet50" in by_name:
         resnet50 = by_name["resnet50"]
         targets.append(target(f"resnet50 {resnet50['dtype']} b{resnet50['batch']} "

@@ -529,7 +529,7 @@ def draw_overlays(
 
     count = len(images)
     rows = -(-count // columns)
-    figure, axes = plt.subplots(rows, 2 * columns, figsize=(2.0 * 2 * columns, 2.3 * rows),
+    figure, axes = plt.subplots(rows, 2 * columns, figsize=(2.0 * 2 * columns, 2.5 * rows),
                                 squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
@@ -584,8 +584,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", default="cams.png", help="PNG to write (default cams.png)")
     parser.add_argument("--method", default=None, choices=METHODS,
                         help="map method (default: the run's config.eval.cam_method)")
-    parser.add_argument("--threshold", type=float, default=wsol.DEFAULT_LOC_THRESHOLD,
-                        help="map threshold for the drawn box (default %(default)s)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="map threshold for the drawn boxes (default: the one that "
+                        "localizes the most shown images, as MaxBoxAcc calibrates)")
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f"--num={args.num} must be at least 1")
@@ -605,14 +606,20 @@ def main(argv: list[str] | None = None) -> str:
     predicted = np.asarray(output.targets)[real]
     labels = np.asarray(batch["label"])[real]
     true_boxes = np.asarray(batch["bbox"])[real] if "bbox" in batch else None
-    predicted_boxes = [wsol.boxes_from_score_map(m, args.threshold) for m in maps]
+    threshold = args.threshold
+    if threshold is None and true_boxes is not None:
+        largest, _ = wsol.iou_curves(maps, true_boxes)
+        threshold = float(wsol.DEFAULT_THRESHOLDS[np.argmax(wsol.box_accuracy(largest, 0.5))])
+    elif threshold is None:
+        threshold = wsol.DEFAULT_LOC_THRESHOLD
+    predicted_boxes = [wsol.boxes_from_score_map(m, threshold) for m in maps]
     titles = [
         f"pred {p} ({probabilities[i, p]:.2f})  true {t}" + ("" if p == t else "  ✗")
         for i, (p, t) in enumerate(zip(predicted, labels))
     ]
     resolved = resolve_method(model, method)
     suptitle = (f"{info.name}, step {step}: {resolved} maps of the predicted class "
-                f"(pool {getattr(model, 'pool', '?')}), box at map > {args.threshold}")
+                f"(pool {getattr(model, 'pool', '?')}), boxes at map > {threshold:.2f}")
     out = draw_overlays(np.asarray(batch["image"])[real], maps, titles=titles,
                         true_boxes=true_boxes, predicted_boxes=predicted_boxes,
                         out=args.out, suptitle=suptitle)

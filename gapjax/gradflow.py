@@ -155,7 +155,11 @@ def gradient_gini(grads: Array) -> Array:
       ``[B, C]`` float32: 0 for a uniform spread, ``1 - 1/N`` when a single position gets all
       the gradient; 0 for an all-zero slice.
     """
-    magnitudes = jnp.sort(_position_magnitudes(grads), axis=-1)
+    magnitudes = _position_magnitudes(grads)
+    # Non-negative IEEE floats order like their bit patterns read as int32, and XLA sorts
+    # integers several times faster than floats on CPU (the early layer has ~1000 positions).
+    as_bits = jax.lax.bitcast_convert_type(magnitudes, jnp.int32)
+    magnitudes = jax.lax.bitcast_convert_type(jnp.sort(as_bits, axis=-1), jnp.float32)
     positions = magnitudes.shape[-1]
     rank_weights = 2.0 * jnp.arange(1, positions + 1, dtype=jnp.float32) - positions - 1.0
     total = magnitudes.sum(axis=-1)

@@ -8,9 +8,12 @@ all ones (``gsp``), given weights (``weighted``) or weights learned from ``x``
 (``attention``); ``gem`` and ``lse`` interpolate between mean and max.
 
 Conventions shared by all of them:
-  * Reductions accumulate in float32 whatever the input dtype; the result has the input dtype.
-  * Masked positions never change a result. A row with no real position pools to zeros,
-    with finite gradients (never -inf or NaN, forward or backward).
+  * Reductions accumulate in float32 whatever the input dtype; the result has the input dtype
+    (float32 for integer inputs).
+  * Masked positions never change a result, whatever they hold (even inf): they are
+    zeroed (or set to -inf for ``gmp``) before any arithmetic, and receive zero gradient.
+    A row with no real position pools to zeros, with finite gradients (never -inf or NaN,
+    forward or backward).
   * ``gmp``'s gradient is one-hot at the arg max. Tie rule: the first maximal position in
     row-major order of the spatial axes receives the whole gradient.
 
@@ -119,16 +122,21 @@ def _max_over_positions(sets: Array) -> Array:
     return sets.max(axis=1)
 
 
-def _max_fwd(sets: Array) -> tuple[Array, Array]:
-    return sets.max(axis=1), sets
+def _max_fwd(sets: Array) -> tuple[Array, tuple[Array, Array]]:
+    peak = sets.max(axis=1)
+    return peak, (sets, peak)
 
 
-def _max_bwd(sets: Array, g: Array) -> tuple[Array]:
+def _max_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array]:
     # Autodiff of max would split the gradient evenly between tied positions; the whole
-    # gradient goes to the first arg max instead, as for a one-hot pooling weight.
-    winner = jnp.argmax(sets, axis=1)  # [B, C], the first maximal position
-    one_hot = jnp.arange(sets.shape[1])[None, :, None] == winner[:, None, :]
-    return (jnp.where(one_hot, g[:, None, :], jnp.zeros((), g.dtype)),)
+    # gradient goes to the first arg max instead, as for a one-hot pooling weight. The
+    # first maximal position is a min-reduction over positions (cheaper on CPU than
+    # argmax, whose (value, index) reduction XLA does not vectorise).
+    sets, peak = residuals
+    positions = jnp.arange(sets.shape[1], dtype=jnp.int32)[None, :, None]
+    is_peak = sets == peak[:, None, :]
+    first = jnp.where(is_peak, positions, sets.shape[1]).min(axis=1, keepdims=True)
+    return (jnp.where(positions == first, g[:, None, :], jnp.zeros((), g.dtype)),)
 
 
 _max_over_positions.defvjp(_max_fwd, _max_bwd)

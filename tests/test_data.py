@@ -91,13 +91,13 @@ def test_digits_info_and_training_batches(digits_config):
         name="gapjax_digits",
         task="classification",
         num_classes=10,
-        input_shape=(8, 8, 1),
+        input_shape=(16, 16, 1),
         num_examples={"train": 1438, "test": 359},
         train_split="train",
         eval_split="test",
     )
     batch = next(data.make_iterator(digits_config, "train", batch_size=64, seed=0, train=True))
-    assert batch["image"].shape == (64, 8, 8, 1) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (64, 16, 16, 1) and batch["image"].dtype == np.float32
     assert batch["label"].shape == (64,) and batch["label"].dtype == np.int32
     np.testing.assert_array_equal(batch["weight"], np.ones(64, np.float32))
     # Normalised: roughly zero mean, unit spread.
@@ -105,12 +105,17 @@ def test_digits_info_and_training_batches(digits_config):
     assert set(np.unique(batch["label"])) <= set(range(10))
 
 
-def test_digits_upsampled_config(data_dir):
-    config = dataset_config("gapjax_digits", data_dir, image_size=16)
+def test_digits_native_resolution_config(data_dir):
+    config = dataset_config("gapjax_digits", data_dir, image_size=8)
     info = data.dataset_info(config)
-    assert info.input_shape == (16, 16, 1)
+    assert info.input_shape == (8, 8, 1)
     batch = next(data.make_iterator(config, "test", batch_size=8, seed=0, train=False))
-    assert batch["image"].shape == (8, 16, 16, 1)
+    assert batch["image"].shape == (8, 8, 8, 1)
+    # The stored images are the bundled test digits themselves (in TFDS's file order).
+    images, _ = canvas.digits_split("test")
+    source = pipeline._source(pipeline._resolve(config), "test")
+    stored = [bytes(example["image"]) for example in pipeline._read(source, range(len(source)))]
+    assert sorted(stored) == sorted(bytes(image[..., None]) for image in images)
 
 
 def test_restored_iterator_replays_exactly(digits_config):
@@ -230,7 +235,7 @@ def test_concurrent_first_builds_share_one_dataset(tmp_path):
 
     def build():
         try:
-            builders.append(pipeline._build_embedded(digits.GapjaxDigits, "16", str(tmp_path)))
+            builders.append(pipeline._build_embedded(digits.GapjaxDigits, "8", str(tmp_path)))
         except Exception as error:  # reported by the assertion below
             errors.append(error)
 
@@ -241,8 +246,9 @@ def test_concurrent_first_builds_share_one_dataset(tmp_path):
         worker.join()
     assert not errors
     assert all(builder.is_prepared() for builder in builders)
-    versions = list((tmp_path / "gapjax_digits" / "16").iterdir())
-    assert [v.name for v in versions] == ["1.0.0"]  # no leftover temporary directory
+    versions = list((tmp_path / "gapjax_digits" / "8").iterdir())
+    # One version directory and no leftover temporary one.
+    assert [v.name for v in versions] == [str(digits.GapjaxDigits.VERSION)]
     sources = [builder.as_data_source("test") for builder in builders]
     np.testing.assert_array_equal(sources[0][5]["image"], sources[1][5]["image"])
 
@@ -322,6 +328,26 @@ def test_multilabel_batches(multilabel_config):
 
 
 # --------------------------------------------------------------------------------------
+# A dataset with its own preprocess / collate / model_inputs hooks (graphs)
+# --------------------------------------------------------------------------------------
+
+
+def test_pipeline_uses_the_spec_hooks_of_graph_tasks(data_dir):
+    from gapjax.graph import GraphBatch
+
+    config = dataset_config("gapjax_graph_tasks", data_dir, num_train=12, num_test=5)
+    info = data.dataset_info(config)
+    assert (info.task, info.num_classes, info.input_shape) == ("graph", 2, (3,))
+    batch = next(data.make_iterator(config, "train", batch_size=4, seed=0, train=True))
+    np.testing.assert_array_equal(batch["weight"], np.ones(4, np.float32))
+    graphs = data.model_inputs(info, batch)
+    assert isinstance(graphs, GraphBatch)
+    assert graphs.node_features.shape[-1] == 3
+    evaluation = list(data.make_iterator(config, "test", batch_size=4, seed=0, train=False))
+    assert [float(b["weight"].sum()) for b in evaluation] == [4.0, 1.0]
+
+
+# --------------------------------------------------------------------------------------
 # Prepared TFDS datasets and errors
 # --------------------------------------------------------------------------------------
 
@@ -362,6 +388,13 @@ def test_unknown_dataset_error(tmp_path):
     config = dataset_config("no_such_dataset", tmp_path)
     with pytest.raises(data.DatasetError, match=r"'no_such_dataset'.*gapjax_cluttered_digits"):
         data.dataset_info(config)
+
+
+def test_resize_matches_jax_image_resize():
+    image = np.random.default_rng(0).random((8, 6, 2), np.float32)
+    for shape in ((16, 16), (5, 3), (8, 12)):
+        expected = jax.image.resize(image, (*shape, 2), "bilinear", antialias=True)
+        np.testing.assert_allclose(canvas.resize(image, *shape), expected, atol=1e-6)
 
 
 def test_resize_preserves_constants_and_shrinks_with_antialiasing():

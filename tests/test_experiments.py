@@ -55,13 +55,14 @@ def test_bias_rejects_bad_choices_with_the_valid_ones():
 def test_flip_table_counts_constructed_flips():
     # Channel 0 fires on the 2x2 centre of a 4x4 map, channel 1 on the border ring; the
     # identity classifier predicts the channel with the larger pooled value. GAP sees 4
-    # centre cells x 3.0 = 12 against 12 border cells x 1.1 = 13.2 -> class 1; a strong
-    # centre bias sees mostly the centre -> class 0; a border bias keeps class 1.
+    # centre cells x 3.0 = 12 against 12 border cells x 1.4 = 16.8 -> class 1. The centre
+    # bias puts 0.283 of the mass on the centre at s = 0.1 (no flip: 0.85 < 1.00) and 0.566
+    # at s = 1 (flip: 1.70 > 0.61); a border bias keeps class 1.
     features = np.zeros((3, 4, 4, 2), np.float32)
     centre = np.zeros((4, 4), bool)
     centre[1:3, 1:3] = True
     features[:, centre, 0] = 3.0
-    features[:, ~centre, 1] = 1.1
+    features[:, ~centre, 1] = 1.4
     kernel, bias = np.eye(2, dtype=np.float32), np.zeros(2, np.float32)
     labels = np.zeros(3, np.int64)
     records = weighted_pooling.flip_table(features, kernel, bias, labels, strengths=(0.1, 1.0))
@@ -77,8 +78,10 @@ def test_uniform_weights_reproduce_a_tiny_models_gap_logits():
 
     model = models.get("cnn", num_classes=3, widths=(4, 8), depth=1)
     images = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
-    variables = model.init(jax.random.key(1), images, train=False)
-    logits, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+    # Jitted: op-by-op execution of init would compile every primitive on its own.
+    variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(images)
+    logits, state = jax.jit(lambda v, x: model.apply(v, x, train=False,
+                                                     mutable=["intermediates"]))(variables, images)
     features = np.asarray(state["intermediates"]["features"][0])
     kernel, bias = weighted_pooling.classifier_parameters(variables)
     exactness = weighted_pooling.uniform_equals_gap(features, kernel, bias, np.asarray(logits))

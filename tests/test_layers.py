@@ -24,6 +24,29 @@ from gapjax.layers import (
 from gapjax.pooling import gap
 
 
+def _init(module, *args, scale: float = 0.5, **kwargs):
+    """Variables of ``module`` with the right shapes and NumPy random values.
+
+    Shapes come from ``jax.eval_shape`` (no compilation); compiling a real ``init`` costs
+    most of a CPU second per module, mostly for the random number generator, and these
+    tests need weights, not the default initialisers (tested in test_models).
+    """
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *args, **kwargs)
+    rng = np.random.default_rng(0)
+    return jax.tree.map(
+        lambda s: jnp.asarray(scale * rng.standard_normal(s.shape, dtype=np.float32)), shapes
+    )
+
+
+def _normal(*shape, seed: int = 0, scale: float = 1.0):
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def _apply(module, variables, *args, **kwargs):
+    static = tuple(key for key in ("return_gates", "train", "mutable") if key in kwargs)
+    return jax.jit(module.apply, static_argnames=static)(variables, *args, **kwargs)
+
+
 def _count(tree) -> int:
     return sum(int(leaf.size) for leaf in jax.tree.leaves(tree))
 
@@ -43,12 +66,12 @@ def test_make_divisible_matches_reference_rounding():
     ("sigmoid", 0.0, 1.0), ("hard_sigmoid", 0.0, 1.0), ("tanh", -1.0, 1.0),
 ])
 def test_se_gates_in_range(gate, low, high):
-    x = 20.0 * jax.random.normal(jax.random.key(0), (3, 5, 5, 32))
+    x = _normal(3, 5, 5, 32, scale=20.0)
     module = SqueezeExcite(gate=gate)
-    variables = module.init(jax.random.key(1), x)
+    variables = _init(module, x)
     # Large weights push the excitation logits far into both tails of the gate.
     variables = jax.tree.map(lambda w: 10.0 * w, variables)
-    out, gates = module.apply(variables, x, return_gates=True)
+    out, gates = _apply(module, variables, x, return_gates=True)
     assert gates.shape == (3, 32)
     assert float(gates.min()) >= low and float(gates.max()) <= high
     assert float(gates.min()) < low + 0.05 and float(gates.max()) > high - 0.05
@@ -60,20 +83,20 @@ def test_hard_sigmoid_is_half_at_zero_and_clipped():
 
 
 def test_se_with_zero_excitation_logits_scales_by_exactly_half():
-    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
+    x = _normal(2, 4, 4, 16)
     module = SqueezeExcite()
-    params = module.init(jax.random.key(1), x)["params"]
+    params = _init(module, x)["params"]
     params = {**params, "expand": jax.tree.map(jnp.zeros_like, params["expand"])}
-    out = module.apply({"params": params}, x)
+    out = _apply(module, {"params": params}, x)
     np.testing.assert_array_equal(np.asarray(out), 0.5 * np.asarray(x))
 
 
 def test_se_bottleneck_width_and_parameter_count():
     x = jnp.ones((1, 3, 3, 64))
-    params = SqueezeExcite().init(jax.random.key(0), x)["params"]
+    params = jax.eval_shape(SqueezeExcite().init, jax.random.key(0), x)["params"]
     assert params["reduce"]["kernel"].shape == (64, 8)  # make_divisible(64 / 16, 8)
     assert _count(params) == 64 * 8 + 8 + 8 * 64 + 64
-    local = LocalGate().init(jax.random.key(0), x)["params"]
+    local = jax.eval_shape(LocalGate().init, jax.random.key(0), x)["params"]
     assert jax.tree.map(jnp.shape, local) == jax.tree.map(jnp.shape, params)
 
 
@@ -87,17 +110,17 @@ def test_only_global_context_separates_se_from_local_gate():
     images = jnp.concatenate([quiet, busy])
 
     se = SqueezeExcite(reduction=2)
-    params = se.init(jax.random.key(0), images)["params"]
+    params = _init(se, images)["params"]
     local = LocalGate(reduction=2)
-    se_out = se.apply({"params": params}, images)
-    local_out = local.apply({"params": params}, images)  # the very same weights
+    se_out = _apply(se, {"params": params}, images)
+    local_out = _apply(local, {"params": params}, images)  # the very same weights
 
     np.testing.assert_allclose(local_out[0, 0, 0], local_out[1, 0, 0], rtol=1e-6)
     assert float(jnp.abs(se_out[0, 0, 0] - se_out[1, 0, 0]).max()) > 1e-3
     # On a constant image the pooled vector equals every pixel, so the two gates agree.
     constant = jnp.tile(shared_pixel, (1, 4, 4, 1))
     np.testing.assert_allclose(
-        se.apply({"params": params}, constant), local.apply({"params": params}, constant),
+        _apply(se, {"params": params}, constant), _apply(local, {"params": params}, constant),
         rtol=1e-5, atol=1e-6,
     )
 
@@ -107,16 +130,16 @@ def test_se_squeeze_pool_is_selectable():
     outputs = {}
     for pool in ("gap", "gmp", "avgmax", "catavgmax"):
         module = SqueezeExcite(pool=pool, reduction=2)
-        variables = module.init(jax.random.key(0), x)
-        outputs[pool] = module.apply(variables, x, return_gates=True)[1]
+        variables = _init(module, x)
+        outputs[pool] = _apply(module, variables, x, return_gates=True)[1]
         assert outputs[pool].shape == (1, 8)
     assert not np.allclose(outputs["gap"], outputs["gmp"])
-    with pytest.raises(ValueError, match="se_gate='relu'.*sigmoid"):
-        SqueezeExcite(gate="relu").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"se_gate='relu'.*sigmoid"):
+        jax.eval_shape(SqueezeExcite(gate="relu").init, jax.random.key(0), x)
 
 
 def test_adaptive_avg_pool_bins():
-    x = jax.random.normal(jax.random.key(0), (2, 5, 14, 3))
+    x = _normal(2, 5, 14, 3)
     assert adaptive_avg_pool(x, (5, 14)) is x
     pooled = adaptive_avg_pool(x, (3, 7))
     # Reference bins: [floor(i * n / k), ceil((i + 1) * n / k)).
@@ -133,10 +156,10 @@ def test_adaptive_avg_pool_bins():
 
 
 def test_gap_head_is_pool_then_classifier_in_float32():
-    features = jax.random.normal(jax.random.key(0), (2, 3, 3, 8)).astype(jnp.bfloat16)
+    features = _normal(2, 3, 3, 8).astype(jnp.bfloat16)
     head = GAPHead(num_classes=5, dtype=jnp.bfloat16)
-    variables = head.init(jax.random.key(1), features)
-    logits = head.apply(variables, features)
+    variables = _init(head, features)
+    logits = _apply(head, variables, features)
     assert logits.dtype == jnp.float32 and logits.shape == (2, 5)
     kernel = variables["params"]["classifier"]["kernel"]
     bias = variables["params"]["classifier"]["bias"]
@@ -147,10 +170,10 @@ def test_gap_head_is_pool_then_classifier_in_float32():
 
 @pytest.mark.parametrize("pool", ["attention", "weighted"])
 def test_gap_head_sows_pool_weights(pool):
-    features = jax.random.normal(jax.random.key(0), (2, 4, 3, 8))
+    features = _normal(2, 4, 3, 8)
     head = GAPHead(num_classes=3, pool=pool)
-    variables = head.init(jax.random.key(1), features)
-    _, state = head.apply(variables, features, mutable=["intermediates"])
+    variables = _init(head, features)
+    _, state = _apply(head, variables, features, mutable="intermediates")
     (weights,) = state["intermediates"]["pool_weights"]
     assert weights.shape == (2, 4, 3)
     np.testing.assert_allclose(weights.sum(axis=(1, 2)), 1.0, rtol=1e-5)
@@ -158,25 +181,25 @@ def test_gap_head_sows_pool_weights(pool):
 
 def test_fc_head_grid_fixes_the_parameter_count_and_flatten_head_checks_size():
     head = FCHead(num_classes=4, widths=(6,), grid=(2, 2))
-    small = head.init(jax.random.key(0), jnp.ones((1, 1, 1, 3)))["params"]
-    large = head.init(jax.random.key(0), jnp.ones((1, 9, 9, 3)))["params"]
+    small = _init(head, jnp.ones((1, 1, 1, 3)))["params"]
+    large = _init(head, jnp.ones((1, 9, 9, 3)))["params"]
     assert _count(small) == _count(large) == (2 * 2 * 3) * 6 + 6 + 6 * 4 + 4
     assert small["classifier"]["kernel"].shape == (6, 4)
 
     flatten = FCHead(num_classes=4, widths=())
-    variables = flatten.init(jax.random.key(0), jnp.ones((1, 2, 2, 3)))
+    variables = _init(flatten, jnp.ones((1, 2, 2, 3)))
     assert variables["params"]["classifier"]["kernel"].shape == (12, 4)
     with pytest.raises(ValueError, match="initialised for 12"):
-        flatten.apply(variables, jnp.ones((1, 3, 3, 3)))
+        _apply(flatten, variables, jnp.ones((1, 3, 3, 3)))
 
 
 def test_fc_head_dropout_needs_train_flag_only():
     head = FCHead(num_classes=2, widths=(8,), dropout=0.5)
     x = jnp.ones((4, 2, 2, 3))
-    variables = head.init(jax.random.key(0), x)
-    np.testing.assert_array_equal(head.apply(variables, x), head.apply(variables, x))
-    a = head.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
-    b = head.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    variables = _init(head, x)
+    np.testing.assert_array_equal(_apply(head, variables, x), _apply(head, variables, x))
+    a = _apply(head, variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    b = _apply(head, variables, x, train=True, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(a, b)
 
 
@@ -184,7 +207,7 @@ def test_make_attention_choices():
     assert isinstance(layers.make_attention("se"), SqueezeExcite)
     assert isinstance(layers.make_attention("local"), LocalGate)
     assert layers.make_attention(None) is None
-    with pytest.raises(ValueError, match="attn='cbam'.*'se', 'local', None"):
+    with pytest.raises(ValueError, match=r"attn='cbam'.*'se', 'local', None"):
         layers.make_attention("cbam")
 
 

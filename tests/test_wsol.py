@@ -72,6 +72,9 @@ def test_the_best_threshold_is_chosen_over_the_grid():
     assert wsol.max_box_acc(score[None], truth, thresholds=[0.0, 0.1, 0.3]) == 0.0
     largest, _ = wsol.iou_curves(score[None], truth, [0.3, 0.4, 0.5])
     np.testing.assert_allclose(largest, [[0.25, 1.0, 1.0]])  # foreground is score > tau
+    # GT-known localization: calibrated over the grid by default, or at a fixed threshold.
+    assert wsol.gt_known_localization(score[None], truth) == 1.0
+    assert wsol.gt_known_localization(score[None], truth, threshold=0.2) == 0.0
 
 
 def test_v1_largest_component_misses_what_v2_multi_contour_finds():
@@ -204,3 +207,16 @@ def test_localization_evaluator_on_maps_with_known_answers():
         evaluator.result()
     with pytest.raises(ValueError, match="batch key 'bbox'"):
         evaluator.update(variables, {"image": images, "label": batch["label"]})
+
+
+def test_centre_baseline_finds_centred_boxes_only():
+    from gapjax.experiments import localization
+
+    centre = localization.centre_gaussian_map(16, 16)
+    assert centre.max() == pytest.approx(centre[7, 7]) and centre.min() > 0
+    boxes = np.array([[[0.25, 0.25, 0.75, 0.75]], [[0.0, 0.0, 0.25, 0.25]]])
+    masks = np.zeros((2, 16, 16))
+    masks[0, 4:12, 4:12] = masks[1, :4, :4] = 1
+    scores = localization.baseline_scores(boxes, masks)
+    assert scores["max_box_acc"] == pytest.approx(0.5)  # the centred box, not the corner one
+    assert 0 < scores["pxap"] < 1

@@ -76,23 +76,22 @@ def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images[index], labels[index]
 
 
+@functools.lru_cache(maxsize=512)
 def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
     """Row-stochastic ``[out_size, in_size]`` matrix of a triangle (bilinear) filter.
 
     When shrinking, the filter widens by the scale factor so that every input pixel
     contributes (antialiasing), the same rule as ``jax.image.resize(..., antialias=True)``.
+    Cached and shared, hence read-only.
     """
     scale = out_size / in_size
     width = max(1.0, 1.0 / scale)
     centres = (np.arange(out_size) + 0.5) / scale - 0.5
     distance = np.abs(np.arange(in_size)[None, :] - centres[:, None]) / width
     weights = np.maximum(0.0, 1.0 - distance)
-    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=512)
-def _cached_resize_weights(in_size: int, out_size: int) -> np.ndarray:
-    return _resize_weights(in_size, out_size)
+    weights = (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+    weights.flags.writeable = False
+    return weights
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -101,8 +100,8 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     Separable: two small matrix products, so it is cheap enough to run per example.
     """
     image = np.asarray(image, np.float32)
-    rows = _cached_resize_weights(image.shape[0], height)
-    cols = _cached_resize_weights(image.shape[1], width)
+    rows = _resize_weights(image.shape[0], height)
+    cols = _resize_weights(image.shape[1], width)
     if image.ndim == 2:
         return rows @ image @ cols.T
     # Channels first for two batched matrix products, then back to [H, W, C].

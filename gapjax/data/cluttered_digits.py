@@ -80,7 +80,7 @@ def builder_config(dataset_config: Any) -> ClutteredDigitsConfig:
             f"choose one of: {', '.join(CLUTTER_LEVELS)}"
         )
     for key, value in (("num_train", num_train), ("num_test", num_test)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(
                 f"config.dataset.{key}={value!r} is not valid for gapjax_cluttered_digits; "
                 "choose a positive integer"
@@ -157,11 +157,14 @@ def cluttered_canvas(
 class GapjaxClutteredDigits(tfds.core.GeneratorBasedBuilder):
     """One scaled digit among clutter: image, label, box and pixel mask."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
     # TFDS finds a builder's source file through an optional backport (importlib_resources)
     # for builders inside packages; naming the file directly avoids needing it.
     code_path = epath.Path(__file__)
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Development builds, superseded.",
+        "1.1.0": "Pixels and masks stored as raw bytes; clutter drawn in one batch.",
+    }
     BUILDER_CONFIGS: ClassVar[list[ClutteredDigitsConfig]] = [
         builder_config({"canvas_size": size, "clutter": level})
         for size in CANVAS_SIZES

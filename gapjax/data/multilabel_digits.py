@@ -71,7 +71,7 @@ def builder_config(dataset_config: Any) -> MultilabelDigitsConfig:
             f"choose one of: {', '.join(map(str, CANVAS_SIZES))}"
         )
     for key, value in (("num_train", num_train), ("num_test", num_test)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(
                 f"config.dataset.{key}={value!r} is not valid for gapjax_multilabel_digits; "
                 "choose a positive integer"
@@ -138,11 +138,14 @@ def multilabel_canvas(
 class GapjaxMultilabelDigits(tfds.core.GeneratorBasedBuilder):
     """2-4 distinct digits per canvas: image, multi-hot label, classes and boxes."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
     # TFDS finds a builder's source file through an optional backport (importlib_resources)
     # for builders inside packages; naming the file directly avoids needing it.
     code_path = epath.Path(__file__)
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Development builds, superseded.",
+        "1.1.0": "Pixels stored as raw bytes.",
+    }
     BUILDER_CONFIGS: ClassVar[list[MultilabelDigitsConfig]] = [
         builder_config({"canvas_size": size}) for size in CANVAS_SIZES
     ]

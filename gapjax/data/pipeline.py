@@ -438,7 +438,7 @@ def _prepared(name: Any, dataset_config: Any, directory: str) -> _Dataset:
         raise _not_available(name, directory, "no name given")
     try:
         builder = tfds.builder(name, data_dir=directory, file_format="array_record")
-    except Exception as error:
+    except Exception as error:  # TFDS raises several kinds for an unknown name
         raise _not_available(name, directory, f"TFDS: {type(error).__name__}") from None
     known_splits = set(builder.info.splits.keys())
     default_eval = "validation" if name.split("/")[0] in _VALIDATION_SPLIT_DATASETS else "test"
@@ -448,7 +448,7 @@ def _prepared(name: Any, dataset_config: Any, directory: str) -> _Dataset:
     eval_split = dataset_config.get("eval_split") or default_eval
     try:
         builder.as_data_source(split=train_split)
-    except Exception as error:
+    except Exception as error:  # missing or unreadable files surface as several kinds
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise _not_available(name, directory, f"{type(error).__name__}: {first_line}") from None
 

@@ -71,21 +71,51 @@ BENCHMARK_SCRIPTS = ("pooling.py", "cam_cost.py")
 # --------------------------------------------------------------------------------------
 
 
+def benchmark_helpers() -> Any:
+    """``benchmarks/common.py`` as a module (it ships with the repository, not the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gapjax_benchmarks_common",
+                                                  BENCHMARKS_DIR / "common.py")
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{BENCHMARKS_DIR / 'common.py'} not found")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_benchmark_script(script: Path, out: Path, quick: bool,
                          timeout_s: float = 600) -> dict[str, Any]:
-    """Runs one benchmark script in a subprocess; returns its JSON or ``{"error": ...}``."""
+    """Runs one benchmark script in a subprocess; returns its JSON (JSON lines become
+    ``{"records": [...]}``, with the pooling targets added) or ``{"error": ...}``."""
     if not script.exists():
         return {"error": f"{script} not found"}
     command = [sys.executable, str(script), "--out", str(out)] + (["--quick"] if quick else [])
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False,
-                              timeout=timeout_s)
+                              timeout=timeout_s, env=_with_repo_on_path())
     except subprocess.TimeoutExpired:
         return {"error": f"{script.name} did not finish in {timeout_s:.0f} s"}
     if done.returncode != 0 or not out.exists():
         tail = (done.stderr or "").strip().splitlines()[-3:]
         return {"error": f"{script.name} exited with {done.returncode}: " + " / ".join(tail)}
-    return json.loads(out.read_text())
+    helpers = benchmark_helpers()
+    payload = helpers.read_results(out)
+    if "records" in payload:
+        payload["targets"] = helpers.pooling_targets(payload["records"])
+        payload.setdefault("machine", {"device_kind": payload["records"][0].get("device")}
+                           if payload["records"] else {})
+    return payload
+
+
+def _with_repo_on_path() -> dict[str, str]:
+    """The environment with the repository root on PYTHONPATH (the scripts import gapjax)."""
+    import os
+
+    env = dict(os.environ)
+    root = str(BENCHMARKS_DIR.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 def target_rows(payload: dict[str, Any]) -> list[list[Any]]:

@@ -32,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = ""
-    config.dataset.data_dir = None
+    # A typed None, so that --config.dataset.data_dir=/path can override it.
+    config.dataset.data_dir = ml_collections.config_dict.placeholder(str)
     config.dataset.augment = True
 
     config.model = ml_collections.ConfigDict()
