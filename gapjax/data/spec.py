@@ -22,7 +22,7 @@ def _image_inputs(batch: dict[str, Any]) -> Any:
     return batch["image"]
 
 
-def _no_builder_config(dataset_config: Any) -> str | None:
+def _no_builder_config(dataset_config: Any) -> Any:
     del dataset_config
     return None
 
@@ -39,7 +39,8 @@ class DatasetSpec:
       input_shape: per-example model input shape, e.g. ``(8, 8, 1)``; for graphs the node
         feature shape ``(F,)``.
       train_split / eval_split: TFDS split names.
-      builder_config: maps ``config.dataset`` to a builder config name (None = default).
+      builder_config: maps ``config.dataset`` to a builder config: its name, a
+        ``tfds.core.BuilderConfig`` (for parametrised variants), or None for the default.
       preprocess: ``(example: dict, rng: np.random.Generator | None) -> dict`` for one raw
         TFDS example; ``rng`` is None for evaluation (no augmentation). None = the
         pipeline's generic image preprocessing.
@@ -56,7 +57,7 @@ class DatasetSpec:
     input_shape: tuple[int, ...]
     train_split: str = "train"
     eval_split: str = "test"
-    builder_config: Callable[[Any], str | None] = _no_builder_config
+    builder_config: Callable[[Any], Any] = _no_builder_config
     preprocess: Callable[[dict[str, Any], np.random.Generator | None], dict[str, Any]] | None = None
     collate: Callable[[list[dict[str, Any]], int], dict[str, Any]] | None = None
     model_inputs: Callable[[dict[str, Any]], Any] = _image_inputs
