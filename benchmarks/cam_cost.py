@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None)
     args = parser.parse_args()
     platform = jax.devices()[0].platform
-    names = args.model or (["cnn", "resnet18"] if args.quick else ["resnet50", "cnn"])
+    names = args.model or (["cnn"] if args.quick else ["resnet50", "cnn"])
     repeats = args.repeats or (3 if args.quick else 10)
     results, targets = [], []
     for name in names:

@@ -27,7 +27,7 @@ def _graphs(seed: int, count: int = 4):
 
 
 def _model(readout: str = "sum", **kwargs):
-    return models.get("gin", num_classes=3, num_layers=2, hidden=8, readout=readout, **kwargs)
+    return models.get("gin", num_classes=3, num_layers=1, hidden=8, readout=readout, **kwargs)
 
 
 def _init(model, batch):

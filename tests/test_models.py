@@ -6,7 +6,7 @@ Cost notes (the suite must stay fast on 2 CPU cores): parameter counts and full-
 shapes come from ``jax.eval_shape`` (tracing only, no compilation); the training step
 compiles each architecture once at 32x32 with tiny widths, ResNets with one block per
 stage (compile time grows with depth, the code path does not: every block type, stem,
-gate and shortcut is still compiled), and XLA's backend optimisation level 0.
+gate and shortcut is still compiled), and fast XLA compile options.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ TINY = {
     "vgg": {"base_width": 8, "fc_widths": (16, 16)},
 }
 
-O0 = {"xla_backend_optimization_level": 0}
+#: Compile options for the training-step test: no LLVM optimisation and the classic
+#: (non-emitter) CPU fusion code generation compile about 4x faster than the defaults.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def _family(name: str) -> str:
@@ -109,8 +111,13 @@ def _compiled_train_step(model, params, batch_stats, opt_state, images, labels):
 
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     lowered = jax.jit(step).lower(params, batch_stats, opt_state, images, labels, key)
-    _STEPS[model] = lowered.compile(O0)
+    _STEPS[model] = lowered.compile(FAST_COMPILE)
     return _STEPS[model]
+
+
+def _fast_jit(fn, *args):
+    """``jax.jit(fn)`` compiled for ``args`` with the fast compile options."""
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
 
 
 def _abstract(tree):
@@ -189,9 +196,15 @@ def test_every_model_shapes_and_training_step(name):
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
     assert np.isfinite(float(loss))
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new_params)
-    assert all(jax.tree.leaves(moved)), "every parameter gets a gradient step"
-    assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
-                                            batch_stats, new_stats)))
+    stuck = [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_leaves_with_path(moved)
+             if not ok]
+    if name.endswith("_bn"):
+        # torchvision's vgg*_bn keep a bias on each convolution although the BatchNorm
+        # after it subtracts it out again: its gradient is zero up to rounding.
+        stuck = [path for path in stuck if not (path.startswith("['conv") and "bias" in path)]
+    assert not stuck, f"parameters without a gradient step: {stuck}"
+    stats_moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), batch_stats, new_stats)
+    assert all(jax.tree.leaves(stats_moved)), "train=True updates every BatchNorm statistic"
 
 
 # --------------------------------------------------------------------------------------
@@ -246,28 +259,33 @@ def test_vgg_fc_head_keeps_the_published_head_at_any_input_size():
 
 def test_init_is_deterministic():
     model = get("cnn", num_classes=3, widths=(4, 8), strides=(1, 2), attn="se")
-    init = jax.jit(model.init)
     images = jnp.zeros((1, 8, 8, 1))
+    init = _fast_jit(model.init, jax.random.key(0), images)
     first, again, other = (init(jax.random.key(seed), images) for seed in (0, 0, 1))
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), first, again)
     assert all(jax.tree.leaves(same))
     differs = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), first["params"], other["params"])
-    assert any(jax.tree.leaves(differs))
+    assert all(jax.tree.leaves(differs))
+    assert all(jnp.all(stat == 0) for stat in jax.tree.leaves(first["batch_stats"]["stage1_bn1"]
+                                                            ["mean"]))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, "bfloat16"])
-def test_bfloat16_compute_gives_float32_logits_close_to_float32(dtype):
+def test_bfloat16_compute_gives_float32_logits_close_to_float32():
     images = _images(4, 16, 16, 1)
-    reference = get("cnn", num_classes=10, widths=(8, 16), strides=(1, 2), attn="se")
-    low = get("cnn", num_classes=10, widths=(8, 16), strides=(1, 2), attn="se", dtype=dtype)
+    options = {"num_classes": 10, "widths": (8, 16), "strides": (1, 2), "attn": "se"}
+    reference = get("cnn", **options)
+    low = get("cnn", dtype="bfloat16", **options)  # the config spelling
+    assert low.compute_dtype == get("cnn", dtype=jnp.bfloat16, **options).compute_dtype
     variables = _numpy_variables(reference, images, scale=0.3)
-    expected = jax.jit(reference.apply)(variables, images)
-    actual, low_state = jax.jit(lambda v, x: low.apply(v, x, mutable=["intermediates"]))(
-        variables, images
-    )
+    expected = _fast_jit(reference.apply, variables, images)(variables, images)
+
+    def low_apply(variables, images):
+        return low.apply(variables, images, mutable=["intermediates"])
+
+    actual, state = _fast_jit(low_apply, variables, images)(variables, images)
     assert actual.dtype == jnp.float32
-    assert low_state["intermediates"]["features"][0].dtype == jnp.bfloat16
-    assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
+    assert state["intermediates"]["features"][0].dtype == jnp.bfloat16
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables["params"]))
     scale = float(jnp.abs(expected).max())
     np.testing.assert_allclose(actual, expected, atol=0.05 * scale + 1e-3)
     assert not np.array_equal(actual, expected)  # bfloat16 really was used
@@ -312,11 +330,11 @@ def test_summary_splits_parameters_and_counts_flops():
 
 
 def test_summary_head_ratio_for_published_models():
-    rows = summary_module.head_table("resnet50", flops=False)
+    rows = summary_module.head_table("resnet18", flops=False)
     assert {row["head"]: row["params_head"] for row in rows} == {
-        "gap": 2048 * 1000 + 1000, "fc": 7 * 7 * 2048 * 1000 + 1000,
+        "gap": 512 * 1000 + 1000, "fc": 7 * 7 * 512 * 1000 + 1000,  # flatten 7x7: ~49x
     }
-    assert rows[0]["params_backbone"] == rows[1]["params_backbone"] == 25_557_032 - 2_049_000
+    assert rows[0]["params_backbone"] == rows[1]["params_backbone"] == 11_689_512 - 513_000
     vgg = summary_module.head_table("vgg16", flops=False)
     assert summary_module.head_ratio(vgg) == pytest.approx(123_642_856 / 513_000)
 

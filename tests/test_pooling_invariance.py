@@ -169,6 +169,29 @@ def test_masked_pools_equal_the_pools_of_the_real_positions(x, aux, mask):
             np.testing.assert_allclose(out["weighted"][row], expected, rtol=1e-4, atol=1e-4)
 
 
+@jax.jit
+def identities(x, mask, weight):
+    """GAP beside its special cases: uniform weights, GeM at p = 1, flat attention scores."""
+    uniform = jnp.full(x.shape[:-1], weight)
+    return {
+        "gap": pooling.gap(x, mask),
+        "uniform_weights": pooling.weighted(x, uniform, mask),
+        "gem_p1": pooling.gem(x, 1.0, mask),
+        "flat_attention": pooling.attention(x, uniform, mask),
+    }
+
+
+@PROPERTY
+@given(x=values((B, N, C), 0.0, 100.0), mask=masks((B, N)),
+       weight=st.floats(1e-3, 1e3))
+def test_uniform_weights_and_gem_p1_are_gap(x, mask, weight):
+    out = identities(x, mask, np.float32(weight))
+    for name in ("uniform_weights", "flat_attention"):
+        np.testing.assert_allclose(out[name], out["gap"], rtol=1e-5, atol=1e-6, err_msg=name)
+    # GeM clamps inputs to eps = 1e-6 first, so positions below it count as eps.
+    np.testing.assert_allclose(out["gem_p1"], out["gap"], rtol=1e-5, atol=2e-6)
+
+
 def test_fully_masked_rows_pool_to_zeros_with_finite_gradients():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(B, N, C)).astype(np.float32)

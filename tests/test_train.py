@@ -153,7 +153,7 @@ def test_run_writes_metrics_checkpoints_and_resumes(tmp_path):
     assert result.metrics["eval/loss"] == records[-1]["eval/loss"]
     assert train_runs.saved_steps(tmp_path) == [8, 12]  # keep_checkpoints = 2
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    logits = result.model.apply(result.variables, jnp.zeros((2, 16, 16, 1)))
+    logits = result.model.apply(result.variables, jnp.zeros((2, 8, 8, 1)))
     assert logits.shape == (2, 10)
 
     # Rerunning a finished run resumes at the end: nothing new, same numbers.

@@ -187,7 +187,13 @@ def train_test_accuracy(result: Any, config: ml_collections.ConfigDict,
     train_acc = 100.0 * accuracy(train_pred["logits"], train_pred["label"])
     test_acc = 100.0 * accuracy(test_pred["logits"], test_pred["label"])
     return {"train_accuracy": train_acc, "test_accuracy": test_acc,
-            "generalization_gap": train_acc - test_acc}
+            "generalization_gap": train_acc - test_acc, "test_examples": len(test_pred["label"])}
+
+
+def accuracy_standard_error(accuracy_percent: float, examples: int) -> float:
+    """Binomial standard error, in points, of an accuracy measured on ``examples`` items."""
+    p = min(max(accuracy_percent / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / max(examples, 1))
 
 
 def parameter_count(tree: Any) -> int:

@@ -261,6 +261,7 @@ def shared_loop_matrix(settings: dict[str, Any], data_dir: Path, runs_dir: Path,
     workdir with ``metrics.jsonl`` and checkpoints; final ``eval/accuracy``)."""
     from gapjax.data import graph_tasks
     from gapjax.experiments.common import run_name, train
+    from gapjax.train.metrics import last_value, read_metrics
 
     matrix: dict[str, dict[str, list[float]]] = {name: {} for name in READOUT_NAMES}
     for name in READOUT_NAMES:
@@ -268,8 +269,12 @@ def shared_loop_matrix(settings: dict[str, Any], data_dir: Path, runs_dir: Path,
             matrix[name][task] = []
             for seed in seeds:
                 config = shared_loop_config(name, task, seed, settings, data_dir)
-                result = train(config, runs_dir / run_name(config))
-                matrix[name][task].append(float(result.metrics["eval/accuracy"]))
+                workdir = runs_dir / run_name(config)
+                train(config, workdir)
+                accuracy = last_value(read_metrics(workdir), "eval/accuracy")
+                if accuracy is None:
+                    raise RuntimeError(f"readouts: {workdir}/metrics.jsonl has no eval/accuracy")
+                matrix[name][task].append(float(accuracy))
     return matrix
 
 

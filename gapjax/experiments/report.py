@@ -137,8 +137,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
     rows = [row for payload in payloads.values() for row in target_rows(payload)]
     errors = {script: payload["error"] for script, payload in payloads.items()
               if "error" in payload}
-    machine = next((payload["machine"] for payload in payloads.values()
-                    if "machine" in payload), {})
+    machine = max((payload.get("machine") or {} for payload in payloads.values()), key=len)
     parts = [f"Machine: {machine.get('device_kind', '?')} ({machine.get('cpu_count', '?')} "
              f"CPU cores, load {machine.get('load_average_1min', '?')})."]
     if rows:

@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gapjax.experiments import common
 
 #: The paper's figures (Hu et al. 2018, section 4 and Table 2).
@@ -44,6 +46,7 @@ PAPER = {
     "gpu_step_time_ratio": 1.10,
 }
 STEP_TIME_TARGET = 1.05
+TIE_STANDARD_ERRORS = 2.0
 REDUCTIONS = (4, 16, 64)
 #: The SE runs set the hidden width to exactly C / r (divisor 1): with the cnn's small
 #: widths, timm's rounding to multiples of 8 would make every r above 8 the same model.
@@ -56,6 +59,18 @@ def excitation_weights(stage_channels: tuple[int, ...], blocks: tuple[int, ...],
     biases): ``stage_channels`` ``C_s`` are the output widths of the stages, ``blocks`` ``N_s``
     their block counts."""
     return int(sum(2 * n * (c // reduction) * c for c, n in zip(stage_channels, blocks)))
+
+
+def compare_accuracy(first: float, second: float, examples: int) -> str:
+    """``"better"``, ``"worse"`` or ``"tied"``: ``first`` against ``second`` (percent, both
+    on ``examples`` test items), tied when within ``TIE_STANDARD_ERRORS`` binomial standard
+    errors of the difference."""
+    noise = TIE_STANDARD_ERRORS * float(np.hypot(
+        common.accuracy_standard_error(first, examples),
+        common.accuracy_standard_error(second, examples)))
+    if abs(first - second) <= noise:
+        return "tied"
+    return "better" if first > second else "worse"
 
 
 def overhead_table(input_size: int = 224) -> dict[str, Any]:
@@ -156,8 +171,16 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
     ratio = timing.get("ratio") if isinstance(timing, dict) else None
     params_close = abs(overhead["params_overhead_percent"] - PAPER["params_overhead_percent"]) < 1
     flops_small = overhead["flops_overhead_percent"] < 1.0
-    se_beats_local = by_variant["se"] >= by_variant["local"]
-    se_beats_none = by_variant["se"] >= by_variant["none"]
+    examples = records[0]["test_examples"]
+    versus_local = compare_accuracy(by_variant["se"], by_variant["local"], examples)
+    versus_none = compare_accuracy(by_variant["se"], by_variant["none"], examples)
+    checks = [params_close, flops_small, versus_local != "worse", versus_none != "worse"]
+    if ratio is not None:
+        checks.append(ratio <= STEP_TIME_TARGET)
+    # Undecided (None) when nothing contradicts the claim but a part of it could not be
+    # shown: the step time was not measured, or the accuracy differences are within noise.
+    decided = ratio is not None and versus_local == versus_none == "better"
+    holds = False if not all(checks) else (True if decided else None)
     overhead_rows = [
         ["parameters, ResNet-50", "25.6M", overhead["resnet50_params"]],
         ["parameters, SE-ResNet-50", "~28.1M", overhead["seresnet50_params"]],
@@ -187,15 +210,15 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
         f"{'both as published' if params_close and flops_small else 'differs from the paper'}. "
         f"Step time ratio: {timing_text}. Test accuracy: none {by_variant['none']:.2f}%, "
         f"LocalGate {by_variant['local']:.2f}%, SE {by_variant['se']:.2f}%, SE with GMP "
-        f"squeeze {by_variant['se, gmp squeeze']:.2f}%; SE "
-        f"{'beats' if se_beats_local else 'does NOT beat'} the local gate and "
-        f"{'matches or beats' if se_beats_none else 'falls below'} no gate in this short run."
+        f"squeeze {by_variant['se, gmp squeeze']:.2f}% ({examples} test images): against "
+        f"the local gate SE is {versus_local}, against no gate {versus_none} (differences "
+        f"within {TIE_STANDARD_ERRORS:.0f} standard errors count as ties)."
     )
     return common.section(
         "Squeeze-and-Excitation",
         claim=("SE adds ~10% parameters and ~0.26% FLOPs to ResNet-50, costs <= 1.05x step "
-               "time here, and helps because its gate sees global context: SE >= LocalGate "
-               "and SE >= no gate on cluttered digits."),
+               "time here, and helps because its gate sees global context: SE is more "
+               "accurate than LocalGate and than no gate on cluttered digits."),
         method=("Counts from variable shapes and XLA cost analysis at 224x224, 1000 classes "
                 "(XLA counts every floating-point op, 2 per multiply-add; the paper counts "
                 "multiply-adds only, so compare the relative overheads). Step time from "
@@ -206,8 +229,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
                 f"{', '.join(map(str, REDUCTIONS))}."),
         markdown=markdown,
         numbers={"overhead": overhead, "paper": PAPER, "step_time": timing, "gates": records},
-        holds=bool(params_close and flops_small and se_beats_local and se_beats_none
-                   and (ratio is None or ratio <= STEP_TIME_TARGET)),
+        holds=holds,
         verdict=verdict,
         figures=[figure],
     )

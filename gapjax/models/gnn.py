@@ -75,6 +75,10 @@ class GINLayer(nn.Module):
 class GIN(nn.Module):
     """GIN graph classifier: ``__call__(graphs: GraphBatch, train=False) -> logits [G, K]``.
 
+    With ``mutable=["intermediates"]`` it also exposes the last node states
+    (``"features" [N, hidden]``) and the graph embedding before the classifier
+    (``"graph_embedding" [G, width]``) from the same forward pass.
+
     Attributes:
       num_classes: ``K``.
       num_layers: number of GIN layers ``L``.
@@ -172,6 +176,9 @@ class GIN(nn.Module):
                 readouts.append(pooled(h))
         if not self.jumping_knowledge:
             readouts.append(pooled(h))
+        # The feature switch of the image classifiers, for graphs: the last node states
+        # [N, hidden] (padding rows zero) before they are read out.
+        self.sow("intermediates", "features", h)
         embedding = jnp.concatenate(readouts, axis=-1).astype(self.dtype)
         self.sow("intermediates", "graph_embedding", embedding)
         if self.norm == "batch":

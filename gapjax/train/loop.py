@@ -30,7 +30,7 @@ import numpy as np
 
 from gapjax.train.checkpoint import Checkpointer
 from gapjax.train.defaults import DTYPES
-from gapjax.train.metrics import MetricWriter, NullWriter, Progress
+from gapjax.train.metrics import MetricWriter, NullWriter, Progress, read_metrics
 from gapjax.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer
 from gapjax.train.parallel import DataParallel
 from gapjax.train.state import NO_BAD_STEP, TrainState, create_train_state, reset_sums
@@ -327,6 +327,11 @@ def run(config: Any, workdir: str | Path, *, eval_only: bool = False) -> TrainRe
                 progress.message(f"resuming from step {start_step} ({checkpointer.directory})")
             latest = _train(job, state, train_iterator, start_step, writer, progress)
             state = latest.pop("_state")
+            # A resumed run logged only its own steps: take earlier values from the file.
+            logged = {}
+            for record in read_metrics(workdir) if job.is_chief else []:
+                logged.update(record)
+            latest = {**logged, **latest}
         finally:
             progress.close()
             writer.close()

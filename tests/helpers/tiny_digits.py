@@ -11,6 +11,7 @@ def get_config(steps: str = "12"):
     """``steps`` (``tiny_digits.py:30``) sets ``total_steps``."""
     config = base_config()
     config.dataset.name = "gapjax_digits"
+    config.dataset.image_size = 8
     config.model.name = "cnn"
     config.model.widths = (8, 16)
     config.model.pool = "gap"
