@@ -179,23 +179,33 @@ def catavgmax(x: Array, mask: Array | None = None) -> Array:
 # --------------------------------------------------------------------------------------
 
 
-def _log_mean_exp(z: Array, mask: Array | None) -> tuple[Array, Array]:
+def _log_mean_exp(z: Array, peak: Array, mask: Array | None) -> tuple[Array, Array]:
     """Stable ``log(mean_i exp(z_i))`` over axis 1 of ``z [B, N, C]`` (float32).
 
-    Returns ``(value [B, C], has_any [B, 1])``. The max is subtracted (without gradient)
-    and ``log1p(mean(expm1(.)))`` keeps precision when all ``z`` are close to each other,
-    which is what makes the small-temperature limit (the mean) accurate.
+    ``peak [B, C]`` is the max of ``z`` over the real positions; it is subtracted (without
+    gradient) so nothing overflows, and ``log1p(mean(expm1(.)))`` keeps precision when all
+    ``z`` are close to each other, which is what makes the small-temperature limit (the
+    mean) accurate. Returns ``(value [B, C], has_any [B, 1])``.
     """
     counts = _counts(z, mask)
     has_any = counts > 0
-    filled = z if mask is None else jnp.where(mask[..., None], z, _finite_min(z.dtype))
-    peak = jax.lax.stop_gradient(filled.max(axis=1, keepdims=True))
-    peak = jnp.where(has_any[:, None], peak, 0.0)
+    peak = jnp.where(has_any, jax.lax.stop_gradient(peak), 0.0)[:, None, :]
     shifted = z - peak
     if mask is not None:
         shifted = jnp.where(mask[..., None], shifted, 0.0)  # keeps expm1 of pads finite
     mean_expm1 = jnp.expm1(shifted).sum(axis=1) / jnp.maximum(counts, 1.0)
     return peak[:, 0] + jnp.log1p(mean_expm1), has_any
+
+
+def _max_of_real(sets: Array, mask: Array | None) -> Array:
+    """``[B, N, C] -> [B, C]`` float32 max over real positions (-inf for an empty row).
+
+    GeM and LSE take their stabilising shift from it: ``p log(max(x, eps))`` and ``r x``
+    are increasing in ``x`` for ``p, r > 0``, so the max of the transformed values is the
+    transform of this max, and the logarithm runs once per output, not per position.
+    """
+    filled = sets if mask is None else jnp.where(mask[..., None], sets, _max_identity(sets.dtype))
+    return filled.max(axis=1).astype(jnp.float32)
 
 
 def _exponent(value: Array | float, name: str, pool_name: str, channels: int) -> Array:
@@ -221,7 +231,8 @@ def gem(x: Array, p: Array | float = 3.0, mask: Array | None = None, eps: float 
     sets, mask = _as_sets(x, mask)
     p = _exponent(p, "p", "gem", sets.shape[-1])
     logs = jnp.log(jnp.maximum(_zero_masked(sets, mask).astype(jnp.float32), eps))
-    log_mean, has_any = _log_mean_exp(p * logs, mask)
+    peak = p * jnp.log(jnp.maximum(_max_of_real(sets, mask), eps))
+    log_mean, has_any = _log_mean_exp(p * logs, peak, mask)
     pooled = jnp.exp(log_mean / p)
     return jnp.where(has_any, pooled, 0.0).astype(_result_dtype(sets))
 
@@ -235,7 +246,8 @@ def lse(x: Array, r: Array | float = 10.0, mask: Array | None = None) -> Array:
     """
     sets, mask = _as_sets(x, mask)
     r = _exponent(r, "r", "lse", sets.shape[-1])
-    log_mean, has_any = _log_mean_exp(r * _zero_masked(sets, mask).astype(jnp.float32), mask)
+    z = r * _zero_masked(sets, mask).astype(jnp.float32)
+    log_mean, has_any = _log_mean_exp(z, r * _max_of_real(sets, mask), mask)
     return jnp.where(has_any, log_mean / r, 0.0).astype(_result_dtype(sets))
 
 
@@ -258,15 +270,20 @@ def normalize_weights(weights: Array, mask: Array | None = None) -> Array:
     return jnp.where(total > 0, weights / safe_total, 0.0)
 
 
-def _weighted_sum(probs: Array, sets: Array, mask: Array | None) -> Array:
-    """``sum_n probs[b, n] * sets[b, n, c]`` accumulated in float32: ``[B, C]``.
+def _weighted_sum(probs: Array, x: Array, mask: Array | None) -> Array:
+    """``sum_i probs[b, i] * x[b, i, c]`` over the spatial positions ``i``, accumulated in
+    float32: ``probs [B, N]``, ``x [B, *S, C]``, ``mask [B, *S]`` -> ``[B, C]``.
 
-    A broadcast multiply and a reduction rather than a batched matrix-vector product: on CPU
-    XLA fuses it into one pass over ``sets``. Masked positions are zeroed first so that
-    padding (even inf, where ``0 * inf`` would be NaN) cannot leak into the result.
+    A broadcast multiply and a reduction rather than a batched matrix-vector product, and
+    in ``x``'s own layout rather than flattened to ``[B, N, C]``: on CPU XLA fuses this into
+    one vectorised pass over ``x`` (the other forms measured 3-6x slower). Masked positions
+    are zeroed first so that padding (even inf, where ``0 * inf`` would be NaN) cannot leak.
     """
-    values = _zero_masked(sets, mask).astype(jnp.float32)
-    return (probs[..., None] * values).sum(axis=1)
+    values = x.astype(jnp.float32)
+    if mask is not None:
+        values = jnp.where(jnp.asarray(mask, bool)[..., None], values, 0.0)
+    spatial_axes = tuple(range(1, x.ndim - 1))
+    return (probs.reshape(x.shape[:-1])[..., None] * values).sum(axis=spatial_axes)
 
 
 def weighted(x: Array, weights: Array, mask: Array | None = None) -> Array:
@@ -288,7 +305,7 @@ def weighted(x: Array, weights: Array, mask: Array | None = None) -> Array:
             f"[*spatial] = {spatial}; got {tuple(weights.shape)}"
         )
     probs = normalize_weights(weights.reshape(batch, -1), flat_mask)
-    return _weighted_sum(probs, sets, flat_mask).astype(_result_dtype(sets))
+    return _weighted_sum(probs, jnp.asarray(x), mask).astype(_result_dtype(sets))
 
 
 def attention_weights(scores: Array, mask: Array | None = None) -> Array:
@@ -331,7 +348,7 @@ def attention(
     Returns ``[B, C]``, and the weights ``[B, *S]`` (float32, summing to one over real
     positions) too when ``return_weights``.
     """
-    sets, flat_mask = _as_sets(x, mask)
+    sets, _ = _as_sets(x, mask)
     scores = jnp.asarray(scores)
     if tuple(scores.shape) != tuple(jnp.shape(x)[:-1]):
         raise ValueError(
@@ -340,7 +357,7 @@ def attention(
         )
     probs = attention_weights(scores, mask)
     flat_probs = probs.reshape(sets.shape[0], -1)
-    pooled = _weighted_sum(flat_probs, sets, flat_mask).astype(_result_dtype(sets))
+    pooled = _weighted_sum(flat_probs, jnp.asarray(x), mask).astype(_result_dtype(sets))
     return (pooled, probs) if return_weights else pooled
 
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import ml_collections
 
+from gapjax import gradflow
 from gapjax.experiments import common
 
 DATASET = "gapjax_multilabel_digits"
@@ -50,18 +51,18 @@ DATASET = "gapjax_multilabel_digits"
 POOLS_COMPARED = ("gap", "gmp", "lse", "gem")
 #: Test canvases per diagnostic batch: the training hook's default, so the hook's compiled
 #: function serves the final measurement too.
-DIAGNOSTIC_EXAMPLES = 32
+DIAGNOSTIC_EXAMPLES = gradflow.DEFAULT_MAX_EXAMPLES
 #: Collision rates that count as "labels collide" (GMP) and "labels do not collide" (GAP).
 COLLIDE, NO_COLLIDE = 0.5, 0.05
 
 #: Run sizes. Quick: 32x32 canvases and a half-width cnn (8x8 feature map), which trains
 #: the four pools within a few minutes on 2 CPU cores; full: 64x64 canvases, the default
-#: cnn (16x16 feature map) and ten times the steps.
+#: cnn (16x16 feature map) and 3000 steps.
 SETTINGS: dict[bool, dict[str, Any]] = {
-    True: {"canvas_size": 32, "widths": (16, 32, 64), "batch_size": 32, "steps": 300,
-           "gradflow_every": 50, "learning_rate": 3e-3, "diagnostic_batches": 4},
+    True: {"canvas_size": 32, "widths": (16, 32, 64), "batch_size": 32, "steps": 240,
+           "gradflow_every": 40, "learning_rate": 3e-3, "diagnostic_batches": 4},
     False: {"canvas_size": 64, "widths": (32, 64, 128), "batch_size": 64, "steps": 3000,
-            "gradflow_every": 150, "learning_rate": 2e-3, "diagnostic_batches": 16},
+            "gradflow_every": 150, "learning_rate": 2e-3, "diagnostic_batches": 32},
 }
 
 
@@ -115,7 +116,6 @@ def final_diagnostics(result: Any, config: ml_collections.ConfigDict,
     import jax
     import numpy as np
 
-    from gapjax import gradflow
     from gapjax.data import dataset_info, make_iterator
 
     info = dataset_info(config.dataset)

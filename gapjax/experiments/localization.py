@@ -211,7 +211,7 @@ def plot(records: list[dict[str, Any]], examples: dict[str, dict[str, Any]],
     import matplotlib.pyplot as plt
 
     pools = [pool for pool in POOLS_COMPARED if pool in examples]
-    figure = plt.figure(figsize=(12, 3.4 + 1.75 * len(pools)))
+    figure = plt.figure(figsize=(11, 3.4 + 2.0 * len(pools)))
     grid = figure.add_gridspec(1 + len(pools), EXAMPLES, height_ratios=[2.2] + [1] * len(pools))
 
     bars = figure.add_subplot(grid[0, :])

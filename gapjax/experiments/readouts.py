@@ -12,16 +12,19 @@ Method: for each readout (sum, mean, max) and task, a GIN (2 layers, 32 wide, su
 aggregator, jumping knowledge) is trained with AdamW for a fixed number of steps, with 3
 seeds; the table reports test accuracy as mean ± std. A predicted failure "happens" when
 the cell is at least ``FAIL_MARGIN`` = 20 points below the sum readout on the same task.
-The Figure 3 table aggregates the one-hot colours of each pair's neighbourhoods with
-sum / mean / max (and passes them through a randomly initialised GIN layer) and reports
-whether the two members differ.
+The dataset's edges join nodes of the same colour only, so message passing adds nothing
+a readout could use besides the colour multiset (see ``gapjax.data.graph_tasks``; with
+edges between colours, neighbourhoods are local samples of the colour distribution and a
+max readout over them partly recovers proportions). The Figure 3 table aggregates the
+one-hot colours of each pair's neighbourhoods with sum / mean / max (and passes them
+through a randomly initialised GIN layer) and reports whether the two members differ.
 
-Two training loops give the same runs. The quick mode uses a small jitted loop of its own
-over the dataset's pipeline hooks (``preprocess``, ``collate``, ``model_inputs``), in
-which the 27 short runs share one compiled step per readout and every readout sees the
-same batches: about 1 minute of CPU time, against about 5 through ``gapjax.train.run``,
-where each run compiles its own step and writes checkpoints. The full mode (or
-``--loop shared``) trains every cell with ``gapjax.train.run``, exactly as
+Two training loops train the same model on the same data. The quick mode uses a small
+jitted loop of its own over the dataset's pipeline hooks (``preprocess``, ``collate``,
+``model_inputs``), in which the 27 short runs share one compiled step per readout and
+every readout sees the same batches: about 1 minute of CPU time, against about 5 through
+``gapjax.train.run``, where each run compiles its own step and writes checkpoints. The
+full mode (or ``--loop shared``) trains every cell with ``gapjax.train.run``, exactly as
 ``train.py --config configs/graph_readout.py`` does.
 
 ``python -m gapjax.experiments.readouts --out DIR [--full] [--loop compiled|shared]``
@@ -269,7 +272,7 @@ def shared_loop_matrix(settings: dict[str, Any], data_dir: Path, runs_dir: Path,
             matrix[name][task] = []
             for seed in seeds:
                 config = shared_loop_config(name, task, seed, settings, data_dir)
-                workdir = runs_dir / run_name(config)
+                workdir = runs_dir / task / run_name(config)  # run_name omits the task
                 train(config, workdir)
                 accuracy = last_value(read_metrics(workdir), "eval/accuracy")
                 if accuracy is None:

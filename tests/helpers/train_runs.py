@@ -11,11 +11,13 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = str(REPO / "tests" / "helpers" / "tiny_digits.py")
+COMPILATION_CACHE = Path(tempfile.gettempdir()) / "gapjax_test_compilation_cache"
 
 
 def environment(devices: int = 1) -> dict[str, str]:
@@ -24,6 +26,9 @@ def environment(devices: int = 1) -> dict[str, str]:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # Child runs compile the same tiny programs over and over: share compiled executables.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILATION_CACHE))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     return env
 
 
