@@ -352,9 +352,11 @@ def pxap(score_maps: Any, masks: Any, thresholds: Any = DEFAULT_THRESHOLDS) -> f
 
 
 @functools.lru_cache(maxsize=8)
-def _shared_map_fn(model: Any, method: str, resize: str) -> Any:
-    """One jitted map function per (model, method, resize): the training loop builds a new
-    evaluator at every evaluation, and this spares each one a recompilation."""
+def localization_map_fn(model: Any, method: str, resize: str = "bilinear") -> Any:
+    """The jitted ``fn(variables, images, targets) -> gapjax.cam.CamOutput`` evaluators use
+    (maps resized to the input and normalised), one per (model, method, resize): the
+    training loop builds a new evaluator at every evaluation, and this spares each one a
+    recompilation. ``model`` must be hashable (Linen modules are)."""
     from gapjax import cam
 
     return cam.make_map_fn(model, method, resize=resize, normalize=True)
@@ -389,7 +391,7 @@ class LocalizationEvaluator:
         self.thresholds = _thresholds(thresholds)
         self.loc_threshold = None if loc_threshold is None else float(loc_threshold)
         try:
-            self._map_fn = _shared_map_fn(model, self.method, resize)
+            self._map_fn = localization_map_fn(model, self.method, resize)
         except TypeError:  # an unhashable model: compile for this evaluator alone
             self._map_fn = cam.make_map_fn(model, self.method, resize=resize, normalize=True)
         self.reset()
