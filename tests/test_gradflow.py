@@ -236,9 +236,12 @@ def test_diagnostics_run_under_jit():
     assert 0.0 < float(stats["early_coverage"]) <= 1.0
 
 
-def test_training_hook_returns_floats_for_classification_labels():
-    model, variables = _model_and_variables("gap")
+def test_training_hook_on_the_project_cnn_with_classification_labels():
+    from gapjax import models
+
+    model = models.get("cnn", num_classes=NUM_LABELS, widths=(4,), depth=1, pool="gap")
     images, _ = _batch()
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
     batch = {"image": images, "label": jnp.array([0, 2, 3]), "weight": jnp.array([1, 1, 0])}
     stats = gradflow.training_diagnostics(model, variables, batch, "classification")
     assert set(stats) == {

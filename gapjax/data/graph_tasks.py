@@ -41,7 +41,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from gapjax.data.spec import DatasetSpec, register
 from gapjax.graph import GraphBatch, batch_graphs
@@ -216,9 +215,6 @@ class GapjaxGraphTasks(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
-    # TFDS otherwise locates the source through importlib_resources, which it does not
-    # declare as a dependency; the builder needs no file next to it (no checksums).
-    code_path: ClassVar[epath.Path] = epath.Path(__file__)
     BUILDER_CONFIGS: ClassVar[list[GraphTasksConfig]] = [
         builder_config({"task": task}) for task in TASKS
     ]
