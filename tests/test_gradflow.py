@@ -254,7 +254,7 @@ def test_training_hook_on_the_project_cnn_with_classification_labels():
 
 
 def test_user_errors_name_the_field_and_choices():
-    model, variables = _model_and_variables("gap")
+    model, variables = _model_and_variables("gmp")
     images, labels = _batch()
     with pytest.raises(ValueError, match=r"task 'graph'.*classification, multilabel"):
         gradflow.training_diagnostics(model, variables, {"image": images, "label": labels}, "graph")
@@ -264,3 +264,23 @@ def test_user_errors_name_the_field_and_choices():
         gradflow.per_label_gradients(
             model, variables, images, labels, "multilabel", feature_module="neck"
         )
+
+
+def test_experiment_verdict_follows_the_numbers():
+    from gapjax.experiments import gradient_flow
+
+    def row(coverage, collision, conflict, negative):
+        return {"coverage": coverage, "entropy": 0.0, "gini": 0.0, "early_coverage": 0.4,
+                "conflict_mean": conflict, "conflict_negative": negative,
+                "collision_rate": collision, "collision_triples": 10.0, "positions": 64}
+
+    rows = {"gap": row(1.0, 0.0, 0.2, 0.1), "gmp": row(1 / 64, 1.0, 0.0, 0.5)}
+    holds, parts, verdict = gradient_flow.judge(rows)
+    assert holds and all(parts.values()) and verdict.startswith("The claim holds.")
+    rows["gap"]["conflict_negative"] = 0.6
+    holds, parts, verdict = gradient_flow.judge(rows)
+    assert not holds and not parts["gap_conflicts_averaged_out"]
+    assert "gap_conflicts_averaged_out" in verdict and "0.600" in verdict
+    records = [{"step": 40, "train/grad_coverage": 0.5}, {"step": 40, "eval/map": 0.9},
+               {"step": 80, "train/grad_coverage": 0.25}, {"step": 40, "train/grad_coverage": 0.4}]
+    assert gradient_flow.training_curves(records) == ([40, 80], [0.4, 0.25])

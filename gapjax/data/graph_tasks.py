@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from gapjax.data.spec import DatasetSpec, register
 from gapjax.graph import GraphBatch, batch_graphs
@@ -215,6 +216,11 @@ class GapjaxGraphTasks(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
+    # Where ``gapjax`` resolves to a multiplexed (namespace-like) resource path, as under
+    # pytest, TFDS looks the source file up through ``importlib_resources``, a package it
+    # does not declare; the builder needs no file next to it (no checksums), so say where
+    # it is.
+    code_path: ClassVar[epath.Path] = epath.Path(__file__)
     BUILDER_CONFIGS: ClassVar[list[GraphTasksConfig]] = [
         builder_config({"task": task}) for task in TASKS
     ]

@@ -188,6 +188,12 @@ def judge(rows: dict[str, dict[str, float]]) -> tuple[bool, dict[str, bool], str
         f"{gmp['conflict_mean']:.3f}; negative pairs GAP {gap['conflict_negative']:.3f} vs GMP "
         f"{gmp['conflict_negative']:.3f}."
     )
+    early_gap = abs(gmp["early_coverage"] - gap["early_coverage"])
+    if early_gap < 0.05:
+        spread += (" So the one-position bottleneck of GMP does not reach the first "
+                   "convolution: there the pools differ by only "
+                   f"{early_gap:.3f} in coverage (the arg-max positions of all channels and "
+                   "their receptive fields together cover the canvas; ReLU zeros bound both).")
     holds = all(parts.values())
     failed = [name for name, ok in parts.items() if not ok]
     summary = ("The claim holds." if holds else

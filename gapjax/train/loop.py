@@ -31,7 +31,7 @@ import numpy as np
 from gapjax.train.checkpoint import Checkpointer
 from gapjax.train.defaults import DTYPES
 from gapjax.train.metrics import MetricWriter, NullWriter, Progress, read_metrics
-from gapjax.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer
+from gapjax.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
 from gapjax.train.parallel import DataParallel
 from gapjax.train.state import NO_BAD_STEP, TrainState, create_train_state, reset_sums
 from gapjax.train.steps import eval_step, train_step, zero_eval_sums
@@ -198,6 +198,7 @@ class _Run:
         self.is_chief = jax.process_index() == 0
         self.model = build_model(config, self.info.num_classes, self.parallel.axis_name)
         self.tx = make_optimizer(config.optimizer, int(config.total_steps))
+        self.schedule = make_schedule(config.optimizer, int(config.total_steps))
         self.inputs_fn = functools.partial(data.model_inputs, self.info)
         self.train_step = self.parallel.compile_train_step(functools.partial(
             train_step, model=self.model, tx=self.tx, task=self.info.task,
@@ -206,7 +207,6 @@ class _Run:
             seed=int(config.seed)))
         self.eval_step = self.parallel.compile_eval_step(functools.partial(
             eval_step, model=self.model, task=self.info.task, inputs_fn=self.inputs_fn))
-        self.reset_sums = jax.jit(reset_sums, donate_argnums=(0,))
         self.checkpointer = Checkpointer(
             workdir / CHECKPOINT_DIR, checkpoint_every=int(config.checkpoint_every),
             keep=int(config.get("keep_checkpoints", 3)))
@@ -353,6 +353,9 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
         sigterm.install()
     latest: dict[str, float] = {}
     step_state = parallel.to_step_form(state)
+    # Zeroing the sums must keep every leaf's placement (pmap checks its inputs' layout).
+    reset = jax.jit(reset_sums, donate_argnums=(0,),
+                    out_shardings=jax.tree.map(lambda leaf: leaf.sharding, step_state))
     started = time.perf_counter()
     step = start_step
     try:
@@ -373,8 +376,8 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
                 count = max(float(sums["steps"]), 1.0)
                 record["train/loss"] = float(sums["loss_sum"]) / count
                 record["train/accuracy"] = float(sums["accuracy_sum"]) / count
-                record["train/learning_rate"] = float(_learning_rate(config, step))
-                step_state = job.reset_sums(step_state)
+                record["train/learning_rate"] = float(job.schedule(step - 1))
+                step_state = reset(step_state)
                 progress.log(step, {k: v for k, v in record.items() if "rate" not in k},
                              progress.examples_per_second(step))
             if step % eval_every == 0 or step == total_steps:
@@ -404,12 +407,6 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
         progress.message(_summary(step, latest, time.perf_counter() - started, job.workdir))
     latest["_state"] = parallel.to_canonical(step_state)
     return latest
-
-
-def _learning_rate(config: Any, step: int) -> float:
-    from gapjax.train.optim import make_schedule
-
-    return float(make_schedule(config.optimizer, int(config.total_steps))(step - 1))
 
 
 def _gradflow(job: _Run, state: TrainState, batch: dict[str, Any]) -> dict[str, float]:
