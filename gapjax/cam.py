@@ -529,7 +529,10 @@ def draw_overlays(
 
     count = len(images)
     rows = -(-count // columns)
-    figure, axes = plt.subplots(rows, 2 * columns, figsize=(2.0 * 2 * columns, 2.5 * rows),
+    # Fixed margins in inches (legend below, title above), so few rows never squeeze titles.
+    bottom, top = 0.35, 0.45 if suptitle else 0.1
+    height = 2.5 * rows + bottom + top
+    figure, axes = plt.subplots(rows, 2 * columns, figsize=(2.0 * 2 * columns, height),
                                 squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
@@ -560,7 +563,7 @@ def draw_overlays(
     figure.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, frameon=False)
     if suptitle:
         figure.suptitle(suptitle, fontsize=10)
-    figure.tight_layout(rect=(0, 0.04, 1, 0.96 if suptitle else 1))
+    figure.tight_layout(rect=(0, bottom / height, 1, 1 - top / height))
     figure.savefig(out, dpi=110)
     plt.close(figure)
     return out
