@@ -73,5 +73,20 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with a bad ``--config.x.y=v`` override turned into one clear line
+    (ml_collections raises it as a plain exception naming the key)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        text = str(error).replace("\\n", " ").replace("\\", "").replace("'", "")
+        message = " ".join(text.split())
+        print(f"error: unknown or invalid config override: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

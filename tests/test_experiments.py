@@ -121,6 +121,7 @@ def test_standard_configs_are_shared_and_checked():
     assert common.config_key(first) == common.config_key(second) != common.config_key(other)
     assert first.model.widths == (16, 32, 64) and first.dataset.canvas_size == 32
     assert common.standard_input_shape(common.CLUTTERED, True) == (32, 32, 1)
+    assert common.standard_input_shape(common.DIGITS, True) == (16, 16, 1)
     with pytest.raises(ValueError, match=r"'mnist'.*gapjax_cluttered_digits"):
         common.standard_config("mnist", True)
 

@@ -39,5 +39,6 @@ def test_two_processes_agree_across_device_counts(tmp_path):
             train_runs.last(two_records, key), rel=1e-4)
     # Orbax wrote the checkpoints collectively; each process saved its data position.
     assert train_runs.saved_steps(four)[-1] == STEPS
-    data_files = sorted(p.name for p in (four / "checkpoints" / str(STEPS) / "data").iterdir())
-    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+    data_dir = four / "checkpoints" / str(STEPS) / "data"
+    assert sorted(p.name for p in data_dir.glob("*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]

@@ -105,8 +105,14 @@ def clear_run_cache() -> None:
 
 
 def run_name(config: ml_collections.ConfigDict) -> str:
-    """A readable directory name for a run, e.g. ``gapjax_digits-cnn-head=fc-pool=gap-s0``."""
-    parts = [config.dataset.name, config.model.name]
+    """A readable directory name for a run, e.g.
+    ``gapjax_digits-16-cnn-head=fc-pool=gap-s0``."""
+    parts = [config.dataset.name]
+    # Dataset variants (image or canvas size, ...) get their own directories, so a
+    # checkpoint is never resumed by a run that reads differently shaped data.
+    parts += [f"{value}" for key, value in sorted(config.dataset.items())
+              if key not in ("name", "data_dir", "augment")]
+    parts.append(config.model.name)
     parts += [f"{key}={value}" for key, value in sorted(config.model.items())
               if key not in ("name", "widths")]
     parts.append(f"s{config.seed}")
@@ -365,9 +371,12 @@ CLUTTERED = "gapjax_cluttered_digits"
 #: The standard cnn runs, per (dataset, quick): steps, batch, dataset options, cnn options.
 #: Quick runs are sized so that the whole report fits in about 20 minutes on 2 CPU cores:
 #: cluttered digits then use 32x32 canvases and a half-width cnn (16, 32, 64 channels).
+#: Digits are read at 16x16, so the cnn's final map is 4x4 and an FC head 16x a GAP head.
 STANDARD_RUNS: dict[tuple[str, bool], dict[str, Any]] = {
-    (DIGITS, True): {"steps": 300, "batch_size": 64, "dataset": {}, "model": {}},
-    (DIGITS, False): {"steps": 3000, "batch_size": 64, "dataset": {}, "model": {}},
+    (DIGITS, True): {"steps": 300, "batch_size": 64, "dataset": {"image_size": 16},
+                     "model": {}},
+    (DIGITS, False): {"steps": 3000, "batch_size": 64, "dataset": {"image_size": 16},
+                      "model": {}},
     (CLUTTERED, True): {"steps": 300, "batch_size": 32, "dataset": {"canvas_size": 32},
                         "model": {"widths": (16, 32, 64)}},
     (CLUTTERED, False): {"steps": 4000, "batch_size": 64, "dataset": {"canvas_size": 64},
@@ -400,9 +409,8 @@ def standard_config(dataset: str, quick: bool, *, model: str = "cnn", seed: int 
 
 def standard_input_shape(dataset: str, quick: bool) -> tuple[int, int, int]:
     """The image shape of the standard run on ``dataset``."""
-    if dataset == DIGITS:
-        return (8, 8, 1)
-    size = STANDARD_RUNS[(dataset, quick)]["dataset"].get("canvas_size", 64)
+    options = STANDARD_RUNS[(dataset, quick)]["dataset"]
+    size = options.get("image_size", options.get("canvas_size"))
     return (size, size, 1)
 
 

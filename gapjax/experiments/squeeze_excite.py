@@ -138,6 +138,12 @@ def gate_runs(out_dir: Path, quick: bool) -> list[dict[str, Any]]:
     return records
 
 
+def noise_band(record: dict[str, Any]) -> float:
+    """``TIE_STANDARD_ERRORS`` binomial standard errors of a run's test accuracy (points)."""
+    return TIE_STANDARD_ERRORS * common.accuracy_standard_error(record["test_accuracy"],
+                                                                record["test_examples"])
+
+
 def plot_gates(records: list[dict[str, Any]], out_dir: Path,
                name: str = "squeeze_excite.png") -> str:
     """Left: test accuracy per gate variant. Right: accuracy against the reduction ratio."""
@@ -146,13 +152,18 @@ def plot_gates(records: list[dict[str, Any]], out_dir: Path,
     common.bar_chart(axes[0], [record["variant"].replace(", ", "\n") for record in main],
                      {"test accuracy": [record["test_accuracy"] for record in main]},
                      "test accuracy (%)")
+    axes[0].errorbar(np.arange(len(main)), [record["test_accuracy"] for record in main],
+                     yerr=[noise_band(record) for record in main], fmt="none", ecolor="black",
+                     capsize=4)
     low = min(record["test_accuracy"] for record in main)
     axes[0].set_ylim(max(0.0, low - 15.0), 100.0)
-    axes[0].set_title("Gates on cluttered digits")
+    axes[0].set_title(f"Gates on cluttered digits (±{TIE_STANDARD_ERRORS:.0f} s.e.)")
     sweep = sorted((record for record in records if record["attn"] == "se"
                     and record["squeeze"] == "gap"), key=lambda record: record["reduction"])
-    axes[1].plot([record["reduction"] for record in sweep],
-                 [record["test_accuracy"] for record in sweep], "o-", color=common.PALETTE[0])
+    axes[1].errorbar([record["reduction"] for record in sweep],
+                     [record["test_accuracy"] for record in sweep],
+                     yerr=[noise_band(record) for record in sweep], fmt="o-", capsize=4,
+                     color=common.PALETTE[0])
     axes[1].set_xscale("log", base=2)
     axes[1].set(xlabel="reduction ratio r (hidden = C / r)", ylabel="test accuracy (%)",
                 title="SE reduction ratio sweep")
