@@ -147,26 +147,10 @@ def error_entry(exc: BaseException) -> dict[str, str]:
 
 def import_train_step_modules() -> tuple[Any, Any, Any]:
     """``(gapjax.train.steps, gapjax.train.state, gapjax.train.optim)``: the project's own
-    train step, state and optimizers.
-
-    Those three modules need only jax, flax and optax, but the package ``gapjax.train``
-    also holds the training loop, which imports the data pipeline (TFDS, grain) and
-    ml_collections. Accelerator machines may lack those, so when importing the package
-    fails for a missing module, the three submodules are loaded under a bare package
-    instead: the benchmark still times the very same ``train_step`` function.
-    """
+    train step, state and optimizers (they need only jax, flax and optax)."""
     import importlib
-    import types
 
     names = ("steps", "state", "optim")
-    try:
-        return tuple(importlib.import_module(f"gapjax.train.{name}") for name in names)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and exc.name.split(".")[0] == "gapjax":
-            raise
-    bare = types.ModuleType("gapjax.train")
-    bare.__path__ = [str(REPO_ROOT / "gapjax" / "train")]
-    sys.modules["gapjax.train"] = bare
     return tuple(importlib.import_module(f"gapjax.train.{name}") for name in names)
 
 

@@ -175,8 +175,8 @@ def test_evaluation_pass_is_ordered_and_padded(digits_config):
     assert_batches_equal(batches, again)
 
 
-def test_process_shards(digits_config):
-    """Each process reads its own shard; evaluation gives every process the same step count."""
+def test_evaluation_process_shards(digits_config):
+    """Each process evaluates its own shard, in the same number of steps as every other."""
 
     def evaluation(index, count, batch_size=64):
         return list(
@@ -204,22 +204,39 @@ def test_process_shards(digits_config):
     second_weights = [float(part[1]["weight"].sum()) for part in small]
     assert second_weights == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert sum(float(b["weight"].sum()) for part in small for b in part) == 359.0
-    # Training streams of two processes draw from disjoint shards.
-    train = [
-        next(
-            data.make_iterator(
-                digits_config,
-                "train",
-                batch_size=32,
-                seed=0,
-                train=True,
-                process_index=index,
-                process_count=2,
-            )
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_processes_split_the_global_batches_of_one_process(digits_config, process_count):
+    """P processes of ``b`` rows read, side by side, the one-process batches of ``P * b``
+    rows: the same examples and augmentations, across an epoch boundary and a resume."""
+
+    def stream(batch_size, index=0, count=1):
+        return data.make_iterator(
+            digits_config,
+            "train",
+            batch_size=batch_size,
+            seed=5,
+            train=True,
+            process_index=index,
+            process_count=count,
         )
-        for index in range(2)
+
+    # 1438 examples in global batches of 200 / 300: the first epoch ends in batch 8 / 5.
+    steps, per_process = 8, 100
+    single = take(stream(per_process * process_count), steps)
+    parts = [take(stream(per_process, i, process_count), steps) for i in range(process_count)]
+    joined = [
+        {key: np.concatenate([part[t][key] for part in parts]) for key in single[t]}
+        for t in range(steps)
     ]
-    assert not np.array_equal(train[0]["image"], train[1]["image"])
+    assert_batches_equal(joined, single)
+    # The last process, restored mid-run, continues with its own rows.
+    last = stream(per_process, process_count - 1, process_count)
+    take(last, 3)
+    resumed = stream(per_process, process_count - 1, process_count)
+    resumed.set_state(last.get_state())
+    assert_batches_equal(take(resumed, steps - 3), parts[-1][3:])
 
 
 def test_model_inputs_inside_jit(digits_config):

@@ -9,11 +9,13 @@ first use, under a file lock so that concurrent processes build once) or any oth
 dataset prepared as ArrayRecord under the data directory: ``config.dataset.data_dir``,
 else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``.
 
-Training iterators shard by process, shuffle with a seed (differently each epoch),
-repeat, augment, batch with ``drop_remainder`` and prefetch in threads. Every random
-choice derives from ``(seed, process_index)`` and the element's position in the stream,
-never from global state, so an iterator restored with ``set_state(get_state())``
-continues with exactly the batches an uninterrupted one would.
+Training iterators shuffle with a seed (differently each epoch), repeat, form *global*
+batches of ``batch_size * process_count`` examples, and give each process its own block of
+rows of every global batch; they augment and prefetch in threads. Every random choice
+derives from ``seed`` and the example's global position in the stream, never from the
+process index or global state, so P processes together read exactly the batches of one
+process with a P times larger ``batch_size``, and an iterator restored with
+``set_state(get_state())`` continues with exactly the batches an uninterrupted one would.
 Evaluation iterators make one ordered pass over this process's shard and pad to whole
 batches (``weight == 0`` rows); every process yields the same number of batches, so
 collective evaluation steps never wait on a process that has run out.
@@ -159,7 +161,9 @@ def make_iterator(
       seed: shuffling and augmentation seed (training only).
       train: True for an endless shuffled, augmented stream with ``drop_remainder``; False
         for one ordered pass with the last batch padded (``weight == 0`` rows).
-      process_index / process_count: this process's shard of the split.
+      process_index / process_count: this process's share. Training: rows
+        ``[p * b, (p + 1) * b)`` of each global batch of ``b * process_count`` examples.
+        Evaluation: examples ``p, p + P, p + 2P, ...``.
 
     Returns:
       A grain ``DatasetIterator``: ``next(it)`` gives e.g. ``{"image": [b, H, W, C]
@@ -223,9 +227,12 @@ def stack_and_pad(examples: Sequence[Example], batch_size: int) -> Batch:
 # --------------------------------------------------------------------------------------
 
 
-def _stream_seed(seed: int, process_index: int, purpose: int) -> int:
-    """Independent 32-bit seeds for each (seed, process, purpose)."""
-    return int(np.random.SeedSequence([seed, process_index, purpose]).generate_state(1)[0])
+def _stream_seed(seed: int, purpose: int) -> int:
+    """Independent 32-bit seeds for each (seed, purpose).
+
+    The 0 in the middle (once the process index) keeps one-process streams as they were.
+    """
+    return int(np.random.SeedSequence([seed, 0, purpose]).generate_state(1)[0])
 
 
 def _training_batches(
@@ -237,27 +244,38 @@ def _training_batches(
     process_index: int,
     process_count: int,
 ) -> grain.MapDataset:
-    """Endless batches: shard, shuffle (anew each epoch), repeat, read, augment, collate.
+    """Endless batches: shuffle (anew each epoch), repeat, take rows, read, augment, collate.
 
-    grain shuffles and batches example *indices*; each batch is then read with one
-    batched ArrayRecord lookup (several times faster than one read per example). Example
-    ``j`` of batch ``t`` is augmented with ``default_rng([augment_seed, t * b + j])``: a
-    pure function of the seed and its position in the stream, so a restored iterator
-    replays the same augmentations.
+    grain shuffles all ``N`` example *indices* with a seed shared by every process and
+    cuts the endless stream into global batches of ``B = batch_size * process_count``;
+    process ``p`` keeps rows ``[p * b, (p + 1) * b)`` (``b = batch_size``) of each and reads
+    them with one batched ArrayRecord lookup (several times faster than one read per
+    example). The example at global position ``i = t * B + p * b + j`` (row ``j`` of this
+    process's part of global batch ``t``) is augmented with
+    ``default_rng([augment_seed, i])``. Both are pure functions of the seed and the global
+    position, so the concatenated batches of processes ``0..P-1`` at step ``t`` equal the
+    ``t``-th batch of one process with ``batch_size = B``, and a restored iterator replays
+    the same examples and augmentations.
+
+    Returns:
+      Batches of ``b`` examples from ``dataset.collate``, e.g. ``image [b, H, W, C]``.
     """
-    indices = grain.MapDataset.range(len(source))[process_index::process_count]
-    if len(indices) == 0:
-        raise DatasetError(
-            f"split of {dataset.name!r} has {len(source)} examples, too few to give each of "
-            f"{process_count} processes one"
-        )
+    if len(source) == 0:
+        raise DatasetError(f"the split of {dataset.name!r} to train on has no examples")
+    global_batch_size = batch_size * process_count
     # Shuffling before repeating reshuffles every epoch without mixing epochs.
-    indices = indices.shuffle(seed=_stream_seed(seed, process_index, 0)).repeat()
-    augment_seed = _stream_seed(seed, process_index, 1) if augment else None
+    indices = (
+        grain.MapDataset.range(len(source))
+        .shuffle(seed=_stream_seed(seed, 0))
+        .repeat()
+        .batch(global_batch_size, drop_remainder=True)
+    )
+    first_row = process_index * batch_size
+    augment_seed = _stream_seed(seed, 1) if augment else None
 
-    def load_batch(batch_index: int, example_indices: np.ndarray) -> Batch:
-        examples = _read(source, example_indices)
-        first = batch_index * batch_size
+    def load_batch(batch_index: int, global_indices: np.ndarray) -> Batch:
+        examples = _read(source, global_indices[first_row : first_row + batch_size])
+        first = batch_index * global_batch_size + first_row
         processed = [
             dataset.preprocess(
                 example,
@@ -267,7 +285,7 @@ def _training_batches(
         ]
         return dataset.collate(processed, batch_size)
 
-    return indices.batch(batch_size, drop_remainder=True).map_with_index(load_batch)
+    return indices.map_with_index(load_batch)
 
 
 def _evaluation_batches(

@@ -7,7 +7,26 @@ the Orbax checkpoints, ``metrics`` the metric writers and progress display, and 
 ties them together.
 """
 
-from gapjax.train.defaults import base_config
-from gapjax.train.loop import NonFiniteLossError, TrainingError, TrainResult, run
 
-__all__ = ["NonFiniteLossError", "TrainResult", "TrainingError", "base_config", "run"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Exported lazily: ``steps``, ``state`` and ``optim`` need only jax, flax and optax, so
+# an accelerator machine without TFDS, grain or ml_collections can still import them.
+_EXPORTS = {
+    "base_config": "gapjax.train.defaults",
+    "NonFiniteLossError": "gapjax.train.loop",
+    "TrainResult": "gapjax.train.loop",
+    "TrainingError": "gapjax.train.loop",
+    "run": "gapjax.train.loop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gapjax.train' has no attribute {name!r}")
