@@ -12,6 +12,7 @@ built with ``section(...)``. ``holds`` is None when the claim could not be decid
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -424,3 +425,19 @@ def forward_flops(model: Any, input_shape: Sequence[int], batch: int = 1) -> flo
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float((cost or {}).get("flops", float("nan")))
+
+
+def experiment_cli(run: Callable[..., dict[str, Any]], doc: str,
+                   full_help: str = "longer training runs") -> dict[str, Any]:
+    """The command line of an experiment module: ``--out DIR [--full]``.
+
+    Runs ``run(out, quick=not full)`` and prints the section's table and verdict.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--full", action="store_true", help=full_help)
+    args = parser.parse_args()
+    result = run(args.out, quick=not args.full)
+    print(result["markdown"])
+    print(result["verdict"])
+    return result

@@ -36,7 +36,6 @@ on trained networks; part (3) is the empirical one.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -260,13 +259,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--full", action="store_true", help="64x64 canvases, longer training")
-    args = parser.parse_args()
-    result = run(args.out, quick=not args.full)
-    print(result["markdown"])
-    print(result["verdict"])
+    common.experiment_cli(run, __doc__, full_help="64x64 canvases, longer training")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ and example overlays). Quick mode uses 32x32 canvases and 300 AdamW steps per po
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -270,13 +269,7 @@ def plot(records: list[dict[str, Any]], examples: dict[str, dict[str, Any]],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--full", action="store_true", help="longer training runs")
-    args = parser.parse_args()
-    result = run(args.out, quick=not args.full)
-    print(result["table"])
-    print(result["verdict"])
+    common.experiment_cli(run, __doc__)
 
 
 if __name__ == "__main__":

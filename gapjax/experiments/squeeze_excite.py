@@ -25,7 +25,6 @@ the comparable figure. The step-time overhead is measured by
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -247,13 +246,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--full", action="store_true", help="longer training runs")
-    args = parser.parse_args()
-    result = run(args.out, quick=not args.full)
-    print(result["markdown"])
-    print(result["verdict"])
+    common.experiment_cli(run, __doc__)
 
 
 if __name__ == "__main__":
