@@ -252,7 +252,7 @@ def test_concurrent_first_builds_share_one_dataset(tmp_path):
 
     def build():
         try:
-            builders.append(pipeline._build_embedded(digits.GapjaxDigits, "8", str(tmp_path)))
+            builders.append(pipeline.prepare_embedded(digits.GapjaxDigits, "8", str(tmp_path)))
         except Exception as error:  # reported by the assertion below
             errors.append(error)
 

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -385,7 +386,7 @@ def _split_names(builder: Any) -> list[str]:
 
 
 def _embedded(spec: DatasetSpec, config: Any, directory: str) -> _Dataset:
-    builder = _build_embedded(spec.builder_class, config, directory)
+    builder = prepare_embedded(spec.builder_class, config, directory)
     return _Dataset(
         name=spec.name,
         builder=builder,
@@ -399,7 +400,7 @@ def _embedded(spec: DatasetSpec, config: Any, directory: str) -> _Dataset:
     )
 
 
-def _build_embedded(builder_class: type, config: Any, directory: str) -> Any:
+def prepare_embedded(builder_class: type, config: Any, directory: str) -> Any:
     """The prepared builder, generating the files first if this is their first use.
 
     A file lock serialises builders of the same dataset variant across processes (two
@@ -419,6 +420,10 @@ def _build_embedded(builder_class: type, config: Any, directory: str) -> Any:
     with open(lock_path, "a") as lock_file, _file_lock(lock_file):
         builder = builder_class(**kwargs)  # re-read: another process may have built it
         if not builder.is_prepared():
+            # One line instead of TFDS's per-split progress bars.
+            print(f"building {builder.name}/{_config_key(config) or 'default'} in {directory} "
+                  "(first use; generated locally, nothing is downloaded)", file=sys.stderr)
+            tfds.disable_progress_bar()
             builder.download_and_prepare()
             builder = builder_class(**kwargs)
     return builder

@@ -68,13 +68,11 @@ LEARNING_RATE, WEIGHT_DECAY = 5e-3, 1e-4
 def load_splits(task: str, data_dir: Path, num_train: int, num_test: int) -> dict[str, list]:
     """Prepares ``gapjax_graph_tasks`` for ``task`` (once) and returns its preprocessed
     ``train``, ``test`` and ``fig3`` examples (lists of graph dicts)."""
-    from gapjax.data import graph_tasks
+    from gapjax.data import graph_tasks, pipeline
 
     config = graph_tasks.builder_config(
         {"task": task, "num_train": num_train, "num_test": num_test})
-    builder = graph_tasks.GapjaxGraphTasks(
-        data_dir=str(data_dir), config=config, file_format="array_record")
-    builder.download_and_prepare()
+    builder = pipeline.prepare_embedded(graph_tasks.GapjaxGraphTasks, config, str(data_dir))
     sources = builder.as_data_source()
     splits = {}
     for split in ("train", "test", "fig3"):
