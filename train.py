@@ -82,7 +82,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
-        text = str(error).replace("\\n", " ").replace("\\", "").replace("'", "")
+        text = str(error).replace("\\n", "; ").replace("\\", "").replace("'", "")
         message = " ".join(text.split())
         print(f"error: unknown or invalid config override: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
