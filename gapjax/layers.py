@@ -176,6 +176,23 @@ def returns_weights(pool_module: nn.Module) -> bool:
     return "return_weights" in inspect.signature(type(pool_module).__call__).parameters
 
 
+def _excitation(gate_module: nn.Module, inputs: Array, channels: int) -> Array:
+    """The gating MLP shared by SE and LocalGate: ``gate(W2 relu(W1 inputs + b1) + b2)``.
+
+    ``inputs [..., C_in] -> float32 gates [..., channels]``; called inside the gate's
+    compact ``__call__`` so the Dense layers are its ``reduce`` / ``expand`` submodules.
+    The gate itself is computed in float32 (so a zero logit gives exactly 0.5).
+    """
+    gate_fn = GATES[check_choice("se_gate", gate_module.gate, tuple(GATES))]
+    hidden = se_reduced_channels(channels, gate_module.reduction, gate_module.divisor)
+    dtype = gate_module.dtype
+    hidden_act = nn.relu(nn.Dense(hidden, dtype=dtype, name="reduce")(inputs))
+    logits = nn.Dense(channels, dtype=dtype, name="expand")(hidden_act)
+    gates = gate_fn(logits.astype(jnp.float32))
+    gate_module.sow("intermediates", "gates", gates)
+    return gates
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-and-Excitation: ``x * gate(W2 relu(W1 pool(x) + b1) + b2)`` per channel.
 
@@ -194,14 +211,8 @@ class SqueezeExcite(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, return_gates: bool = False) -> Array | tuple[Array, Array]:
-        gate_fn = GATES[check_choice("se_gate", self.gate, tuple(GATES))]
-        channels = x.shape[-1]
-        hidden = se_reduced_channels(channels, self.reduction, self.divisor)
         squeezed = make_pool(self.pool, self.dtype, name="squeeze")(x)  # [B, C] (2C: catavgmax)
-        hidden_act = nn.relu(nn.Dense(hidden, dtype=self.dtype, name="reduce")(squeezed))
-        logits = nn.Dense(channels, dtype=self.dtype, name="expand")(hidden_act)
-        gates = gate_fn(logits.astype(jnp.float32))  # gate math in float32 for exact 0.5 etc.
-        self.sow("intermediates", "gates", gates)
+        gates = _excitation(self, squeezed, x.shape[-1])  # [B, C]
         out = scale_channels(x, gates)
         return (out, gates) if return_gates else out
 
@@ -222,13 +233,7 @@ class LocalGate(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, return_gates: bool = False) -> Array | tuple[Array, Array]:
-        gate_fn = GATES[check_choice("se_gate", self.gate, tuple(GATES))]
-        channels = x.shape[-1]
-        hidden = se_reduced_channels(channels, self.reduction, self.divisor)
-        hidden_act = nn.relu(nn.Dense(hidden, dtype=self.dtype, name="reduce")(x))
-        logits = nn.Dense(channels, dtype=self.dtype, name="expand")(hidden_act)
-        gates = gate_fn(logits.astype(jnp.float32))
-        self.sow("intermediates", "gates", gates)
+        gates = _excitation(self, x, x.shape[-1])  # [B, H, W, C]
         out = x * gates.astype(x.dtype)
         return (out, gates) if return_gates else out
 
