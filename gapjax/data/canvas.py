@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -237,3 +239,86 @@ def preprocess_image_example(
     if segmentation is not None:
         out["segmentation"] = segmentation
     return out
+
+
+# --------------------------------------------------------------------------------------
+# What the canvas datasets (cluttered and multi-label digits) share
+# --------------------------------------------------------------------------------------
+
+
+def render_digit(digit: np.ndarray, side: int) -> np.ndarray:
+    """Upsamples a uint8 digit (8x8 or a piece of one) to a ``[side, side]`` float32 patch
+    in [0, 1]. Bilinear weights are non-negative and sum to one, so values stay in [0, 1]."""
+    return resize(digit * np.float32(1.0 / 255.0), side, side)
+
+
+def read_canvas_keys(
+    dataset_config: Any, dataset: str, *, sizes: tuple[int, ...], default_size: int,
+    default_counts: tuple[int, int],
+) -> tuple[int, int, int, str]:
+    """Reads and checks ``canvas_size``, ``num_train`` and ``num_test`` of ``config.dataset``.
+
+    Returns ``(size, num_train, num_test, suffix)``; ``suffix`` (``"_{train}x{test}"`` for
+    non-default counts, else ``""``) keeps such variants' files apart from the standard ones.
+    """
+    size = dataset_config.get("canvas_size", default_size)
+    num_train = dataset_config.get("num_train", default_counts[0])
+    num_test = dataset_config.get("num_test", default_counts[1])
+    if size not in sizes:
+        raise ValueError(
+            f"config.dataset.canvas_size={size!r} is not available for {dataset}; "
+            f"choose one of: {', '.join(map(str, sizes))}"
+        )
+    for key, value in (("num_train", num_train), ("num_test", num_test)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(
+                f"config.dataset.{key}={value!r} is not valid for {dataset}; "
+                "choose a positive integer"
+            )
+    suffix = "" if (num_train, num_test) == default_counts else f"_{num_train}x{num_test}"
+    return size, num_train, num_test, suffix
+
+
+class CanvasSplits:
+    """Split generation of a canvas builder (mixed into a ``GeneratorBasedBuilder``).
+
+    Example ``i`` of a split is drawn by ``draw(rng, images, labels)`` with a generator
+    seeded by ``(SPLIT_SEEDS[split], i)`` from that split's digits only, so every example is
+    reproducible on its own. The builder config has ``num_train`` and ``num_test``.
+    """
+
+    SPLIT_SEEDS: ClassVar[dict[str, int]] = {}
+
+    def draw(self, rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        config = self.builder_config
+        counts = {"train": config.num_train, "test": config.num_test}
+        return {split: self._generate_examples(split, count) for split, count in counts.items()}
+
+    def _generate_examples(self, split: str, count: int):
+        images, labels = digits_split(split)
+        for index in range(count):
+            rng = np.random.default_rng([self.SPLIT_SEEDS[split], index])
+            yield index, self.draw(rng, images, labels)
+
+
+def canvas_preprocess(
+    *, mean: float, std: float, max_shift_fraction: float, max_boxes: int,
+    keys: tuple[str, ...] | None = None,
+) -> Callable[[dict, np.random.Generator | None], dict[str, np.ndarray]]:
+    """The ``DatasetSpec.preprocess`` of a canvas dataset: normalise, shift by up to
+    ``max_shift_fraction`` of the side, pad boxes to ``max_boxes``; ``keys`` selects the
+    example's fields (None = all)."""
+
+    def preprocess(example: dict, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        size = np.shape(example["image"])[0]
+        fields = example if keys is None else {key: example[key] for key in keys}
+        return preprocess_image_example(
+            fields, rng, mean=mean, std=std, max_shift=int(size * max_shift_fraction),
+            max_boxes=max_boxes,
+        )
+
+    return preprocess

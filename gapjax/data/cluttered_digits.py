@@ -65,29 +65,16 @@ def builder_config(dataset_config: Any) -> ClutteredDigitsConfig:
     ``num_test`` (default 5000 / 1000; other counts get their own config name, so their
     files never mix with the standard ones).
     """
-    size = dataset_config.get("canvas_size", DEFAULT_CANVAS_SIZE)
+    size, num_train, num_test, suffix = canvas.read_canvas_keys(
+        dataset_config, "gapjax_cluttered_digits", sizes=CANVAS_SIZES,
+        default_size=DEFAULT_CANVAS_SIZE, default_counts=(NUM_TRAIN, NUM_TEST))
     clutter = dataset_config.get("clutter", DEFAULT_CLUTTER)
-    num_train = dataset_config.get("num_train", NUM_TRAIN)
-    num_test = dataset_config.get("num_test", NUM_TEST)
-    if size not in CANVAS_SIZES:
-        raise ValueError(
-            f"config.dataset.canvas_size={size!r} is not available for gapjax_cluttered_digits; "
-            f"choose one of: {', '.join(map(str, CANVAS_SIZES))}"
-        )
     if clutter not in CLUTTER_LEVELS:
         raise ValueError(
             f"config.dataset.clutter={clutter!r} is not available for gapjax_cluttered_digits; "
             f"choose one of: {', '.join(CLUTTER_LEVELS)}"
         )
-    for key, value in (("num_train", num_train), ("num_test", num_test)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(
-                f"config.dataset.{key}={value!r} is not valid for gapjax_cluttered_digits; "
-                "choose a positive integer"
-            )
-    name = f"{clutter}_{size}"
-    if (num_train, num_test) != (NUM_TRAIN, NUM_TEST):
-        name += f"_{num_train}x{num_test}"
+    name = f"{clutter}_{size}{suffix}"
     num_pieces, noise = CLUTTER_LEVELS[clutter]
     return ClutteredDigitsConfig(
         name=name,
@@ -98,14 +85,6 @@ def builder_config(dataset_config: Any) -> ClutteredDigitsConfig:
         num_train=num_train,
         num_test=num_test,
     )
-
-
-def render_digit(digit: np.ndarray, side: int) -> np.ndarray:
-    """Upsamples an 8x8 (or smaller) uint8 digit to a ``[side, side]`` float32 patch in [0, 1].
-
-    Bilinear weights are non-negative and sum to one, so values stay in [0, 1].
-    """
-    return canvas.resize(digit * np.float32(1.0 / 255.0), side, side)
 
 
 def cluttered_canvas(
@@ -136,11 +115,11 @@ def cluttered_canvas(
     positions = rng.integers(low[:, None], (size + low)[:, None], size=(num_pieces, 2))
     pixels = np.zeros((size, size), np.float32)
     for source, (y, x), piece_side, (py, px) in zip(sources, windows, piece_sides, positions):
-        piece = render_digit(images[source, y : y + 4, x : x + 4], int(piece_side))
+        piece = canvas.render_digit(images[source, y : y + 4, x : x + 4], int(piece_side))
         canvas.paste_max(pixels, piece, int(py), int(px))
 
     drawn = np.zeros((size, size), np.float32)
-    canvas.paste_max(drawn, render_digit(images[target], side), top, left)
+    canvas.paste_max(drawn, canvas.render_digit(images[target], side), top, left)
     mask = drawn > MASK_THRESHOLD * drawn.max()
     np.maximum(pixels, drawn, out=pixels)
 
@@ -154,9 +133,10 @@ def cluttered_canvas(
     }
 
 
-class GapjaxClutteredDigits(tfds.core.GeneratorBasedBuilder):
+class GapjaxClutteredDigits(canvas.CanvasSplits, tfds.core.GeneratorBasedBuilder):
     """One scaled digit among clutter: image, label, box and pixel mask."""
 
+    SPLIT_SEEDS: ClassVar[dict[str, int]] = _SPLIT_SEEDS
     VERSION = tfds.core.Version("1.1.0")
     # TFDS finds a builder's source file through an optional backport (importlib_resources)
     # for builders inside packages; naming the file directly avoids needing it.
@@ -192,40 +172,14 @@ class GapjaxClutteredDigits(tfds.core.GeneratorBasedBuilder):
             supervised_keys=("image", "label"),
         )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager
+    def draw(self, rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> dict:
         config = self.builder_config
-        counts = {"train": config.num_train, "test": config.num_test}
-        return {split: self._generate_examples(split, count) for split, count in counts.items()}
-
-    def _generate_examples(self, split: str, count: int):
-        config = self.builder_config
-        images, labels = canvas.digits_split(split)
-        for index in range(count):
-            rng = np.random.default_rng([_SPLIT_SEEDS[split], index])
-            yield (
-                index,
-                cluttered_canvas(
-                    rng,
-                    images,
-                    labels,
-                    canvas_size=config.canvas_size,
-                    num_pieces=config.num_pieces,
-                    noise=config.noise,
-                ),
-            )
+        return cluttered_canvas(rng, images, labels, canvas_size=config.canvas_size,
+                                num_pieces=config.num_pieces, noise=config.noise)
 
 
-def _preprocess(example: dict, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-    size = np.shape(example["image"])[0]
-    return canvas.preprocess_image_example(
-        example,
-        rng,
-        mean=MEAN,
-        std=STD,
-        max_shift=int(size * MAX_SHIFT_FRACTION),
-        max_boxes=1,
-    )
+_preprocess = canvas.canvas_preprocess(
+    mean=MEAN, std=STD, max_shift_fraction=MAX_SHIFT_FRACTION, max_boxes=1)
 
 
 SPEC = register(

@@ -62,23 +62,10 @@ def builder_config(dataset_config: Any) -> MultilabelDigitsConfig:
     Keys: ``canvas_size`` (32 or 64, default 64) and ``num_train`` / ``num_test``
     (default 5000 / 1000; other counts get their own config name).
     """
-    size = dataset_config.get("canvas_size", DEFAULT_CANVAS_SIZE)
-    num_train = dataset_config.get("num_train", NUM_TRAIN)
-    num_test = dataset_config.get("num_test", NUM_TEST)
-    if size not in CANVAS_SIZES:
-        raise ValueError(
-            f"config.dataset.canvas_size={size!r} is not available for gapjax_multilabel_digits; "
-            f"choose one of: {', '.join(map(str, CANVAS_SIZES))}"
-        )
-    for key, value in (("num_train", num_train), ("num_test", num_test)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(
-                f"config.dataset.{key}={value!r} is not valid for gapjax_multilabel_digits; "
-                "choose a positive integer"
-            )
-    name = str(size)
-    if (num_train, num_test) != (NUM_TRAIN, NUM_TEST):
-        name += f"_{num_train}x{num_test}"
+    size, num_train, num_test, suffix = canvas.read_canvas_keys(
+        dataset_config, "gapjax_multilabel_digits", sizes=CANVAS_SIZES,
+        default_size=DEFAULT_CANVAS_SIZE, default_counts=(NUM_TRAIN, NUM_TEST))
+    name = f"{size}{suffix}"
     return MultilabelDigitsConfig(
         name=name,
         description=f"{MIN_DIGITS}-{MAX_DIGITS} digits on {size}x{size}",
@@ -119,7 +106,7 @@ def multilabel_canvas(
         digit = images[candidates[rng.integers(len(candidates))]]
         side = int(rng.integers(size // 4, (3 * size) // 8 + 1))
         top, left = _place(rng, size, side, placed)
-        patch = canvas.resize(digit * np.float32(1.0 / 255.0), side, side)
+        patch = canvas.render_digit(digit, side)
         drawn = np.zeros((size, size), np.float32)
         canvas.paste_max(drawn, patch, top, left)
         boxes.append(canvas.mask_box(drawn > MASK_THRESHOLD * drawn.max()))
@@ -135,9 +122,10 @@ def multilabel_canvas(
     }
 
 
-class GapjaxMultilabelDigits(tfds.core.GeneratorBasedBuilder):
+class GapjaxMultilabelDigits(canvas.CanvasSplits, tfds.core.GeneratorBasedBuilder):
     """2-4 distinct digits per canvas: image, multi-hot label, classes and boxes."""
 
+    SPLIT_SEEDS: ClassVar[dict[str, int]] = _SPLIT_SEEDS
     VERSION = tfds.core.Version("1.1.0")
     # TFDS finds a builder's source file through an optional backport (importlib_resources)
     # for builders inside packages; naming the file directly avoids needing it.
@@ -168,32 +156,14 @@ class GapjaxMultilabelDigits(tfds.core.GeneratorBasedBuilder):
             ),
         )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        config = self.builder_config
-        counts = {"train": config.num_train, "test": config.num_test}
-        return {split: self._generate_examples(split, count) for split, count in counts.items()}
-
-    def _generate_examples(self, split: str, count: int):
-        images, labels = canvas.digits_split(split)
-        for index in range(count):
-            rng = np.random.default_rng([_SPLIT_SEEDS[split], index])
-            yield (
-                index,
-                multilabel_canvas(rng, images, labels, canvas_size=self.builder_config.canvas_size),
-            )
+    def draw(self, rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> dict:
+        return multilabel_canvas(rng, images, labels,
+                                 canvas_size=self.builder_config.canvas_size)
 
 
-def _preprocess(example: dict, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-    size = np.shape(example["image"])[0]
-    return canvas.preprocess_image_example(
-        {key: example[key] for key in ("image", "label", "bbox")},
-        rng,
-        mean=MEAN,
-        std=STD,
-        max_shift=int(size * MAX_SHIFT_FRACTION),
-        max_boxes=MAX_DIGITS,
-    )
+_preprocess = canvas.canvas_preprocess(
+    mean=MEAN, std=STD, max_shift_fraction=MAX_SHIFT_FRACTION, max_boxes=MAX_DIGITS,
+    keys=("image", "label", "bbox"))
 
 
 SPEC = register(

@@ -243,13 +243,14 @@ class _Run:
             localization = LocalizationEvaluator(self.model, config.eval.get("cam_method",
                                                                              "auto"))
         collected: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        canonical_variables = canonical_state.variables()
         for batch in iterator:
             sums, logits = self.eval_step(variables, self.parallel.global_batch(batch), sums)
             if info.task == "multilabel":
                 collected.append((self.parallel.local_rows(logits), np.asarray(batch["label"]),
                                   np.asarray(batch["weight"])))
             if localization is not None:
-                localization.update(canonical_state.variables(), batch)
+                localization.update(canonical_variables, batch)
         totals = self.parallel.fetch(sums)
         weight = max(float(totals["weight_sum"]), 1.0)
         metrics = {"eval/loss": float(totals["loss_sum"]) / weight,
