@@ -10,6 +10,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from gapjax.layers import build_module
 from gapjax.registry import Registry
 
 MODELS: Registry[Any] = Registry("model")
@@ -18,6 +19,19 @@ MODELS: Registry[Any] = Registry("model")
 def get(name: str, **kwargs: Any) -> nn.Module:
     """Builds the model registered as ``name`` with constructor keyword arguments."""
     return MODELS.get(name)(**kwargs)
+
+
+def register_preset(name: str, module_class: type[nn.Module], preset: dict[str, Any],
+                    doc: str) -> None:
+    """Registers ``name`` as ``module_class`` with ``preset`` attributes; keyword arguments
+    (the ``config.model`` keys) add to or override the preset and are checked against the
+    class's attributes, so a typo names the valid options."""
+    def build(**kwargs: Any) -> nn.Module:
+        return build_module(module_class, name, {**preset, **kwargs})
+
+    build.__name__ = name
+    build.__doc__ = doc
+    MODELS.add(name, build)
 
 
 def names() -> list[str]:

@@ -17,7 +17,6 @@ GAP + Dense with ``h * w`` times its parameters.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,12 +24,11 @@ import jax
 from gapjax.layers import (
     ATTENTIONS,
     Classifier,
-    build_module,
     check_choice,
     conv_kernel_init,
     make_attention,
 )
-from gapjax.models import MODELS
+from gapjax.models import register_preset
 
 Array = jax.Array
 
@@ -105,12 +103,7 @@ class CNN(Classifier):
         return x
 
 
-def cnn(**kwargs: Any) -> CNN:
-    """The small digits CNN; keyword arguments are ``CNN`` attributes (num_classes, widths,
-    strides, depth, attn, head, pool, dtype, ...)."""
-    return build_module(CNN, "cnn", kwargs)
+register_preset("cnn", CNN, {}, "The small digits CNN; keyword arguments are ``CNN`` "
+                "attributes (num_classes, widths, strides, depth, attn, head, pool, dtype, ...).")
 
-
-MODELS.add("cnn", cnn)
-
-__all__ = ["CNN", "cnn"]
+__all__ = ["CNN"]

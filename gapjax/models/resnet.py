@@ -30,12 +30,11 @@ import jax
 from gapjax.layers import (
     ATTENTIONS,
     Classifier,
-    build_module,
     check_choice,
     conv_kernel_init,
     make_attention,
 )
-from gapjax.models import MODELS
+from gapjax.models import register_preset
 
 Array = jax.Array
 
@@ -177,18 +176,12 @@ _DEPTHS: dict[int, tuple[tuple[int, ...], str]] = {
 
 def _register(name: str, depth: int, attn: str | None) -> None:
     stage_sizes, block = _DEPTHS[depth]
-    preset = {"stage_sizes": stage_sizes, "block": block, "attn": attn}
-
-    def build(**kwargs: Any) -> ResNet:
-        return build_module(ResNet, name, {**preset, **kwargs})
-
     kind = "SE-ResNet" if attn else "ResNet"
-    build.__name__ = name
-    build.__doc__ = (
+    register_preset(
+        name, ResNet, {"stage_sizes": stage_sizes, "block": block, "attn": attn},
         f"{kind}-{depth} ({block} blocks, stages {stage_sizes}); keyword arguments are "
-        "ResNet attributes, e.g. num_classes, stem, head, pool, dtype."
+        "ResNet attributes, e.g. num_classes, stem, head, pool, dtype.",
     )
-    MODELS.add(name, build)
 
 
 for _depth in _DEPTHS:

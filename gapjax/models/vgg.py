@@ -25,8 +25,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from gapjax.layers import Classifier, build_module, check_choice, conv_kernel_init
-from gapjax.models import MODELS
+from gapjax.layers import Classifier, check_choice, conv_kernel_init
+from gapjax.models import register_preset
 
 Array = jax.Array
 
@@ -91,17 +91,11 @@ class VGG(Classifier):
 
 
 def _register(name: str, depth: int, batch_norm: bool) -> None:
-    preset = {"depth": depth, "batch_norm": batch_norm}
-
-    def build(**kwargs: Any) -> VGG:
-        return build_module(VGG, name, {**preset, **kwargs})
-
-    build.__name__ = name
-    build.__doc__ = (
+    register_preset(
+        name, VGG, {"depth": depth, "batch_norm": batch_norm},
         f"VGG-{depth}{' with BatchNorm' if batch_norm else ''}; keyword arguments are VGG "
-        "attributes, e.g. num_classes, head, pool, stem, dtype."
+        "attributes, e.g. num_classes, head, pool, stem, dtype.",
     )
-    MODELS.add(name, build)
 
 
 for _depth in CONFIGS:
