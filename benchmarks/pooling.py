@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from common import base_parser  # benchmarks/common.py; also puts the repo on sys.path
 
-from gapjax import pooling
+from gapjax import native, pooling
 
 FULL_CASES = [((256, 14, 14, 1024), "float32"), ((256, 7, 7, 2048), "bfloat16")]
 QUICK_CASES = [((8, 7, 7, 64), "float32"), ((8, 7, 7, 128), "bfloat16")]
@@ -140,6 +140,7 @@ def benchmark_case(
                 "device": jax.devices()[0].device_kind,
                 "jax": jax.__version__,
                 "load_average_1min": round(os.getloadavg()[0], 2),
+                "fused_sum_max": native.supports(x.reshape(shape[0], -1, shape[-1])),
             })
     return records
 

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gapjax import native
 from gapjax.registry import Registry
 
 Array = jax.Array
@@ -95,6 +96,12 @@ def _max_identity(dtype: Any) -> Array:
     return _finite_min(dtype)
 
 
+def _max_masked(sets: Array, mask: Array | None) -> Array:
+    """``sets [B, N, C]`` with masked positions set to the identity of max (-inf), so
+    padding can neither win nor tie."""
+    return sets if mask is None else jnp.where(mask[..., None], sets, _max_identity(sets.dtype))
+
+
 # --------------------------------------------------------------------------------------
 # Parameter-free pools
 # --------------------------------------------------------------------------------------
@@ -127,16 +134,23 @@ def _max_fwd(sets: Array) -> tuple[Array, tuple[Array, Array]]:
     return peak, (sets, peak)
 
 
-def _max_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array]:
+def _first_peak_gradient(sets: Array, peak: Array, g: Array) -> Array:
+    """``g [B, C]`` placed at the first position of ``sets [B, N, C]`` equal to ``peak [B, C]``
+    (zeros elsewhere): the gradient of a max under the documented tie rule."""
     # Autodiff of max would split the gradient evenly between tied positions; the whole
     # gradient goes to the first arg max instead, as for a one-hot pooling weight. The
     # first maximal position is a min-reduction over positions (cheaper on CPU than
     # argmax, whose (value, index) reduction XLA does not vectorise).
-    sets, peak = residuals
     positions = jnp.arange(sets.shape[1], dtype=jnp.int32)[None, :, None]
-    is_peak = sets == peak[:, None, :]
+    is_peak = sets == peak[:, None, :].astype(sets.dtype)
     first = jnp.where(is_peak, positions, sets.shape[1]).min(axis=1, keepdims=True)
-    return (jnp.where(positions == first, g[:, None, :], jnp.zeros((), g.dtype)),)
+    return jnp.where(positions == first, g[:, None, :].astype(sets.dtype),
+                     jnp.zeros((), sets.dtype))
+
+
+def _max_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array]:
+    sets, peak = residuals
+    return (_first_peak_gradient(sets, peak, g),)
 
 
 _max_over_positions.defvjp(_max_fwd, _max_bwd)
@@ -151,27 +165,65 @@ def gmp(x: Array, mask: Array | None = None) -> Array:
     sets, mask = _as_sets(x, mask)
     if mask is None:
         return _max_over_positions(sets)
-    filled = jnp.where(mask[..., None], sets, _max_identity(sets.dtype))
-    pooled = _max_over_positions(filled)
+    pooled = _max_over_positions(_max_masked(sets, mask))
     return jnp.where(_counts(sets, mask) > 0, pooled, jnp.zeros((), pooled.dtype))
 
 
+def _xla_sum_and_peak(sets: Array, mask: Array | None) -> tuple[Array, Array]:
+    total = _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32)
+    return total, _max_of_real(sets, mask)
+
+
+@jax.custom_vjp
+def _sum_and_peak(sets: Array, mask: Array | None) -> tuple[Array, Array]:
+    """Sum and max over the real positions of ``sets [B, N, C]``, both float32 ``[B, C]``
+    (max -inf for a row without real positions), from one pass over memory on CPU."""
+    if native.supports(sets):
+        return native.sum_max(sets, mask)
+    return _xla_sum_and_peak(sets, mask)
+
+
+def _sum_and_peak_fwd(sets, mask):
+    total, peak = _sum_and_peak(sets, mask)
+    return (total, peak), (sets, mask, peak)
+
+
+def _sum_and_peak_bwd(residuals, cotangents):
+    sets, mask, peak = residuals
+    g_total, g_peak = cotangents
+    # Masked positions hold no part of the sum and can never be the first peak.
+    grad = _first_peak_gradient(_max_masked(sets, mask), peak, g_peak)
+    grad = grad + g_total[:, None, :].astype(sets.dtype)
+    return _zero_masked(grad, mask), None
+
+
+_sum_and_peak.defvjp(_sum_and_peak_fwd, _sum_and_peak_bwd)
+
+
+def _mean_and_peak(x: Array, mask: Array | None) -> tuple[Array, Array]:
+    """GAP and GMP of ``x [B, *S, C]`` as float32 ``[B, C]`` each, computed together."""
+    sets, mask = _as_sets(x, mask)
+    total, peak = _sum_and_peak(sets, mask)
+    counts = _counts(sets, mask)
+    return total / jnp.maximum(counts, 1.0), jnp.where(counts > 0, peak, 0.0)
+
+
 def avgmax(x: Array, mask: Array | None = None) -> Array:
-    """Average of GAP and GMP, ``(gap + gmp) / 2``: ``[B, *S, C] -> [B, C]``."""
-    # Two sibling reductions of the same input. XLA:CPU runs them as two passes over x
-    # (about 1.6-1.9x a single x.sum() for float32 maps larger than the caches); every
-    # one-pass formulation tried (a (sum, max) variadic reduce, batch-chunked loops or
-    # slices, pairwise pre-reduction) took 2.6-22x instead, because each leaves XLA's
-    # vectorised reduction path. See benchmarks/pooling.py.
-    mean = gap(x, mask).astype(jnp.float32)
-    peak = gmp(x, mask).astype(jnp.float32)
+    """Average of GAP and GMP, ``(gap + gmp) / 2``: ``[B, *S, C] -> [B, C]``.
+
+    On CPU the sum and the max come from one pass over ``x`` (``gapjax.native``).
+    """
+    mean, peak = _mean_and_peak(x, mask)
     return (0.5 * (mean + peak)).astype(_result_dtype(jnp.asarray(x)))
 
 
 def catavgmax(x: Array, mask: Array | None = None) -> Array:
-    """GAP and GMP concatenated, ``[gap, gmp]``: ``[B, *S, C] -> [B, 2C]`` (mean first)."""
-    dtype = _result_dtype(jnp.asarray(x))
-    return jnp.concatenate([gap(x, mask).astype(dtype), gmp(x, mask).astype(dtype)], axis=-1)
+    """GAP and GMP concatenated, ``[gap, gmp]``: ``[B, *S, C] -> [B, 2C]`` (mean first).
+
+    On CPU the sum and the max come from one pass over ``x`` (``gapjax.native``).
+    """
+    mean, peak = _mean_and_peak(x, mask)
+    return jnp.concatenate([mean, peak], axis=-1).astype(_result_dtype(jnp.asarray(x)))
 
 
 # --------------------------------------------------------------------------------------
@@ -204,8 +256,7 @@ def _max_of_real(sets: Array, mask: Array | None) -> Array:
     are increasing in ``x`` for ``p, r > 0``, so the max of the transformed values is the
     transform of this max, and the logarithm runs once per output, not per position.
     """
-    filled = sets if mask is None else jnp.where(mask[..., None], sets, _max_identity(sets.dtype))
-    return filled.max(axis=1).astype(jnp.float32)
+    return _max_masked(sets, mask).max(axis=1).astype(jnp.float32)
 
 
 def _exponent(value: Array | float, name: str, pool_name: str, channels: int) -> Array:

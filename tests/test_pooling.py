@@ -185,7 +185,10 @@ def test_avgmax_catavgmax_and_gsp_definitions():
         out = run(lambda x, m: {n: pooling.pool(n, x, m) for n in PARAMETER_FREE}, x, m)
         gap, gmp = out["gap"], out["gmp"]
         np.testing.assert_allclose(out["avgmax"], (gap + gmp) / 2, rtol=1e-6, atol=1e-7)
-        np.testing.assert_array_equal(out["catavgmax"], np.concatenate([gap, gmp], -1))
+        # The max half is exact; the mean half may differ in summation order (on CPU it
+        # comes from the fused one-pass kernel, gapjax.native).
+        np.testing.assert_array_equal(out["catavgmax"][:, 6:], gmp)
+        np.testing.assert_allclose(out["catavgmax"][:, :6], gap, rtol=1e-6, atol=1e-7)
         counts = 20.0 if m is None else np.asarray(m).sum(axis=(1, 2))[:, None]
         np.testing.assert_allclose(out["gsp"], gap * counts, rtol=1e-5, atol=1e-5)
 

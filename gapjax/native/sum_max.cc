@@ -1,0 +1,186 @@
+// One-pass sum and max over the positions of a batch of sets, for XLA's CPU backend.
+//
+//   x     [..., N, C]  float32 or bfloat16 (every leading axis is a batch axis)
+//   mask  [..., N]     bool, true = real position (only for the masked handler)
+//   sum   [..., C]     float32: sum over real positions (0 when there are none)
+//   peak  [..., C]     float32: max over real positions (-inf when there are none; NaN
+//                      when a real position holds NaN, as XLA's max gives)
+//
+// XLA:CPU reads x once per reduction, so avgmax/catavgmax (a sum and a max of one
+// tensor) cost two passes over memory. Here each thread reads a row block once and
+// keeps both accumulators in cache. Rows are taken eight at a time, so the running sum
+// and max are updated once per eight positions. Accumulation is float32 in a fixed order
+// per (set, channel), whatever the number of threads, so results are deterministic.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kGroup = 8;                   // positions folded per accumulator update
+constexpr int64_t kMinBlockChannels = 64;   // narrowest channel block a thread takes
+
+inline float Load(const float* p, int64_t j) { return p[j]; }
+
+inline float Load(const uint16_t* p, int64_t j) {  // bfloat16 -> float32, exact
+  uint32_t bits = static_cast<uint32_t>(p[j]) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline float Max(float a, float b) { return a > b ? a : b; }
+
+// Folds kGroup rows (each `width` channels) into the running sum and max.
+template <typename T>
+void FoldGroup(const T* const* rows, int64_t width, float* __restrict sum,
+               float* __restrict peak) {
+  const T* __restrict r0 = rows[0];
+  const T* __restrict r1 = rows[1];
+  const T* __restrict r2 = rows[2];
+  const T* __restrict r3 = rows[3];
+  const T* __restrict r4 = rows[4];
+  const T* __restrict r5 = rows[5];
+  const T* __restrict r6 = rows[6];
+  const T* __restrict r7 = rows[7];
+  for (int64_t j = 0; j < width; ++j) {
+    float v0 = Load(r0, j), v1 = Load(r1, j), v2 = Load(r2, j), v3 = Load(r3, j);
+    float v4 = Load(r4, j), v5 = Load(r5, j), v6 = Load(r6, j), v7 = Load(r7, j);
+    sum[j] += ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7));
+    float m = Max(Max(Max(v0, v1), Max(v2, v3)), Max(Max(v4, v5), Max(v6, v7)));
+    peak[j] = Max(m, peak[j]);
+  }
+}
+
+template <typename T>
+void FoldRow(const T* __restrict row, int64_t width, float* __restrict sum,
+             float* __restrict peak) {
+  for (int64_t j = 0; j < width; ++j) {
+    float v = Load(row, j);
+    sum[j] += v;
+    peak[j] = Max(v, peak[j]);
+  }
+}
+
+// One set's channel block: `x` points at its first channel of position 0, rows are
+// `stride` elements apart; writes `width` sums and maxima.
+template <typename T>
+void SumMaxBlock(const T* x, const bool* mask, int64_t n, int64_t stride, int64_t width,
+                 float* sum, float* peak) {
+  std::fill(sum, sum + width, 0.0f);
+  std::fill(peak, peak + width, -std::numeric_limits<float>::infinity());
+  const T* group[kGroup];
+  int filled = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (mask != nullptr && !mask[i]) continue;
+    group[filled++] = x + i * stride;
+    if (filled == kGroup) {
+      FoldGroup(group, width, sum, peak);
+      filled = 0;
+    }
+  }
+  for (int k = 0; k < filled; ++k) FoldRow(group[k], width, sum, peak);
+  // The comparisons above skip NaN; a NaN sum flags the channels to rescan, so that the
+  // max propagates NaN exactly when a real position holds one.
+  for (int64_t j = 0; j < width; ++j) {
+    if (!std::isnan(sum[j])) continue;
+    for (int64_t i = 0; i < n; ++i) {
+      if ((mask == nullptr || mask[i]) && std::isnan(Load(x + i * stride, j))) {
+        peak[j] = std::numeric_limits<float>::quiet_NaN();
+        break;
+      }
+    }
+  }
+}
+
+struct Progress {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Splits the batch (and, for small batches, the channels) into work items shared by the
+// caller and the intra-op thread pool. The caller works too and waits only for items
+// already taken, so it finishes even when no pool thread is free.
+template <typename T>
+void SumMax(ffi::ThreadPool& pool, const T* x, const bool* mask, int64_t batch, int64_t n,
+            int64_t c, float* sum, float* peak) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t blocks = 1;
+  while (batch * blocks < 4 * threads && c / (2 * blocks) >= kMinBlockChannels) blocks *= 2;
+  const int64_t block = (c + blocks - 1) / blocks;
+  const int64_t items = batch * blocks;
+  auto progress = std::make_shared<Progress>();
+  auto work = [=]() {
+    int64_t finished = 0;
+    for (int64_t k; (k = progress->next.fetch_add(1)) < items; ++finished) {
+      const int64_t b = k / blocks, c0 = (k % blocks) * block;
+      const int64_t width = std::min(c, c0 + block) - c0;
+      if (width > 0) {
+        SumMaxBlock(x + b * n * c + c0, mask == nullptr ? nullptr : mask + b * n, n, c,
+                    width, sum + b * c + c0, peak + b * c + c0);
+      }
+    }
+    progress->done.fetch_add(finished);
+  };
+  for (int64_t t = 1; t < std::min(threads, items); ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (progress->done.load() < items) std::this_thread::yield();
+}
+
+ffi::Error Dispatch(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const bool* mask,
+                    ffi::ResultBuffer<ffi::F32>& sum, ffi::ResultBuffer<ffi::F32>& peak) {
+  auto dims = x.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("sum_max: x needs rank >= 2");
+  const int64_t c = dims[dims.size() - 1], n = dims[dims.size() - 2];
+  int64_t batch = 1;
+  for (size_t i = 0; i + 2 < dims.size(); ++i) batch *= dims[i];
+  switch (x.element_type()) {
+    case ffi::F32:
+      SumMax(pool, reinterpret_cast<const float*>(x.untyped_data()), mask, batch, n, c,
+             sum->typed_data(), peak->typed_data());
+      return ffi::Error::Success();
+    case ffi::BF16:
+      SumMax(pool, reinterpret_cast<const uint16_t*>(x.untyped_data()), mask, batch, n, c,
+             sum->typed_data(), peak->typed_data());
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("sum_max: x must be float32 or bfloat16");
+  }
+}
+
+ffi::Error SumMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::ResultBuffer<ffi::F32> sum,
+                      ffi::ResultBuffer<ffi::F32> peak) {
+  return Dispatch(pool, x, nullptr, sum, peak);
+}
+
+ffi::Error MaskedSumMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::PRED> mask,
+                            ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> peak) {
+  return Dispatch(pool, x, reinterpret_cast<const bool*>(mask.typed_data()), sum, peak);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GapjaxSumMax, SumMaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GapjaxMaskedSumMax, MaskedSumMaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
