@@ -123,17 +123,6 @@ def gap(x: Array, mask: Array | None = None) -> Array:
     return (total / jnp.maximum(_counts(sets, mask), 1.0)).astype(_result_dtype(sets))
 
 
-@jax.custom_vjp
-def _max_over_positions(sets: Array) -> Array:
-    """``sets [B, N, C] -> [B, C]`` max whose gradient follows the documented tie rule."""
-    return sets.max(axis=1)
-
-
-def _max_fwd(sets: Array) -> tuple[Array, tuple[Array, Array]]:
-    peak = sets.max(axis=1)
-    return peak, (sets, peak)
-
-
 def _first_peak_gradient(sets: Array, peak: Array, g: Array) -> Array:
     """``g [B, C]`` placed at the first position of ``sets [B, N, C]`` equal to ``peak [B, C]``
     (zeros elsewhere): the gradient of a max under the documented tie rule."""
@@ -148,38 +137,23 @@ def _first_peak_gradient(sets: Array, peak: Array, g: Array) -> Array:
                      jnp.zeros((), sets.dtype))
 
 
-def _max_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array]:
-    sets, peak = residuals
-    return (_first_peak_gradient(sets, peak, g),)
-
-
-_max_over_positions.defvjp(_max_fwd, _max_bwd)
-
-
-def gmp(x: Array, mask: Array | None = None) -> Array:
-    """Global max pooling: ``[B, *S, C] -> [B, C]``, the max over real positions.
-
-    The gradient is one-hot at the arg max of each (row, channel). Tie rule: the first
-    maximal position (row-major over the spatial axes) receives the whole gradient.
-    """
-    sets, mask = _as_sets(x, mask)
-    if mask is None:
-        return _max_over_positions(sets)
-    pooled = _max_over_positions(_max_masked(sets, mask))
-    return jnp.where(_counts(sets, mask) > 0, pooled, jnp.zeros((), pooled.dtype))
-
-
 def _xla_sum_and_peak(sets: Array, mask: Array | None) -> tuple[Array, Array]:
     total = _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32)
-    return total, _max_of_real(sets, mask)
+    return total, _max_masked(sets, mask).max(axis=1)
 
 
 @jax.custom_vjp
 def _sum_and_peak(sets: Array, mask: Array | None) -> tuple[Array, Array]:
-    """Sum and max over the real positions of ``sets [B, N, C]``, both float32 ``[B, C]``
-    (max -inf for a row without real positions), from one pass over memory on CPU."""
+    """Sum (float32) and max (``sets.dtype``) over the real positions of ``sets [B, N, C]``,
+    each ``[B, C]``; the max of a row without real positions is -inf (the lowest integer).
+
+    GMP, avgmax and catavgmax share it. On CPU both come from one pass over memory
+    (``gapjax.native``); where a result is unused (GMP's sum, say) XLA drops its work.
+    The gradient of the max follows the tie rule of ``gmp``.
+    """
     if native.supports(sets):
-        return native.sum_max(sets, mask)
+        total, peak = native.sum_max(sets, mask)
+        return total, peak.astype(sets.dtype)  # exact: the kernel reads f32 / bf16
     return _xla_sum_and_peak(sets, mask)
 
 
@@ -200,12 +174,26 @@ def _sum_and_peak_bwd(residuals, cotangents):
 _sum_and_peak.defvjp(_sum_and_peak_fwd, _sum_and_peak_bwd)
 
 
+def gmp(x: Array, mask: Array | None = None) -> Array:
+    """Global max pooling: ``[B, *S, C] -> [B, C]``, the max over real positions.
+
+    The gradient is one-hot at the arg max of each (row, channel). Tie rule: the first
+    maximal position (row-major over the spatial axes) receives the whole gradient.
+    """
+    sets, mask = _as_sets(x, mask)
+    _, peak = _sum_and_peak(sets, mask)
+    if mask is None:
+        return peak
+    return jnp.where(_counts(sets, mask) > 0, peak, jnp.zeros((), peak.dtype))
+
+
 def _mean_and_peak(x: Array, mask: Array | None) -> tuple[Array, Array]:
     """GAP and GMP of ``x [B, *S, C]`` as float32 ``[B, C]`` each, computed together."""
     sets, mask = _as_sets(x, mask)
     total, peak = _sum_and_peak(sets, mask)
     counts = _counts(sets, mask)
-    return total / jnp.maximum(counts, 1.0), jnp.where(counts > 0, peak, 0.0)
+    peak = jnp.where(counts > 0, peak.astype(jnp.float32), 0.0)
+    return total / jnp.maximum(counts, 1.0), peak
 
 
 def avgmax(x: Array, mask: Array | None = None) -> Array:
