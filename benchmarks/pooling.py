@@ -140,7 +140,7 @@ def benchmark_case(
                 "device": jax.devices()[0].device_kind,
                 "jax": jax.__version__,
                 "load_average_1min": round(os.getloadavg()[0], 2),
-                "fused_sum_max": native.supports(x.reshape(shape[0], -1, shape[-1])),
+                "fused_mean_max": native.supports(x, x.dtype),
             })
     return records
 

@@ -24,6 +24,7 @@ width through ``output_width(channels)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -123,55 +124,54 @@ def gap(x: Array, mask: Array | None = None) -> Array:
     return (total / jnp.maximum(_counts(sets, mask), 1.0)).astype(_result_dtype(sets))
 
 
-def _first_peak_gradient(sets: Array, peak: Array, g: Array) -> Array:
-    """``g [B, C]`` placed at the first position of ``sets [B, N, C]`` equal to ``peak [B, C]``
-    (zeros elsewhere): the gradient of a max under the documented tie rule."""
-    # Autodiff of max would split the gradient evenly between tied positions; the whole
-    # gradient goes to the first arg max instead, as for a one-hot pooling weight. The
-    # first maximal position is a min-reduction over positions (cheaper on CPU than
-    # argmax, whose (value, index) reduction XLA does not vectorise).
+def _first_peak(sets: Array, peak: Array) -> Array:
+    """Boolean ``[B, N, C]``: True at the first position of ``sets [B, N, C]`` equal to
+    ``peak [B, C]``, the position that a max's derivative follows (the tie rule)."""
+    # Autodiff of max would split the derivative evenly between tied positions; it goes
+    # to the first arg max instead, as for a one-hot pooling weight. The first maximal
+    # position is a min-reduction over positions (cheaper on CPU than argmax, whose
+    # (value, index) reduction XLA does not vectorise).
     positions = jnp.arange(sets.shape[1], dtype=jnp.int32)[None, :, None]
     is_peak = sets == peak[:, None, :].astype(sets.dtype)
-    first = jnp.where(is_peak, positions, sets.shape[1]).min(axis=1, keepdims=True)
-    return jnp.where(positions == first, g[:, None, :].astype(sets.dtype),
-                     jnp.zeros((), sets.dtype))
+    return positions == jnp.where(is_peak, positions, sets.shape[1]).min(axis=1, keepdims=True)
 
 
-def _xla_sum_and_peak(sets: Array, mask: Array | None) -> tuple[Array, Array]:
-    total = _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32)
-    return total, _max_masked(sets, mask).max(axis=1)
+def _xla_mean_and_peak(sets: Array, mask: Array | None, dtype: Any) -> Array:
+    counts = _counts(sets, mask)
+    mean = _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32) / jnp.maximum(counts, 1.0)
+    peak = _max_masked(sets, mask).max(axis=1)
+    peak = jnp.where(counts > 0, peak, jnp.zeros((), peak.dtype))
+    return jnp.stack([mean.astype(dtype), peak.astype(dtype)], axis=1)
 
 
-@jax.custom_vjp
-def _sum_and_peak(sets: Array, mask: Array | None) -> tuple[Array, Array]:
-    """Sum (float32) and max (``sets.dtype``) over the real positions of ``sets [B, N, C]``,
-    each ``[B, C]``; the max of a row without real positions is -inf (the lowest integer).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _mean_and_peak(sets: Array, mask: Array | None, dtype: Any) -> Array:
+    """Mean and max over the real positions of ``sets [B, N, C]`` as ``[B, 2, C]`` in
+    ``dtype`` (``[:, 0]`` mean, ``[:, 1]`` max; zeros for a row without real positions).
+    ``dtype`` is ``sets.dtype`` or float32, so the max is exact.
 
-    GMP, avgmax and catavgmax share it. On CPU both come from one pass over memory
-    (``gapjax.native``); where a result is unused (GMP's sum, say) XLA drops its work.
-    The gradient of the max follows the tie rule of ``gmp``.
+    GMP, avgmax and catavgmax share it; row ``b`` reshaped to ``[2C]`` is catavgmax. On
+    CPU it is one pass over memory (``gapjax.native``), elsewhere XLA's reductions (whose
+    unused half, GMP's mean say, XLA drops). The derivative of the max follows the tie
+    rule of ``gmp``; the rule is linear in the tangents, so forward mode (jvp, hessian)
+    and reverse mode (its transpose) both work.
     """
-    if native.supports(sets):
-        total, peak = native.sum_max(sets, mask)
-        return total, peak.astype(sets.dtype)  # exact: the kernel reads f32 / bf16
-    return _xla_sum_and_peak(sets, mask)
+    if native.supports(sets, dtype):
+        return native.mean_max(sets, mask, dtype)
+    return _xla_mean_and_peak(sets, mask, dtype)
 
 
-def _sum_and_peak_fwd(sets, mask):
-    total, peak = _sum_and_peak(sets, mask)
-    return (total, peak), (sets, mask, peak)
-
-
-def _sum_and_peak_bwd(residuals, cotangents):
-    sets, mask, peak = residuals
-    g_total, g_peak = cotangents
-    # Masked positions hold no part of the sum and can never be the first peak.
-    grad = _first_peak_gradient(_max_masked(sets, mask), peak, g_peak)
-    grad = grad + g_total[:, None, :].astype(sets.dtype)
-    return _zero_masked(grad, mask), None
-
-
-_sum_and_peak.defvjp(_sum_and_peak_fwd, _sum_and_peak_bwd)
+@_mean_and_peak.defjvp
+def _mean_and_peak_jvp(dtype, primals, tangents):
+    sets, mask = primals
+    stats = _mean_and_peak(sets, mask, dtype)
+    # Masked positions hold no part of the mean and can never be the first peak; a row
+    # without real positions pools to the constant 0 and gets no derivative.
+    dsets = _zero_masked(tangents[0], mask)
+    first = _first_peak(_max_masked(sets, mask), stats[:, 1])
+    dmean = dsets.sum(axis=1, dtype=jnp.float32) / jnp.maximum(_counts(sets, mask), 1.0)
+    dpeak = jnp.where(first, dsets, jnp.zeros((), dsets.dtype)).sum(axis=1)
+    return stats, jnp.stack([dmean.astype(dtype), dpeak.astype(dtype)], axis=1)
 
 
 def gmp(x: Array, mask: Array | None = None) -> Array:
@@ -181,37 +181,26 @@ def gmp(x: Array, mask: Array | None = None) -> Array:
     maximal position (row-major over the spatial axes) receives the whole gradient.
     """
     sets, mask = _as_sets(x, mask)
-    _, peak = _sum_and_peak(sets, mask)
-    if mask is None:
-        return peak
-    return jnp.where(_counts(sets, mask) > 0, peak, jnp.zeros((), peak.dtype))
-
-
-def _mean_and_peak(x: Array, mask: Array | None) -> tuple[Array, Array]:
-    """GAP and GMP of ``x [B, *S, C]`` as float32 ``[B, C]`` each, computed together."""
-    sets, mask = _as_sets(x, mask)
-    total, peak = _sum_and_peak(sets, mask)
-    counts = _counts(sets, mask)
-    peak = jnp.where(counts > 0, peak.astype(jnp.float32), 0.0)
-    return total / jnp.maximum(counts, 1.0), peak
+    return _mean_and_peak(sets, mask, sets.dtype)[:, 1]
 
 
 def avgmax(x: Array, mask: Array | None = None) -> Array:
     """Average of GAP and GMP, ``(gap + gmp) / 2``: ``[B, *S, C] -> [B, C]``.
 
-    On CPU the sum and the max come from one pass over ``x`` (``gapjax.native``).
+    On CPU the mean and the max come from one pass over ``x`` (``gapjax.native``).
     """
-    mean, peak = _mean_and_peak(x, mask)
-    return (0.5 * (mean + peak)).astype(_result_dtype(jnp.asarray(x)))
+    sets, mask = _as_sets(x, mask)
+    stats = _mean_and_peak(sets, mask, jnp.float32)
+    return (0.5 * (stats[:, 0] + stats[:, 1])).astype(_result_dtype(sets))
 
 
 def catavgmax(x: Array, mask: Array | None = None) -> Array:
     """GAP and GMP concatenated, ``[gap, gmp]``: ``[B, *S, C] -> [B, 2C]`` (mean first).
 
-    On CPU the sum and the max come from one pass over ``x`` (``gapjax.native``).
+    On CPU the mean and the max come from one pass over ``x`` (``gapjax.native``).
     """
-    mean, peak = _mean_and_peak(x, mask)
-    return jnp.concatenate([mean, peak], axis=-1).astype(_result_dtype(jnp.asarray(x)))
+    sets, mask = _as_sets(x, mask)
+    return _mean_and_peak(sets, mask, _result_dtype(sets)).reshape(sets.shape[0], -1)
 
 
 # --------------------------------------------------------------------------------------

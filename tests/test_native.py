@@ -1,4 +1,4 @@
-"""The fused CPU sum+max kernel (gapjax/native) against the two XLA reductions it replaces."""
+"""The fused CPU mean+max kernel (gapjax/native) against the XLA reductions it replaces."""
 
 import os
 import subprocess
@@ -17,24 +17,26 @@ RNG = np.random.default_rng(0)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def xla_sum_max(sets, mask):
-    """What the kernel must equal: masked sum and max as XLA computes them."""
-    return pooling._xla_sum_and_peak(sets, mask)
+def xla_mean_max(sets, mask, dtype=jnp.float32):
+    """What the kernel must equal: masked mean and max as XLA computes them."""
+    return pooling._xla_mean_and_peak(sets, mask, dtype)
 
 
 def test_kernel_builds_and_registers_on_this_machine():
     # CI machines carry a C++ compiler; without the kernel avgmax/catavgmax are ~2x slower.
     assert native.load(), "gapjax.native.load() failed; see the RuntimeWarning above"
-    assert native.supports(jnp.zeros((1, 2, 3), jnp.float32))
-    assert native.supports(jnp.zeros((1, 2, 3), jnp.bfloat16))
-    assert not native.supports(jnp.zeros((1, 2, 3), jnp.float16))
+    assert native.supports(jnp.zeros((1, 2, 3), jnp.float32), jnp.bfloat16)
+    assert native.supports(jnp.zeros((1, 2, 3), jnp.bfloat16), jnp.float32)
+    assert not native.supports(jnp.zeros((1, 2, 3), jnp.float16), jnp.float32)
+    assert not native.supports(jnp.zeros((1, 2, 3), jnp.float32), jnp.float16)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 7, 3), (3, 8, 64), (5, 9, 65), (1, 17, 1000),
                                    (2, 196, 300), (40, 12, 16)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_kernel_equals_xla_reductions(dtype, shape, masked):
+def test_kernel_equals_xla_reductions(dtype, out_dtype, shape, masked):
     # Shapes cover: fewer positions than a group of eight and remainders after groups;
     # channel counts that do and do not split into per-thread blocks; batches smaller and
     # larger than the thread count.
@@ -42,14 +44,34 @@ def test_kernel_equals_xla_reductions(dtype, shape, masked):
     mask = None
     if masked:
         mask = jnp.asarray(RNG.random(shape[:2]) < 0.6).at[0].set(False)  # row 0 empty
-    total, peak = jax.jit(native.sum_max)(sets, mask)
-    want_total, want_peak = jax.jit(xla_sum_max)(sets, mask)
-    assert total.dtype == peak.dtype == jnp.float32
-    np.testing.assert_array_equal(peak, want_peak)  # max is exact in any order
-    np.testing.assert_allclose(total, want_total, rtol=1e-5, atol=1e-5 * shape[1])
+    stats = jax.jit(native.mean_max, static_argnums=2)(sets, mask, out_dtype)
+    want = jax.jit(xla_mean_max, static_argnums=2)(sets, mask, out_dtype)
+    assert stats.dtype == out_dtype and stats.shape == (shape[0], 2, shape[2])
+    np.testing.assert_array_equal(stats[:, 1], want[:, 1])  # max is exact in any order
+    # Means agree up to summation order, then rounding to the output dtype (bfloat16
+    # results may land one bfloat16 step apart).
+    tolerance = 1e-5 if out_dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(stats[:, 0], np.float32),
+                               np.asarray(want[:, 0], np.float32), rtol=tolerance, atol=tolerance)
     if masked:
-        np.testing.assert_array_equal(total[0], 0.0)
-        np.testing.assert_array_equal(peak[0], -np.inf)
+        np.testing.assert_array_equal(stats[0], 0.0)
+
+
+def test_kernel_rounds_to_bfloat16_like_xla():
+    # Values that sit exactly between two bfloat16 numbers (ties go to even), just off a
+    # tie, and NaN: the kernel's float32 -> bfloat16 store must round as XLA's convert.
+    bits = np.array([0x3F808000, 0x3F818000, 0x3F808001, 0x3F80FFFF, 0x7F7FFFFF, 0xBF808000],
+                    np.uint32)
+    values = bits.view(np.float32)
+    sets = jnp.asarray(np.stack([values, values]))[None]  # [1, 2, 6]: mean == max == value
+    stats = native.mean_max(sets, None, jnp.bfloat16)
+    want = jnp.asarray(values).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(stats[0, 1]).view(np.uint16),
+                                  np.asarray(want).view(np.uint16))
+    np.testing.assert_array_equal(np.asarray(stats[0, 0]).view(np.uint16),
+                                  np.asarray(want).view(np.uint16))
+    nan = native.mean_max(jnp.full((1, 3, 2), jnp.nan), None, jnp.bfloat16)
+    assert np.isnan(np.asarray(nan, np.float32)).all()
 
 
 def test_kernel_nan_and_inf_follow_xla_max():
@@ -58,25 +80,21 @@ def test_kernel_nan_and_inf_follow_xla_max():
     # position; a NaN only at the masked position; +inf and -inf at real positions (sum
     # NaN, max +inf); all -inf; plain values.
     columns = [[nan, 7.0, 0.0], [5.0, nan, 1.0], [inf, 0.0, -inf], [-inf] * 3, [2.0, 3.0, -1.0]]
-    values = np.array(columns, np.float32).T[None]  # [1, 3, 5]
-    mask = np.array([[True, False, True]])
-    for m in (None, jnp.asarray(mask)):
-        total, peak = native.sum_max(jnp.asarray(values), m)
-        want_total, want_peak = xla_sum_max(jnp.asarray(values), m)
-        np.testing.assert_array_equal(peak, want_peak)
-        np.testing.assert_array_equal(total, want_total)
-    _, peak = native.sum_max(jnp.asarray(values), jnp.asarray(mask))
-    np.testing.assert_array_equal(peak[0], [nan, 5.0, inf, -inf, 2.0])
+    values = jnp.asarray(np.array(columns, np.float32).T[None])  # [1, 3, 5]
+    mask = jnp.asarray([[True, False, True]])
+    for m in (None, mask):
+        np.testing.assert_array_equal(native.mean_max(values, m), xla_mean_max(values, m))
+    stats = native.mean_max(values, mask)
+    np.testing.assert_array_equal(stats[0, 1], [nan, 5.0, inf, -inf, 2.0])
+    np.testing.assert_array_equal(stats[0, 0], [nan, 3.0, nan, -inf, 0.5])
 
 
 def test_kernel_under_vmap_matches_per_example_calls():
     sets = jnp.asarray(RNG.normal(size=(4, 3, 10, 5)), jnp.float32)
     mask = jnp.asarray(RNG.random((4, 3, 10)) < 0.5)
-    batched = jax.vmap(native.sum_max)(sets, mask)
+    batched = jax.vmap(native.mean_max)(sets, mask)
     for i in range(4):
-        single = native.sum_max(sets[i], mask[i])
-        for got, want in zip(batched, single):
-            np.testing.assert_array_equal(got[i], want)
+        np.testing.assert_array_equal(batched[i], native.mean_max(sets[i], mask[i]))
 
 
 def test_masked_avgmax_gradient_is_uniform_plus_first_peak():
@@ -143,23 +161,22 @@ def test_kernel_partitions_over_a_device_mesh_and_runs_under_pmap():
         def step(x, mask):
             sets = x.reshape(8, 25, 48)
             grads = jax.grad(lambda x: pooling.avgmax(x, mask).sum())(x)
-            return native.sum_max(sets, mask.reshape(8, 25)), pooling.catavgmax(x, mask), grads
+            return native.mean_max(sets, mask.reshape(8, 25)), pooling.catavgmax(x, mask), grads
         single = jax.jit(step)(x, mask)
         shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
         compiled = jax.jit(step).lower(shard(x), shard(mask)).compile()
         assert "all-gather" not in compiled.as_text()
-        assert "gapjax_masked_sum_max" in compiled.as_text()
+        assert "gapjax_masked_mean_max" in compiled.as_text()
         split = compiled(shard(x), shard(mask))
         assert split[1].sharding.spec == P("data")
-        # The kernel's sums and maxima are bitwise equal; XLA may fuse the division by
-        # the counts differently in the partitioned program (1 ulp).
-        for a, b in zip(split[0], single[0]):
+        # The kernel's means and maxima, and so the pools, are bitwise equal; XLA may
+        # fuse the gradient's division by the counts differently (1 ulp).
+        for a, b in zip(split[:2], single[:2]):
             np.testing.assert_array_equal(a, b)
-        for a, b in zip(split[1:], single[1:]):
-            np.testing.assert_allclose(a, b, rtol=3e-7, atol=1e-7)
-        mapped = jax.pmap(native.sum_max)(x.reshape(4, 2, 25, 48))
-        for a, b in zip(mapped, native.sum_max(x.reshape(8, 25, 48))):
-            np.testing.assert_array_equal(a.reshape(8, 48), b)
+        np.testing.assert_allclose(split[2], single[2], rtol=3e-7, atol=1e-7)
+        mapped = jax.pmap(native.mean_max)(x.reshape(4, 2, 25, 48))
+        np.testing.assert_array_equal(mapped.reshape(8, 2, 48),
+                                      native.mean_max(x.reshape(8, 25, 48)))
         print("ok")
     """)
     env = {**os.environ, "JAX_PLATFORMS": "cpu",

@@ -1,14 +1,15 @@
 """Fused CPU kernels, compiled on first use with the machine's C++ compiler.
 
 XLA's CPU backend runs two reductions of one tensor as two passes over memory, so
-``avgmax`` and ``catavgmax`` (a sum and a max of the same feature map) cost about twice
-a single ``x.sum()``. ``sum_max.cc`` reads the map once. It is an XLA FFI handler built
+``avgmax`` and ``catavgmax`` (a mean and a max of the same feature map) cost about twice
+a single ``x.sum()``. ``mean_max.cc`` reads the map once and writes both, already in
+catavgmax's ``[mean, max]`` layout and output dtype. It is an XLA FFI handler built
 against the headers that ship with jaxlib (``jax.ffi.include_dir()``), so there is no build
 step at install time: the first call compiles it (about 2 s) into a cache keyed by the
 source, jaxlib, compiler and CPU, and later processes load the cached library.
 
 When no compiler is found or the build fails, ``load()`` returns False, warns once, and
-the pools fall back to the two XLA reductions (same results up to summation order).
+the pools fall back to two XLA reductions (same results up to summation order).
 
 Environment:
   ``GAPJAX_NATIVE=0``      never build or use the kernels.
@@ -40,10 +41,10 @@ from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 
-SOURCE = Path(__file__).with_name("sum_max.cc")
+SOURCE = Path(__file__).with_name("mean_max.cc")
 #: FFI target name -> exported handler symbol in the compiled library.
-TARGETS = {"gapjax_sum_max": "GapjaxSumMax", "gapjax_masked_sum_max": "GapjaxMaskedSumMax"}
-#: Input dtypes the kernel reads; others take the XLA path.
+TARGETS = {"gapjax_mean_max": "GapjaxMeanMax", "gapjax_masked_mean_max": "GapjaxMaskedMeanMax"}
+#: Input and output dtypes the kernel handles; others take the XLA path.
 DTYPES = (jnp.float32, jnp.bfloat16)
 #: Compiler flag sets tried in order: tuned for this CPU first, then portable.
 FLAG_SETS = (
@@ -95,7 +96,7 @@ def _compiler_version(compiler: str) -> str:
 
 
 def build(force: bool = False) -> Path:
-    """Compiles ``sum_max.cc`` (or finds it in the cache) and returns the library path.
+    """Compiles ``mean_max.cc`` (or finds it in the cache) and returns the library path.
 
     The library is written under a temporary name and renamed into place, so processes
     that build at the same time never load a half-written file. Raises ``BuildError``.
@@ -108,7 +109,7 @@ def build(force: bool = False) -> Path:
         _compiler_version(compiler).encode(), _cpu_fingerprint().encode(),
         repr(FLAG_SETS).encode(),
     ])).hexdigest()[:16]
-    target = cache_dir() / f"sum_max-{key}.so"
+    target = cache_dir() / f"mean_max-{key}.so"
     if target.exists() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,14 +129,14 @@ def build(force: bool = False) -> Path:
             errors.append(f"{' '.join(flags)}: compiler ran over {COMPILE_TIMEOUT_S} s")
         finally:
             Path(partial).unlink(missing_ok=True)
-    raise BuildError("compiling gapjax/native/sum_max.cc failed:\n" + "\n".join(errors))
+    raise BuildError(f"compiling {SOURCE} failed:\n" + "\n".join(errors))
 
 
 @functools.cache
 def load() -> bool:
     """Builds (once per machine) and registers the kernels with XLA's CPU backend.
 
-    True when ``sum_max`` is usable; False, after one warning, when it is not (or when
+    True when ``mean_max`` is usable; False, after one warning, when it is not (or when
     ``GAPJAX_NATIVE=0``). Cached for the life of the process.
     """
     if not enabled():
@@ -147,30 +148,31 @@ def load() -> bool:
             jax.ffi.register_ffi_target(target, capsule, platform="cpu")
     except (BuildError, OSError, AttributeError, subprocess.SubprocessError) as error:
         warnings.warn(
-            f"gapjax: the fused CPU sum+max kernel is unavailable ({error}); avgmax and "
-            "catavgmax use two XLA reductions instead (same results, about 2x slower on "
-            "CPU). Set GAPJAX_NATIVE=0 to skip the build and this warning.",
+            f"gapjax: the fused CPU mean+max kernel is unavailable ({error}); gmp, avgmax "
+            "and catavgmax use XLA reductions instead (same results; avgmax and catavgmax "
+            "about 2x slower on CPU). Set GAPJAX_NATIVE=0 to skip the build and this warning.",
             RuntimeWarning, stacklevel=2,
         )
         return False
     return True
 
 
-def supports(sets: Array) -> bool:
-    """Whether ``sum_max`` can pool ``sets [B, N, C]`` here: a float32 or bfloat16 input,
-    CPU as the default backend, and the kernel built."""
+def supports(sets: Array, dtype: Any) -> bool:
+    """Whether ``mean_max`` can pool ``sets [B, N, C]`` into ``dtype`` here: float32 or
+    bfloat16 in and out, CPU as the default backend, and the kernel built."""
     return (
-        any(sets.dtype == dtype for dtype in DTYPES)
+        any(sets.dtype == d for d in DTYPES)
+        and any(jnp.dtype(dtype) == d for d in DTYPES)
         and jax.default_backend() == "cpu"
         and load()
     )
 
 
-def _ffi_sum_max(sets: Array, *mask: Array) -> tuple[Array, Array]:
+def _ffi_mean_max(dtype: Any, sets: Array, *mask: Array) -> Array:
     """The kernel on this device's ``sets [B, N, C]`` (and ``mask [B, N]``)."""
-    out = jax.ShapeDtypeStruct((sets.shape[0], sets.shape[2]), jnp.float32)
-    target = "gapjax_masked_sum_max" if mask else "gapjax_sum_max"
-    return tuple(jax.ffi.ffi_call(target, (out, out))(sets, *mask))
+    out = jax.ShapeDtypeStruct((sets.shape[0], 2, sets.shape[2]), dtype)
+    target = "gapjax_masked_mean_max" if mask else "gapjax_mean_max"
+    return jax.ffi.ffi_call(target, out)(sets, *mask)
 
 
 def _batch_and_channel_axes(sharding: Any) -> tuple[Any, Any]:
@@ -179,22 +181,27 @@ def _batch_and_channel_axes(sharding: Any) -> tuple[Any, Any]:
     return spec[0], spec[2]
 
 
-def _output_shardings(mesh, arg_shapes, result_shape):
+def _output_sharding(mesh, arg_shapes, result_shape):
     batch, channels = _batch_and_channel_axes(arg_shapes[0].sharding)
-    out = NamedSharding(mesh, P(batch, channels))
-    return out, out
+    return NamedSharding(mesh, P(batch, None, channels))
 
 
-def _partition(mesh, arg_shapes, result_shape):
-    # Sets and channels are independent, so each device pools its own block; positions
-    # are reduced over, so each device needs all of them (N is gathered if split).
-    batch, channels = _batch_and_channel_axes(arg_shapes[0].sharding)
-    inputs = (NamedSharding(mesh, P(batch, None, channels)), NamedSharding(mesh, P(batch, None)))
-    return (mesh, _ffi_sum_max, _output_shardings(mesh, arg_shapes, result_shape),
-            inputs[:len(arg_shapes)])
+def _partitioner(dtype: Any):
+    def partition(mesh, arg_shapes, result_shape):
+        # Sets and channels are independent, so each device pools its own block;
+        # positions are reduced over, so each device needs all of them (N is gathered
+        # if split).
+        batch, channels = _batch_and_channel_axes(arg_shapes[0].sharding)
+        inputs = (NamedSharding(mesh, P(batch, None, channels)),
+                  NamedSharding(mesh, P(batch, None)))
+        lower = functools.partial(_ffi_mean_max, dtype)
+        return (mesh, lower, _output_sharding(mesh, arg_shapes, result_shape),
+                inputs[:len(arg_shapes)])
+
+    return partition
 
 
-def _vmap_by_merging(fn: Callable[..., tuple[Array, Array]]):
+def _vmap_by_merging(fn: Callable[..., Array]) -> Callable[..., Array]:
     """``fn`` whose vmap folds the mapped axis into the batch axis: one kernel call."""
     fn = jax.custom_batching.custom_vmap(fn)
 
@@ -203,29 +210,32 @@ def _vmap_by_merging(fn: Callable[..., tuple[Array, Array]]):
         args = [arg if batched else jnp.broadcast_to(arg, (axis_size, *arg.shape))
                 for arg, batched in zip(args, in_batched)]
         merged = fn(*[arg.reshape(-1, *arg.shape[2:]) for arg in args])
-        return tuple(out.reshape(axis_size, -1, out.shape[-1]) for out in merged), (True, True)
+        return merged.reshape(axis_size, -1, *merged.shape[1:]), True
 
     return fn
 
 
-def _partitioned(rule: str):
+@functools.cache
+def _partitioned(masked: bool, dtype: Any) -> Callable[..., Array]:
     """The kernel as one op that jit partitions over a device mesh and vmap batches."""
-    fn = custom_partitioning(_ffi_sum_max)
-    fn.def_partition(infer_sharding_from_operands=_output_shardings, partition=_partition,
-                     sharding_rule=rule)
+    fn = custom_partitioning(functools.partial(_ffi_mean_max, dtype))
+    rule = "b n c, b n -> b t c" if masked else "b n c -> b t c"
+    fn.def_partition(infer_sharding_from_operands=_output_sharding,
+                     partition=_partitioner(dtype), sharding_rule=rule)
     return _vmap_by_merging(fn)
 
 
-_sum_max = _partitioned("b n c -> b c, b c")
-_masked_sum_max = _partitioned("b n c, b n -> b c, b c")
-
-
-def sum_max(sets: Array, mask: Array | None = None) -> tuple[Array, Array]:
-    """One pass over ``sets [B, N, C]``: the float32 sum and max over real positions,
-    each ``[B, C]``. Without real positions the sum is 0 and the max -inf; a NaN at a
-    real position makes the max NaN. Works under jit over a device mesh (each device pools
-    its shard of sets), pmap and vmap; not differentiable on its own (see
-    ``gapjax.pooling``). Call only where ``supports(sets)`` holds."""
+def mean_max(sets: Array, mask: Array | None = None, dtype: Any = jnp.float32) -> Array:
+    """One pass over ``sets [B, N, C]``: ``stats [B, 2, C]`` in ``dtype``, the mean
+    (``stats[:, 0]``, float32 accumulation) and the max (``stats[:, 1]``) over real
+    positions; both 0 for a set without real positions; a NaN at a real position makes the
+    max NaN. ``stats.reshape(B, 2 * C)`` is catavgmax. Works under jit over a device mesh
+    (each device pools its shard of sets), pmap and vmap; not differentiable on its own
+    (see ``gapjax.pooling``). Call only where ``supports(sets, dtype)`` holds."""
+    if not load():
+        raise RuntimeError("gapjax.native.mean_max: the kernel is not available (GAPJAX_NATIVE=0 "
+                           "or the build failed; see the warning); check supports() first")
+    dtype = jnp.dtype(dtype)
     if mask is None:
-        return _sum_max(sets)
-    return _masked_sum_max(sets, mask.astype(bool))
+        return _partitioned(False, dtype)(sets)
+    return _partitioned(True, dtype)(sets, mask.astype(bool))

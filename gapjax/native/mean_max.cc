@@ -1,16 +1,18 @@
-// One-pass sum and max over the positions of a batch of sets, for XLA's CPU backend.
+// One-pass mean and max over the positions of a batch of sets, for XLA's CPU backend.
 //
-//   x     [..., N, C]  float32 or bfloat16 (every leading axis is a batch axis)
-//   mask  [..., N]     bool, true = real position (only for the masked handler)
-//   sum   [..., C]     float32: sum over real positions (0 when there are none)
-//   peak  [..., C]     float32: max over real positions (-inf when there are none; NaN
-//                      when a real position holds NaN, as XLA's max gives)
+//   x      [..., N, C]     float32 or bfloat16 (every leading axis is a batch axis)
+//   mask   [..., N]        bool, true = real position (only for the masked handler)
+//   stats  [..., 2, C]     float32 or bfloat16: stats[..., 0, :] the mean and
+//                          stats[..., 1, :] the max over real positions; both 0 for a
+//                          set without real positions; the max is NaN when a real
+//                          position holds NaN, as XLA's max gives.
 //
 // XLA:CPU reads x once per reduction, so avgmax/catavgmax (a sum and a max of one
 // tensor) cost two passes over memory. Here each thread reads a row block once and
 // keeps both accumulators in cache. Rows are taken eight at a time, so the running sum
 // and max are updated once per eight positions. Accumulation is float32 in a fixed order
-// per (set, channel), whatever the number of threads, so results are deterministic.
+// per (set, channel), whatever the number of threads, so results are deterministic. The
+// [2, C] layout per set is catavgmax's [mean, max] row as it is, with no copy.
 
 #include <algorithm>
 #include <atomic>
@@ -20,6 +22,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -37,6 +40,16 @@ inline float Load(const uint16_t* p, int64_t j) {  // bfloat16 -> float32, exact
   float value;
   std::memcpy(&value, &bits, sizeof value);
   return value;
+}
+
+inline void Store(float value, float* p) { *p = value; }
+
+inline void Store(float value, uint16_t* p) {  // float32 -> bfloat16, round to nearest even
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (bits >> 16) | 0x0040u;  // a NaN stays a (quiet) NaN
+  *p = static_cast<uint16_t>(value != value ? quiet_nan : rounded);  // branch-free
 }
 
 inline float Max(float a, float b) { return a > b ? a : b; }
@@ -73,16 +86,19 @@ void FoldRow(const T* __restrict row, int64_t width, float* __restrict sum,
 }
 
 // One set's channel block: `x` points at its first channel of position 0, rows are
-// `stride` elements apart; writes `width` sums and maxima.
+// `stride` elements apart; fills `width` sums and maxima and returns the number of real
+// positions.
 template <typename T>
-void SumMaxBlock(const T* x, const bool* mask, int64_t n, int64_t stride, int64_t width,
-                 float* sum, float* peak) {
+int64_t SumMaxBlock(const T* x, const bool* mask, int64_t n, int64_t stride, int64_t width,
+                    float* sum, float* peak) {
   std::fill(sum, sum + width, 0.0f);
   std::fill(peak, peak + width, -std::numeric_limits<float>::infinity());
   const T* group[kGroup];
   int filled = 0;
+  int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
     if (mask != nullptr && !mask[i]) continue;
+    ++count;
     group[filled++] = x + i * stride;
     if (filled == kGroup) {
       FoldGroup(group, width, sum, peak);
@@ -101,6 +117,18 @@ void SumMaxBlock(const T* x, const bool* mask, int64_t n, int64_t stride, int64_
       }
     }
   }
+  return count;
+}
+
+// Writes one set's block of means and maxima (zeros for a set without real positions).
+template <typename Out>
+void StoreStats(const float* sum, const float* peak, int64_t count, int64_t width,
+                Out* mean_out, Out* peak_out) {
+  for (int64_t j = 0; j < width; ++j) {
+    // sum / count, not sum * (1 / count): the same rounding as the XLA path's division.
+    Store(count > 0 ? sum[j] / static_cast<float>(count) : 0.0f, mean_out + j);
+    Store(count > 0 ? peak[j] : 0.0f, peak_out + j);
+  }
 }
 
 struct Progress {
@@ -111,9 +139,9 @@ struct Progress {
 // Splits the batch (and, for small batches, the channels) into work items shared by the
 // caller and the intra-op thread pool. The caller works too and waits only for items
 // already taken, so it finishes even when no pool thread is free.
-template <typename T>
-void SumMax(ffi::ThreadPool& pool, const T* x, const bool* mask, int64_t batch, int64_t n,
-            int64_t c, float* sum, float* peak) {
+template <typename T, typename Out>
+void MeanMax(ffi::ThreadPool& pool, const T* x, const bool* mask, int64_t batch, int64_t n,
+             int64_t c, Out* stats) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   int64_t blocks = 1;
   while (batch * blocks < 4 * threads && c / (2 * blocks) >= kMinBlockChannels) blocks *= 2;
@@ -121,14 +149,17 @@ void SumMax(ffi::ThreadPool& pool, const T* x, const bool* mask, int64_t batch, 
   const int64_t items = batch * blocks;
   auto progress = std::make_shared<Progress>();
   auto work = [=]() {
+    std::vector<float> sum(block), peak(block);
     int64_t finished = 0;
     for (int64_t k; (k = progress->next.fetch_add(1)) < items; ++finished) {
       const int64_t b = k / blocks, c0 = (k % blocks) * block;
       const int64_t width = std::min(c, c0 + block) - c0;
-      if (width > 0) {
-        SumMaxBlock(x + b * n * c + c0, mask == nullptr ? nullptr : mask + b * n, n, c,
-                    width, sum + b * c + c0, peak + b * c + c0);
-      }
+      if (width <= 0) continue;
+      const bool* set_mask = mask == nullptr ? nullptr : mask + b * n;
+      const int64_t count =
+          SumMaxBlock(x + b * n * c + c0, set_mask, n, c, width, sum.data(), peak.data());
+      Out* out = stats + b * 2 * c + c0;
+      StoreStats(sum.data(), peak.data(), count, width, out, out + c);
     }
     progress->done.fetch_add(finished);
   };
@@ -137,50 +168,64 @@ void SumMax(ffi::ThreadPool& pool, const T* x, const bool* mask, int64_t batch, 
   while (progress->done.load() < items) std::this_thread::yield();
 }
 
-ffi::Error Dispatch(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const bool* mask,
-                    ffi::ResultBuffer<ffi::F32>& sum, ffi::ResultBuffer<ffi::F32>& peak) {
-  auto dims = x.dimensions();
-  if (dims.size() < 2) return ffi::Error::InvalidArgument("sum_max: x needs rank >= 2");
-  const int64_t c = dims[dims.size() - 1], n = dims[dims.size() - 2];
-  int64_t batch = 1;
-  for (size_t i = 0; i + 2 < dims.size(); ++i) batch *= dims[i];
-  switch (x.element_type()) {
+template <typename T>
+ffi::Error MeanMaxTo(ffi::ThreadPool& pool, const T* x, const bool* mask, int64_t batch,
+                     int64_t n, int64_t c, ffi::Result<ffi::AnyBuffer>& stats) {
+  switch (stats->element_type()) {
     case ffi::F32:
-      SumMax(pool, reinterpret_cast<const float*>(x.untyped_data()), mask, batch, n, c,
-             sum->typed_data(), peak->typed_data());
+      MeanMax(pool, x, mask, batch, n, c, reinterpret_cast<float*>(stats->untyped_data()));
       return ffi::Error::Success();
     case ffi::BF16:
-      SumMax(pool, reinterpret_cast<const uint16_t*>(x.untyped_data()), mask, batch, n, c,
-             sum->typed_data(), peak->typed_data());
+      MeanMax(pool, x, mask, batch, n, c, reinterpret_cast<uint16_t*>(stats->untyped_data()));
       return ffi::Error::Success();
     default:
-      return ffi::Error::InvalidArgument("sum_max: x must be float32 or bfloat16");
+      return ffi::Error::InvalidArgument("mean_max: stats must be float32 or bfloat16");
   }
 }
 
-ffi::Error SumMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::ResultBuffer<ffi::F32> sum,
-                      ffi::ResultBuffer<ffi::F32> peak) {
-  return Dispatch(pool, x, nullptr, sum, peak);
+ffi::Error Dispatch(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const bool* mask,
+                    ffi::Result<ffi::AnyBuffer>& stats) {
+  auto dims = x.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("mean_max: x needs rank >= 2");
+  const int64_t c = dims[dims.size() - 1], n = dims[dims.size() - 2];
+  int64_t batch = 1;
+  for (size_t i = 0; i + 2 < dims.size(); ++i) batch *= dims[i];
+  if (static_cast<int64_t>(stats->element_count()) != batch * 2 * c) {
+    return ffi::Error::InvalidArgument("mean_max: stats must have shape [..., 2, C]");
+  }
+  switch (x.element_type()) {
+    case ffi::F32:
+      return MeanMaxTo(pool, reinterpret_cast<const float*>(x.untyped_data()), mask, batch, n,
+                       c, stats);
+    case ffi::BF16:
+      return MeanMaxTo(pool, reinterpret_cast<const uint16_t*>(x.untyped_data()), mask, batch,
+                       n, c, stats);
+    default:
+      return ffi::Error::InvalidArgument("mean_max: x must be float32 or bfloat16");
+  }
 }
 
-ffi::Error MaskedSumMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::PRED> mask,
-                            ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> peak) {
-  return Dispatch(pool, x, reinterpret_cast<const bool*>(mask.typed_data()), sum, peak);
+ffi::Error MeanMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                       ffi::Result<ffi::AnyBuffer> stats) {
+  return Dispatch(pool, x, nullptr, stats);
+}
+
+ffi::Error MaskedMeanMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                             ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> stats) {
+  return Dispatch(pool, x, reinterpret_cast<const bool*>(mask.typed_data()), stats);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GapjaxSumMax, SumMaxImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GapjaxMeanMax, MeanMaxImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::AnyBuffer>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GapjaxMaskedSumMax, MaskedSumMaxImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GapjaxMaskedMeanMax, MaskedMeanMaxImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::AnyBuffer>());
