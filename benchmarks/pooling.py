@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | None = None):
     if unknown:
         parser.error(f"--pools: unknown {unknown}; choose from {', '.join(known)}")
     if args.repeats is None:
-        args.repeats = 5 if args.quick else 11
+        args.repeats = 5 if args.quick else 21
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     return args

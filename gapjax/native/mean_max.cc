@@ -42,14 +42,21 @@ inline float Load(const uint16_t* p, int64_t j) {  // bfloat16 -> float32, exact
   return value;
 }
 
-inline void Store(float value, float* p) { *p = value; }
+// Stores float32 values as float32, or as bfloat16 rounded to nearest even (what XLA's
+// convert does); a NaN stays a quiet NaN. Integer arithmetic only, so it vectorises.
+inline void StoreRow(const float* __restrict src, int64_t width, float* __restrict dst) {
+  std::memcpy(dst, src, width * sizeof(float));
+}
 
-inline void Store(float value, uint16_t* p) {  // float32 -> bfloat16, round to nearest even
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const uint32_t quiet_nan = (bits >> 16) | 0x0040u;  // a NaN stays a (quiet) NaN
-  *p = static_cast<uint16_t>(value != value ? quiet_nan : rounded);  // branch-free
+inline void StoreRow(const float* __restrict src, int64_t width, uint16_t* __restrict dst) {
+  for (int64_t j = 0; j < width; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, src + j, sizeof bits);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const uint32_t quiet_nan = (bits >> 16) | 0x0040u;
+    const bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+    dst[j] = static_cast<uint16_t>(is_nan ? quiet_nan : rounded);
+  }
 }
 
 inline float Max(float a, float b) { return a > b ? a : b; }
@@ -120,15 +127,20 @@ int64_t SumMaxBlock(const T* x, const bool* mask, int64_t n, int64_t stride, int
   return count;
 }
 
-// Writes one set's block of means and maxima (zeros for a set without real positions).
+// Turns one set's block of sums and maxima into means and maxima (zeros for a set
+// without real positions), in place, and stores them.
 template <typename Out>
-void StoreStats(const float* sum, const float* peak, int64_t count, int64_t width,
+void StoreStats(float* __restrict sum, float* __restrict peak, int64_t count, int64_t width,
                 Out* mean_out, Out* peak_out) {
-  for (int64_t j = 0; j < width; ++j) {
-    // sum / count, not sum * (1 / count): the same rounding as the XLA path's division.
-    Store(count > 0 ? sum[j] / static_cast<float>(count) : 0.0f, mean_out + j);
-    Store(count > 0 ? peak[j] : 0.0f, peak_out + j);
+  if (count == 0) {
+    std::fill(sum, sum + width, 0.0f);
+    std::fill(peak, peak + width, 0.0f);
   }
+  // sum / count, not sum * (1 / count): the same rounding as the XLA path's division.
+  const float divisor = static_cast<float>(std::max<int64_t>(count, 1));
+  for (int64_t j = 0; j < width; ++j) sum[j] /= divisor;
+  StoreRow(sum, width, mean_out);
+  StoreRow(peak, width, peak_out);
 }
 
 struct Progress {
