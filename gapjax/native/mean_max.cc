@@ -22,6 +22,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -33,13 +34,16 @@ namespace {
 constexpr int kGroup = 8;                   // positions folded per accumulator update
 constexpr int64_t kMinBlockChannels = 64;   // narrowest channel block a thread takes
 
-inline float Load(const float* p, int64_t j) { return p[j]; }
-
-inline float Load(const uint16_t* p, int64_t j) {  // bfloat16 -> float32, exact
-  uint32_t bits = static_cast<uint32_t>(p[j]) << 16;
+inline float Bits(uint32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof value);
   return value;
+}
+
+inline float Load(const float* p, int64_t j) { return p[j]; }
+
+inline float Load(const uint16_t* p, int64_t j) {  // bfloat16 -> float32, exact
+  return Bits(static_cast<uint32_t>(p[j]) << 16);
 }
 
 // Stores float32 values as float32, or as bfloat16 rounded to nearest even (what XLA's
@@ -61,7 +65,8 @@ inline void StoreRow(const float* __restrict src, int64_t width, uint16_t* __res
 
 inline float Max(float a, float b) { return a > b ? a : b; }
 
-// Folds kGroup rows (each `width` channels) into the running sum and max.
+// Folds kGroup rows (each `width` channels) into the running sum and max. The fold
+// functions stay out of line so that the compiler keeps their __restrict promises.
 template <typename T>
 void FoldGroup(const T* const* rows, int64_t width, float* __restrict sum,
                float* __restrict peak) {
@@ -92,14 +97,62 @@ void FoldRow(const T* __restrict row, int64_t width, float* __restrict sum,
   }
 }
 
-// One set's channel block: `x` points at its first channel of position 0, rows are
-// `stride` elements apart; fills `width` sums and maxima and returns the number of real
-// positions.
-template <typename T>
-int64_t SumMaxBlock(const T* x, const bool* mask, int64_t n, int64_t stride, int64_t width,
-                    float* sum, float* peak) {
-  std::fill(sum, sum + width, 0.0f);
-  std::fill(peak, peak + width, -std::numeric_limits<float>::infinity());
+// bfloat16 rows read as 32-bit words: word k holds channel 2k in its low half and channel
+// 2k+1 in its high half, and each becomes a float32 with one shift or one mask (no
+// shuffles), which doubles the speed of the loop over widening each value. The even and
+// odd channels keep separate accumulators.
+inline uint32_t Word(const uint16_t* p, int64_t k) {
+  uint32_t word;
+  std::memcpy(&word, p + 2 * k, sizeof word);
+  return word;
+}
+inline float Low(uint32_t word) { return Bits(word << 16); }
+inline float High(uint32_t word) { return Bits(word & 0xFFFF0000u); }
+
+void FoldGroupPairs(const uint16_t* const* rows, int64_t words, float* __restrict even_sum,
+                    float* __restrict odd_sum, float* __restrict even_peak,
+                    float* __restrict odd_peak) {
+  const uint16_t* __restrict r0 = rows[0];
+  const uint16_t* __restrict r1 = rows[1];
+  const uint16_t* __restrict r2 = rows[2];
+  const uint16_t* __restrict r3 = rows[3];
+  const uint16_t* __restrict r4 = rows[4];
+  const uint16_t* __restrict r5 = rows[5];
+  const uint16_t* __restrict r6 = rows[6];
+  const uint16_t* __restrict r7 = rows[7];
+  for (int64_t k = 0; k < words; ++k) {
+    uint32_t w0 = Word(r0, k), w1 = Word(r1, k), w2 = Word(r2, k), w3 = Word(r3, k);
+    uint32_t w4 = Word(r4, k), w5 = Word(r5, k), w6 = Word(r6, k), w7 = Word(r7, k);
+    float e0 = Low(w0), e1 = Low(w1), e2 = Low(w2), e3 = Low(w3);
+    float e4 = Low(w4), e5 = Low(w5), e6 = Low(w6), e7 = Low(w7);
+    float o0 = High(w0), o1 = High(w1), o2 = High(w2), o3 = High(w3);
+    float o4 = High(w4), o5 = High(w5), o6 = High(w6), o7 = High(w7);
+    even_sum[k] += ((e0 + e1) + (e2 + e3)) + ((e4 + e5) + (e6 + e7));
+    odd_sum[k] += ((o0 + o1) + (o2 + o3)) + ((o4 + o5) + (o6 + o7));
+    float even = Max(Max(Max(e0, e1), Max(e2, e3)), Max(Max(e4, e5), Max(e6, e7)));
+    float odd = Max(Max(Max(o0, o1), Max(o2, o3)), Max(Max(o4, o5), Max(o6, o7)));
+    even_peak[k] = Max(even, even_peak[k]);
+    odd_peak[k] = Max(odd, odd_peak[k]);
+  }
+}
+
+void FoldRowPairs(const uint16_t* __restrict row, int64_t words, float* __restrict even_sum,
+                  float* __restrict odd_sum, float* __restrict even_peak,
+                  float* __restrict odd_peak) {
+  for (int64_t k = 0; k < words; ++k) {
+    const uint32_t word = Word(row, k);
+    even_sum[k] += Low(word);
+    odd_sum[k] += High(word);
+    even_peak[k] = Max(Low(word), even_peak[k]);
+    odd_peak[k] = Max(High(word), odd_peak[k]);
+  }
+}
+
+// Calls fold_group on each run of kGroup real rows of one set and fold_row on the rows
+// left over; returns the number of real positions.
+template <typename T, typename FoldGroupFn, typename FoldRowFn>
+int64_t FoldRealRows(const T* x, const bool* mask, int64_t n, int64_t stride,
+                     FoldGroupFn fold_group, FoldRowFn fold_row) {
   const T* group[kGroup];
   int filled = 0;
   int64_t count = 0;
@@ -108,11 +161,91 @@ int64_t SumMaxBlock(const T* x, const bool* mask, int64_t n, int64_t stride, int
     ++count;
     group[filled++] = x + i * stride;
     if (filled == kGroup) {
-      FoldGroup(group, width, sum, peak);
+      fold_group(group);
       filled = 0;
     }
   }
-  for (int k = 0; k < filled; ++k) FoldRow(group[k], width, sum, peak);
+  for (int k = 0; k < filled; ++k) fold_row(group[k]);
+  return count;
+}
+
+// One thread's accumulators. A load whose address matches an in-flight store in its low
+// 12 bits (4K aliasing) waits for that store; the folds store to each accumulator once per
+// group and load the rows at the same index, so an accumulator at the rows' 4 KiB phase
+// runs at half speed (measured: 8 vs 15 G values/s). Placed regions sit 512 + 1024 r bytes
+// past the rows' phase, apart from the rows and from each other.
+class Scratch {
+ public:
+  static constexpr int64_t kPage = 4096;
+  explicit Scratch(int64_t width)
+      : region_(width + kPage / static_cast<int64_t>(sizeof(float))), arena_(6 * region_) {}
+
+  // Region r (0-3) of `width` floats, placed against `row`.
+  float* Placed(int r, const void* row) {
+    const auto start = reinterpret_cast<uintptr_t>(arena_.data() + r * region_);
+    const uintptr_t phase = (reinterpret_cast<uintptr_t>(row) + 512 + 1024 * r) & (kPage - 4);
+    return reinterpret_cast<float*>(start + ((phase - start) & (kPage - 1)));
+  }
+  // Region r (4-5), for values written once.
+  float* Plain(int r) { return arena_.data() + r * region_; }
+
+ private:
+  int64_t region_;
+  std::vector<float> arena_;
+};
+
+struct BlockSums {
+  int64_t count;  // real positions
+  float* sum;     // [width]
+  float* peak;    // [width]
+};
+
+// One set's channel block: `x` points at its first channel of position 0, rows are
+// `stride` elements apart; sums and maxima of `width` channels over the real rows.
+template <typename T>
+BlockSums SumMaxBlock(const T* x, const bool* mask, int64_t n, int64_t stride, int64_t width,
+                      Scratch& scratch) {
+  constexpr float kLowest = -std::numeric_limits<float>::infinity();
+  float* sum = scratch.Placed(0, x);
+  float* peak = scratch.Placed(1, x);
+  int64_t count = 0;
+  bool paired = false;
+  if constexpr (std::is_same_v<T, uint16_t>) paired = width % 2 == 0;
+  if (paired) {
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      const int64_t words = width / 2;
+      float* even_sum = sum;
+      float* odd_sum = peak;
+      float* even_peak = scratch.Placed(2, x);
+      float* odd_peak = scratch.Placed(3, x);
+      std::fill(even_sum, even_sum + words, 0.0f);
+      std::fill(odd_sum, odd_sum + words, 0.0f);
+      std::fill(even_peak, even_peak + words, kLowest);
+      std::fill(odd_peak, odd_peak + words, kLowest);
+      count = FoldRealRows(
+          x, mask, n, stride,
+          [&](const uint16_t* const* rows) {
+            FoldGroupPairs(rows, words, even_sum, odd_sum, even_peak, odd_peak);
+          },
+          [&](const uint16_t* row) {
+            FoldRowPairs(row, words, even_sum, odd_sum, even_peak, odd_peak);
+          });
+      sum = scratch.Plain(4);
+      peak = scratch.Plain(5);
+      for (int64_t k = 0; k < words; ++k) {
+        sum[2 * k] = even_sum[k];
+        sum[2 * k + 1] = odd_sum[k];
+        peak[2 * k] = even_peak[k];
+        peak[2 * k + 1] = odd_peak[k];
+      }
+    }
+  } else {
+    std::fill(sum, sum + width, 0.0f);
+    std::fill(peak, peak + width, kLowest);
+    count = FoldRealRows(
+        x, mask, n, stride, [&](const T* const* rows) { FoldGroup(rows, width, sum, peak); },
+        [&](const T* row) { FoldRow(row, width, sum, peak); });
+  }
   // The comparisons above skip NaN; a NaN sum flags the channels to rescan, so that the
   // max propagates NaN exactly when a real position holds one.
   for (int64_t j = 0; j < width; ++j) {
@@ -124,7 +257,7 @@ int64_t SumMaxBlock(const T* x, const bool* mask, int64_t n, int64_t stride, int
       }
     }
   }
-  return count;
+  return {count, sum, peak};
 }
 
 // Turns one set's block of sums and maxima into means and maxima (zeros for a set
@@ -161,17 +294,16 @@ void MeanMax(ffi::ThreadPool& pool, const T* x, const bool* mask, int64_t batch,
   const int64_t items = batch * blocks;
   auto progress = std::make_shared<Progress>();
   auto work = [=]() {
-    std::vector<float> sum(block), peak(block);
+    Scratch scratch(block);
     int64_t finished = 0;
     for (int64_t k; (k = progress->next.fetch_add(1)) < items; ++finished) {
       const int64_t b = k / blocks, c0 = (k % blocks) * block;
       const int64_t width = std::min(c, c0 + block) - c0;
       if (width <= 0) continue;
       const bool* set_mask = mask == nullptr ? nullptr : mask + b * n;
-      const int64_t count =
-          SumMaxBlock(x + b * n * c + c0, set_mask, n, c, width, sum.data(), peak.data());
+      const BlockSums sums = SumMaxBlock(x + b * n * c + c0, set_mask, n, c, width, scratch);
       Out* out = stats + b * 2 * c + c0;
-      StoreStats(sum.data(), peak.data(), count, width, out, out + c);
+      StoreStats(sums.sum, sums.peak, sums.count, width, out, out + c);
     }
     progress->done.fetch_add(finished);
   };
