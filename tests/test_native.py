@@ -34,12 +34,13 @@ def test_kernel_builds_and_registers_on_this_machine():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 7, 3), (3, 8, 64), (5, 9, 65), (1, 17, 1000),
-                                   (2, 196, 300), (40, 12, 16)])
+                                   (1, 9, 259), (2, 196, 300), (40, 12, 16)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_kernel_equals_xla_reductions(dtype, out_dtype, shape, masked):
     # Shapes cover: fewer positions than a group of eight and remainders after groups;
-    # channel counts that do and do not split into per-thread blocks; batches smaller and
-    # larger than the thread count.
+    # channel counts that do and do not split into per-thread blocks (259: odd blocks, and
+    # an even-width last block starting at an odd channel, for bfloat16 word pairs); batches
+    # smaller and larger than the thread count.
     sets = jnp.asarray(RNG.normal(size=shape) * 3, dtype)
     mask = None
     if masked:
