@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -113,6 +114,8 @@ def build(force: bool = False) -> Path:
     if target.exists() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger(__name__).info("gapjax: compiling %s into %s (once per machine)",
+                                     SOURCE.name, target)
     errors = []
     for flags in FLAG_SETS:
         handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
@@ -150,7 +153,8 @@ def load() -> bool:
         warnings.warn(
             f"gapjax: the fused CPU mean+max kernel is unavailable ({error}); gmp, avgmax "
             "and catavgmax use XLA reductions instead (same results; avgmax and catavgmax "
-            "about 2x slower on CPU). Set GAPJAX_NATIVE=0 to skip the build and this warning.",
+            "about 2x slower on CPU). Set CXX to a C++17 compiler or GAPJAX_CACHE_DIR to a "
+            "writable folder to fix it, or GAPJAX_NATIVE=0 to skip the build and this warning.",
             RuntimeWarning, stacklevel=2,
         )
         return False
