@@ -65,22 +65,14 @@ inline void StoreRow(const float* __restrict src, int64_t width, uint16_t* __res
 
 inline float Max(float a, float b) { return a > b ? a : b; }
 
-// Folds kGroup rows (each `width` channels) into the running sum and max. The fold
-// functions stay out of line so that the compiler keeps their __restrict promises.
+// Folds kGroup rows (each `width` channels) into the running sum and max.
 template <typename T>
 void FoldGroup(const T* const* rows, int64_t width, float* __restrict sum,
                float* __restrict peak) {
-  const T* __restrict r0 = rows[0];
-  const T* __restrict r1 = rows[1];
-  const T* __restrict r2 = rows[2];
-  const T* __restrict r3 = rows[3];
-  const T* __restrict r4 = rows[4];
-  const T* __restrict r5 = rows[5];
-  const T* __restrict r6 = rows[6];
-  const T* __restrict r7 = rows[7];
   for (int64_t j = 0; j < width; ++j) {
-    float v0 = Load(r0, j), v1 = Load(r1, j), v2 = Load(r2, j), v3 = Load(r3, j);
-    float v4 = Load(r4, j), v5 = Load(r5, j), v6 = Load(r6, j), v7 = Load(r7, j);
+    float v0 = Load(rows[0], j), v1 = Load(rows[1], j), v2 = Load(rows[2], j);
+    float v3 = Load(rows[3], j), v4 = Load(rows[4], j), v5 = Load(rows[5], j);
+    float v6 = Load(rows[6], j), v7 = Load(rows[7], j);
     sum[j] += ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7));
     float m = Max(Max(Max(v0, v1), Max(v2, v3)), Max(Max(v4, v5), Max(v6, v7)));
     peak[j] = Max(m, peak[j]);
@@ -112,17 +104,10 @@ inline float High(uint32_t word) { return Bits(word & 0xFFFF0000u); }
 void FoldGroupPairs(const uint16_t* const* rows, int64_t words, float* __restrict even_sum,
                     float* __restrict odd_sum, float* __restrict even_peak,
                     float* __restrict odd_peak) {
-  const uint16_t* __restrict r0 = rows[0];
-  const uint16_t* __restrict r1 = rows[1];
-  const uint16_t* __restrict r2 = rows[2];
-  const uint16_t* __restrict r3 = rows[3];
-  const uint16_t* __restrict r4 = rows[4];
-  const uint16_t* __restrict r5 = rows[5];
-  const uint16_t* __restrict r6 = rows[6];
-  const uint16_t* __restrict r7 = rows[7];
   for (int64_t k = 0; k < words; ++k) {
-    uint32_t w0 = Word(r0, k), w1 = Word(r1, k), w2 = Word(r2, k), w3 = Word(r3, k);
-    uint32_t w4 = Word(r4, k), w5 = Word(r5, k), w6 = Word(r6, k), w7 = Word(r7, k);
+    uint32_t w0 = Word(rows[0], k), w1 = Word(rows[1], k), w2 = Word(rows[2], k);
+    uint32_t w3 = Word(rows[3], k), w4 = Word(rows[4], k), w5 = Word(rows[5], k);
+    uint32_t w6 = Word(rows[6], k), w7 = Word(rows[7], k);
     float e0 = Low(w0), e1 = Low(w1), e2 = Low(w2), e3 = Low(w3);
     float e4 = Low(w4), e5 = Low(w5), e6 = Low(w6), e7 = Low(w7);
     float o0 = High(w0), o1 = High(w1), o2 = High(w2), o3 = High(w3);
