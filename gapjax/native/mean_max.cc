@@ -267,8 +267,11 @@ struct Progress {
 };
 
 // Splits the batch (and, for small batches, the channels) into work items shared by the
-// caller and the intra-op thread pool. The caller works too and waits only for items
-// already taken, so it finishes even when no pool thread is free.
+// caller and the intra-op thread pool. Every pool thread gets a task: a pool thread left
+// idle spins looking for work and takes a core from the ones that work (measured: half of
+// the runs 1.5-2x slower on two cores when one pool thread was left out). The caller works
+// too and waits only for items already taken, so it finishes even when no pool thread is
+// free.
 template <typename T, typename Out>
 void MeanMax(ffi::ThreadPool& pool, const T* x, const bool* mask, int64_t batch, int64_t n,
              int64_t c, Out* stats) {
@@ -292,7 +295,7 @@ void MeanMax(ffi::ThreadPool& pool, const T* x, const bool* mask, int64_t batch,
     }
     progress->done.fetch_add(finished);
   };
-  for (int64_t t = 1; t < std::min(threads, items); ++t) pool.Schedule([work]() { work(); });
+  for (int64_t t = 0; t < std::min(threads, items); ++t) pool.Schedule([work]() { work(); });
   work();
   while (progress->done.load() < items) std::this_thread::yield();
 }
