@@ -25,6 +25,7 @@ width through ``output_width(channels)``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,12 @@ POOLS: Registry[type[nn.Module]] = Registry("pool")
 # --------------------------------------------------------------------------------------
 
 
+def _flat(a: Array) -> Array:
+    """``[B, *S] -> [B, N]``; spelled out rather than ``reshape(B, -1)``, which fails on
+    empty arrays."""
+    return a.reshape(a.shape[0], math.prod(a.shape[1:]))
+
+
 def _as_sets(x: Array, mask: Array | None, name: str = "x") -> tuple[Array, Array | None]:
     """Flattens ``x [B, *S, C]`` to ``[B, N, C]`` and ``mask [B, *S]`` to ``[B, N]``."""
     x = jnp.asarray(x)
@@ -54,7 +61,7 @@ def _as_sets(x: Array, mask: Array | None, name: str = "x") -> tuple[Array, Arra
             f"spatial (or set) axis, i.e. rank >= 3; got shape {tuple(x.shape)}"
         )
     batch, channels = x.shape[0], x.shape[-1]
-    sets = x.reshape(batch, -1, channels)
+    sets = x.reshape(batch, math.prod(x.shape[1:-1]), channels)
     if mask is None:
         return sets, None
     mask = jnp.asarray(mask)
@@ -63,7 +70,7 @@ def _as_sets(x: Array, mask: Array | None, name: str = "x") -> tuple[Array, Arra
             f"mask must have shape [batch, *spatial] = {tuple(x.shape[:-1])} to match x of "
             f"shape {tuple(x.shape)}; got {tuple(mask.shape)}"
         )
-    return sets, mask.reshape(batch, -1).astype(bool)
+    return sets, _flat(mask).astype(bool)
 
 
 def _result_dtype(x: Array) -> Any:
@@ -103,6 +110,12 @@ def _max_masked(sets: Array, mask: Array | None) -> Array:
     return sets if mask is None else jnp.where(mask[..., None], sets, _max_identity(sets.dtype))
 
 
+def _max_of_positions(sets: Array, mask: Array | None) -> Array:
+    """``[B, N, C] -> [B, C]`` max over real positions, in ``sets.dtype``; the identity of
+    max (-inf) for a row without any, N = 0 included."""
+    return _max_masked(sets, mask).max(axis=1, initial=_max_identity(sets.dtype))
+
+
 # --------------------------------------------------------------------------------------
 # Parameter-free pools
 # --------------------------------------------------------------------------------------
@@ -133,13 +146,15 @@ def _first_peak(sets: Array, peak: Array) -> Array:
     # (value, index) reduction XLA does not vectorise).
     positions = jnp.arange(sets.shape[1], dtype=jnp.int32)[None, :, None]
     is_peak = sets == peak[:, None, :].astype(sets.dtype)
-    return positions == jnp.where(is_peak, positions, sets.shape[1]).min(axis=1, keepdims=True)
+    none = sets.shape[1]  # "no position": also the min's identity, for N = 0
+    first = jnp.where(is_peak, positions, none).min(axis=1, keepdims=True, initial=none)
+    return positions == first
 
 
 def _xla_mean_and_peak(sets: Array, mask: Array | None, dtype: Any) -> Array:
     counts = _counts(sets, mask)
     mean = _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32) / jnp.maximum(counts, 1.0)
-    peak = _max_masked(sets, mask).max(axis=1)
+    peak = _max_of_positions(sets, mask)
     peak = jnp.where(counts > 0, peak, jnp.zeros((), peak.dtype))
     return jnp.stack([mean.astype(dtype), peak.astype(dtype)], axis=1)
 
@@ -200,7 +215,7 @@ def catavgmax(x: Array, mask: Array | None = None) -> Array:
     On CPU the mean and the max come from one pass over ``x`` (``gapjax.native``).
     """
     sets, mask = _as_sets(x, mask)
-    return _mean_and_peak(sets, mask, _result_dtype(sets)).reshape(sets.shape[0], -1)
+    return _mean_and_peak(sets, mask, _result_dtype(sets)).reshape(sets.shape[0], 2 * sets.shape[2])
 
 
 # --------------------------------------------------------------------------------------
@@ -233,7 +248,7 @@ def _max_of_real(sets: Array, mask: Array | None) -> Array:
     are increasing in ``x`` for ``p, r > 0``, so the max of the transformed values is the
     transform of this max, and the logarithm runs once per output, not per position.
     """
-    return _max_masked(sets, mask).max(axis=1).astype(jnp.float32)
+    return _max_of_positions(sets, mask).astype(jnp.float32)
 
 
 def _exponent(value: Array | float, name: str, pool_name: str, channels: int) -> Array:
@@ -332,7 +347,7 @@ def weighted(x: Array, weights: Array, mask: Array | None = None) -> Array:
             f"weights must have shape [batch, *spatial] = {(batch, *spatial)} or "
             f"[*spatial] = {spatial}; got {tuple(weights.shape)}"
         )
-    probs = normalize_weights(weights.reshape(batch, -1), flat_mask)
+    probs = normalize_weights(_flat(weights), flat_mask)
     return _weighted_sum(probs, jnp.asarray(x), mask).astype(_result_dtype(sets))
 
 
@@ -342,8 +357,7 @@ def attention_weights(scores: Array, mask: Array | None = None) -> Array:
     Masked positions get 0; a fully masked row gets all zeros with finite gradients.
     """
     scores = jnp.asarray(scores)
-    batch = scores.shape[0]
-    flat = scores.astype(jnp.float32).reshape(batch, -1)
+    flat = _flat(scores.astype(jnp.float32))
     flat_mask = None
     if mask is not None:
         mask = jnp.asarray(mask)
@@ -352,9 +366,10 @@ def attention_weights(scores: Array, mask: Array | None = None) -> Array:
                 f"mask must have the shape of the scores [batch, *spatial] = "
                 f"{tuple(scores.shape)}; got {tuple(mask.shape)}"
             )
-        flat_mask = mask.astype(bool).reshape(batch, -1)
+        flat_mask = _flat(mask.astype(bool))
     filled = flat if flat_mask is None else jnp.where(flat_mask, flat, _finite_min(jnp.float32))
-    peak = jax.lax.stop_gradient(filled.max(axis=1, keepdims=True))
+    peak = jax.lax.stop_gradient(filled.max(axis=1, keepdims=True,
+                                            initial=_finite_min(jnp.float32)))
     shifted = flat - peak
     if flat_mask is not None:
         # Zeroed before exp: a padded score far above the real ones would overflow to inf,
@@ -384,8 +399,7 @@ def attention(
             f"got {tuple(scores.shape)}"
         )
     probs = attention_weights(scores, mask)
-    flat_probs = probs.reshape(sets.shape[0], -1)
-    pooled = _weighted_sum(flat_probs, jnp.asarray(x), mask).astype(_result_dtype(sets))
+    pooled = _weighted_sum(_flat(probs), jnp.asarray(x), mask).astype(_result_dtype(sets))
     return (pooled, probs) if return_weights else pooled
 
 
@@ -501,8 +515,8 @@ class WeightedPool(Pool):
         pooled = weighted(x, weights, mask)
         if not return_weights:
             return pooled
-        flat_mask = None if mask is None else jnp.asarray(mask).reshape(x.shape[0], -1)
-        probs = normalize_weights(weights.reshape(x.shape[0], -1), flat_mask)
+        flat_mask = None if mask is None else _flat(jnp.asarray(mask))
+        probs = normalize_weights(_flat(weights), flat_mask)
         return pooled, probs.reshape(x.shape[:-1])
 
 

@@ -340,6 +340,28 @@ def test_integer_inputs_pool_to_float32():
     assert mean.dtype == np.float32 and peak.dtype == np.int32
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4), (2, 0, 2, 3), (2, 3, 0)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_empty_batches_sets_and_channels_pool_to_zeros(shape, masked):
+    # Empty sets pool like fully masked ones: zeros, with finite gradients; an empty batch
+    # or channel axis gives an empty result of the right shape.
+    x = jnp.ones(shape, jnp.float32)
+    mask = jnp.ones(shape[:-1], bool) if masked else None
+    aux = jnp.ones(shape[:-1], jnp.float32)
+    outs = run(lambda x, m, aux: all_pools(x, aux) if m is None else {
+        **{name: pooling.FUNCTIONS[name](x, m) for name in PARAMETER_FREE},
+        "gem": pooling.gem(x, 3.0, m), "lse": pooling.lse(x, 2.0, m),
+        "weighted": pooling.weighted(x, aux, m), "attention": pooling.attention(x, aux, m),
+    }, x, mask, aux)
+    for name, out in outs.items():
+        width = 2 * shape[-1] if name == "catavgmax" else shape[-1]
+        assert out.shape == (shape[0], width), name
+        np.testing.assert_array_equal(out, 0.0, err_msg=name)
+    grads = run(lambda x: [jax.grad(lambda x, n=name: pooling.pool(n, x, mask).sum())(x)
+                           for name in (*PARAMETER_FREE, "gem", "lse")], x)
+    assert all(g.shape == shape and np.isfinite(g).all() for g in grads)
+
+
 # --------------------------------------------------------------------------------------
 # jit and vmap
 # --------------------------------------------------------------------------------------
