@@ -302,6 +302,20 @@ def test_gmp_gradient_with_a_mask_skips_padding_even_when_it_is_larger():
     np.testing.assert_array_equal(grads[..., 0], [[0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
 
 
+def test_forward_mode_follows_the_tie_rule():
+    # jvp (and so jacfwd / hessian) of the max-based pools: the tangent at the first
+    # maximal real position, and the mean of the tangents over real positions.
+    x = jnp.asarray([[[1.0], [4.0], [4.0], [0.0]]], jnp.float32)
+    t = jnp.asarray([[[1.0], [2.0], [3.0], [4.0]]], jnp.float32)
+    mask = jnp.asarray([[True, False, True, True]])  # the first 4.0 is padding
+    _, dpeak = jax.jvp(lambda x: pooling.gmp(x, mask), (x,), (t,))
+    _, dcat = jax.jvp(lambda x: pooling.catavgmax(x, mask), (x,), (t,))
+    np.testing.assert_allclose(dpeak, [[3.0]])
+    np.testing.assert_allclose(dcat, [[(1.0 + 3.0 + 4.0) / 3, 3.0]], rtol=1e-6)
+    hessian = jax.hessian(lambda x: pooling.avgmax(x).sum())(x)  # piecewise linear
+    np.testing.assert_array_equal(hessian, 0.0)
+
+
 def test_avgmax_gradient_mixes_uniform_and_one_hot():
     x = jnp.asarray([[[1.0], [4.0], [4.0], [0.0]]], jnp.float32)
     grad = run(jax.grad(lambda x: pooling.avgmax(x).sum()), x)
