@@ -22,7 +22,6 @@
 #include <limits>
 #include <memory>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -185,64 +184,83 @@ struct BlockSums {
   float* peak;    // [width]
 };
 
+constexpr float kLowest = -std::numeric_limits<float>::infinity();
+
+// One accumulator per channel (float32, or bfloat16 blocks of odd width).
+template <typename T>
+BlockSums FoldPlain(const T* x, const bool* mask, int64_t n, int64_t stride, int64_t width,
+                    Scratch& scratch) {
+  float* sum = scratch.Placed(0, x);
+  float* peak = scratch.Placed(1, x);
+  std::fill(sum, sum + width, 0.0f);
+  std::fill(peak, peak + width, kLowest);
+  const int64_t count = FoldRealRows(
+      x, mask, n, stride, [&](const T* const* rows) { FoldGroup(rows, width, sum, peak); },
+      [&](const T* row) { FoldRow(row, width, sum, peak); });
+  return {count, sum, peak};
+}
+
+// bfloat16 blocks of even width as word pairs; the even and odd channels' accumulators are
+// interleaved back into channel order at the end.
+BlockSums FoldPairs(const uint16_t* x, const bool* mask, int64_t n, int64_t stride,
+                    int64_t width, Scratch& scratch) {
+  const int64_t words = width / 2;
+  float* even_sum = scratch.Placed(0, x);
+  float* odd_sum = scratch.Placed(1, x);
+  float* even_peak = scratch.Placed(2, x);
+  float* odd_peak = scratch.Placed(3, x);
+  std::fill(even_sum, even_sum + words, 0.0f);
+  std::fill(odd_sum, odd_sum + words, 0.0f);
+  std::fill(even_peak, even_peak + words, kLowest);
+  std::fill(odd_peak, odd_peak + words, kLowest);
+  const int64_t count = FoldRealRows(
+      x, mask, n, stride,
+      [&](const uint16_t* const* rows) {
+        FoldGroupPairs(rows, words, even_sum, odd_sum, even_peak, odd_peak);
+      },
+      [&](const uint16_t* row) {
+        FoldRowPairs(row, words, even_sum, odd_sum, even_peak, odd_peak);
+      });
+  float* sum = scratch.Plain(4);
+  float* peak = scratch.Plain(5);
+  for (int64_t k = 0; k < words; ++k) {
+    sum[2 * k] = even_sum[k];
+    sum[2 * k + 1] = odd_sum[k];
+    peak[2 * k] = even_peak[k];
+    peak[2 * k + 1] = odd_peak[k];
+  }
+  return {count, sum, peak};
+}
+
+BlockSums Fold(const float* x, const bool* mask, int64_t n, int64_t stride, int64_t width,
+               Scratch& scratch) {
+  return FoldPlain(x, mask, n, stride, width, scratch);
+}
+
+BlockSums Fold(const uint16_t* x, const bool* mask, int64_t n, int64_t stride, int64_t width,
+               Scratch& scratch) {
+  return width % 2 == 0 ? FoldPairs(x, mask, n, stride, width, scratch)
+                        : FoldPlain(x, mask, n, stride, width, scratch);
+}
+
 // One set's channel block: `x` points at its first channel of position 0, rows are
 // `stride` elements apart; sums and maxima of `width` channels over the real rows.
 template <typename T>
 BlockSums SumMaxBlock(const T* x, const bool* mask, int64_t n, int64_t stride, int64_t width,
                       Scratch& scratch) {
-  constexpr float kLowest = -std::numeric_limits<float>::infinity();
-  float* sum = scratch.Placed(0, x);
-  float* peak = scratch.Placed(1, x);
-  int64_t count = 0;
-  bool paired = false;
-  if constexpr (std::is_same_v<T, uint16_t>) paired = width % 2 == 0;
-  if (paired) {
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      const int64_t words = width / 2;
-      float* even_sum = sum;
-      float* odd_sum = peak;
-      float* even_peak = scratch.Placed(2, x);
-      float* odd_peak = scratch.Placed(3, x);
-      std::fill(even_sum, even_sum + words, 0.0f);
-      std::fill(odd_sum, odd_sum + words, 0.0f);
-      std::fill(even_peak, even_peak + words, kLowest);
-      std::fill(odd_peak, odd_peak + words, kLowest);
-      count = FoldRealRows(
-          x, mask, n, stride,
-          [&](const uint16_t* const* rows) {
-            FoldGroupPairs(rows, words, even_sum, odd_sum, even_peak, odd_peak);
-          },
-          [&](const uint16_t* row) {
-            FoldRowPairs(row, words, even_sum, odd_sum, even_peak, odd_peak);
-          });
-      sum = scratch.Plain(4);
-      peak = scratch.Plain(5);
-      for (int64_t k = 0; k < words; ++k) {
-        sum[2 * k] = even_sum[k];
-        sum[2 * k + 1] = odd_sum[k];
-        peak[2 * k] = even_peak[k];
-        peak[2 * k + 1] = odd_peak[k];
-      }
-    }
-  } else {
-    std::fill(sum, sum + width, 0.0f);
-    std::fill(peak, peak + width, kLowest);
-    count = FoldRealRows(
-        x, mask, n, stride, [&](const T* const* rows) { FoldGroup(rows, width, sum, peak); },
-        [&](const T* row) { FoldRow(row, width, sum, peak); });
-  }
-  // The comparisons above skip NaN; a NaN sum flags the channels to rescan, so that the
-  // max propagates NaN exactly when a real position holds one.
+  const BlockSums sums = Fold(x, mask, n, stride, width, scratch);
+  // The comparisons skip NaN; a NaN sum flags the channels to rescan, so that the max
+  // propagates NaN exactly when a real position holds one.
   for (int64_t j = 0; j < width; ++j) {
-    if (!std::isnan(sum[j])) continue;
+    if (!std::isnan(sums.sum[j])) continue;
     for (int64_t i = 0; i < n; ++i) {
       if ((mask == nullptr || mask[i]) && std::isnan(Load(x + i * stride, j))) {
-        peak[j] = std::numeric_limits<float>::quiet_NaN();
+        sums.peak[j] = std::numeric_limits<float>::quiet_NaN();
         break;
       }
     }
   }
-  return {count, sum, peak};
+  return sums;
 }
 
 // Turns one set's block of sums and maxima into means and maxima (zeros for a set
