@@ -241,16 +241,6 @@ def _log_mean_exp(z: Array, peak: Array, mask: Array | None) -> tuple[Array, Arr
     return peak[:, 0] + jnp.log1p(mean_expm1), has_any
 
 
-def _max_of_real(sets: Array, mask: Array | None) -> Array:
-    """``[B, N, C] -> [B, C]`` float32 max over real positions (-inf for an empty row).
-
-    GeM and LSE take their stabilising shift from it: ``p log(max(x, eps))`` and ``r x``
-    are increasing in ``x`` for ``p, r > 0``, so the max of the transformed values is the
-    transform of this max, and the logarithm runs once per output, not per position.
-    """
-    return _max_of_positions(sets, mask).astype(jnp.float32)
-
-
 def _exponent(value: Array | float, name: str, pool_name: str, channels: int) -> Array:
     """Validates a scalar or per-channel ``[C]`` exponent (``p`` of GeM, ``r`` of LSE)."""
     value = jnp.asarray(value, jnp.float32)
@@ -274,7 +264,9 @@ def gem(x: Array, p: Array | float = 3.0, mask: Array | None = None, eps: float 
     sets, mask = _as_sets(x, mask)
     p = _exponent(p, "p", "gem", sets.shape[-1])
     logs = jnp.log(jnp.maximum(_zero_masked(sets, mask).astype(jnp.float32), eps))
-    peak = p * jnp.log(jnp.maximum(_max_of_real(sets, mask), eps))
+    # The shift: p log(max(x, eps)) is increasing in x for p > 0, so the max of the
+    # transformed values is the transform of the max, and the log runs once per output.
+    peak = p * jnp.log(jnp.maximum(_max_of_positions(sets, mask).astype(jnp.float32), eps))
     log_mean, has_any = _log_mean_exp(p * logs, peak, mask)
     pooled = jnp.exp(log_mean / p)
     return jnp.where(has_any, pooled, 0.0).astype(_result_dtype(sets))
@@ -290,7 +282,8 @@ def lse(x: Array, r: Array | float = 10.0, mask: Array | None = None) -> Array:
     sets, mask = _as_sets(x, mask)
     r = _exponent(r, "r", "lse", sets.shape[-1])
     z = r * _zero_masked(sets, mask).astype(jnp.float32)
-    log_mean, has_any = _log_mean_exp(z, r * _max_of_real(sets, mask), mask)
+    peak = r * _max_of_positions(sets, mask).astype(jnp.float32)  # max of r x, as r > 0
+    log_mean, has_any = _log_mean_exp(z, peak, mask)
     return jnp.where(has_any, log_mean / r, 0.0).astype(_result_dtype(sets))
 
 
