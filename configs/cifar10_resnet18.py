@@ -24,7 +24,6 @@ def get_config(pool: str = "gap"):
     config.model.name = "resnet18"
     config.model.stem = "cifar"  # 3x3 stem, no max pool: 32x32 inputs keep a 4x4 final map
     config.model.pool = pool or "gap"
-    config.model.head = "gap"
     config.dtype = "bfloat16"
 
     config.batch_size = 512
@@ -34,12 +33,7 @@ def get_config(pool: str = "gap"):
     config.eval_every = 5 * steps_per_epoch
     config.checkpoint_every = 5 * steps_per_epoch
 
-    config.optimizer.name = "sgd"
     config.optimizer.learning_rate = 0.1 * config.batch_size / 128
-    config.optimizer.momentum = 0.9
     config.optimizer.nesterov = True
-    config.optimizer.schedule = "cosine"
     config.optimizer.warmup_steps = 5 * steps_per_epoch
-    config.optimizer.weight_decay = 5e-4
-    config.optimizer.label_smoothing = 0.0
     return config

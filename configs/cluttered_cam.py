@@ -19,31 +19,21 @@ from gapjax.train.defaults import base_config
 
 def get_config(pool: str = "gap"):
     """Cluttered-digits CAM config; ``pool`` (``cluttered_cam.py:<pool>``) picks the pool."""
-    config = base_config()
+    config = base_config()  # batch 128, SGD momentum 0.9, cosine, weight decay 5e-4
     config.dataset.name = "gapjax_cluttered_digits"
     config.dataset.canvas_size = 64
     config.dataset.clutter = "medium"
 
     config.model.name = "cnn"
     config.model.pool = pool or "gap"
-    config.model.head = "gap"
     config.model.widths = (32, 64, 128)
     config.model.strides = (1, 2, 2)
 
-    config.batch_size = 128
     config.total_steps = 2000
-    config.log_every = 50
-    config.eval_every = 500
-    config.checkpoint_every = 500
 
-    config.optimizer.name = "sgd"
     config.optimizer.learning_rate = 0.05
-    config.optimizer.momentum = 0.9
     config.optimizer.nesterov = True
-    config.optimizer.schedule = "cosine"
     config.optimizer.warmup_steps = 100
-    config.optimizer.weight_decay = 5e-4
 
     config.eval.localization = True
-    config.eval.cam_method = "auto"
     return config

@@ -11,26 +11,17 @@ from gapjax.train.defaults import base_config
 
 def get_config(pool: str = "gap"):
     """Digits config; ``pool`` (``configs/digits.py:<pool>``) selects the head's pool."""
-    config = base_config()
+    config = base_config()  # batch 128, SGD momentum 0.9, cosine, weight decay 5e-4
     config.dataset.name = "gapjax_digits"
     config.dataset.image_size = 8  # native resolution; 16 and 32 are built on request
     config.model.name = "cnn"
     config.model.pool = pool or "gap"
-    config.model.head = "gap"
     config.model.widths = (32, 64, 128)  # on 8x8 inputs: final map 2x2x128
 
-    config.batch_size = 128
     config.total_steps = 200
-    config.log_every = 50
     config.eval_every = 100
     config.checkpoint_every = 100
 
-    config.optimizer.name = "sgd"
-    config.optimizer.learning_rate = 0.1
-    config.optimizer.momentum = 0.9
     config.optimizer.nesterov = True
-    config.optimizer.schedule = "cosine"
     config.optimizer.warmup_steps = 20
-    config.optimizer.weight_decay = 5e-4
-    config.optimizer.label_smoothing = 0.0
     return config

@@ -20,9 +20,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config()
     config.batch_size = 64
     config.total_steps = 1500
-    config.eval_every = 500
-    config.checkpoint_every = 500
-    config.log_every = 50
 
     config.dataset.name = "gapjax_graph_tasks"
     config.dataset.task = "count"
@@ -31,7 +28,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.name = "gin"
     # A graph model has no image pool or head: its pool is the graph readout below.
     del config.model.pool
-    config.model.head = "gap"
     config.model.readout = "sum"
     config.model.aggregator = "sum"
     config.model.num_layers = 2
@@ -41,7 +37,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.optimizer.name = "adamw"
     config.optimizer.learning_rate = 5e-3
-    config.optimizer.schedule = "cosine"
     config.optimizer.weight_decay = 1e-4
 
     if arg:

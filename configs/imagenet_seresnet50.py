@@ -26,7 +26,6 @@ def get_config(model: str = "seresnet50"):
     config.dataset.augment = True
     config.model.name = model or "seresnet50"
     config.model.pool = "gap"
-    config.model.head = "gap"
     config.dtype = "bfloat16"
 
     config.batch_size = 1024
@@ -36,11 +35,8 @@ def get_config(model: str = "seresnet50"):
     config.eval_every = 5 * steps_per_epoch
     config.checkpoint_every = steps_per_epoch
 
-    config.optimizer.name = "sgd"
     config.optimizer.learning_rate = 0.1 * config.batch_size / 256
-    config.optimizer.momentum = 0.9
     config.optimizer.nesterov = True
-    config.optimizer.schedule = "cosine"
     config.optimizer.warmup_steps = 5 * steps_per_epoch
     config.optimizer.weight_decay = 1e-4
     config.optimizer.label_smoothing = 0.1
