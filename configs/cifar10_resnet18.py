@@ -11,7 +11,7 @@ decay, weight decay 5e-4 on kernels, 200 epochs, bfloat16 compute; expect ~95% t
 The optional argument overrides the pool: ``configs/cifar10_resnet18.py:gmp``.
 """
 
-from gapjax.train.defaults import base_config
+from gapjax.train.defaults import base_config, set_epochs
 
 TRAIN_EXAMPLES = 50_000
 
@@ -27,13 +27,9 @@ def get_config(pool: str = "gap"):
     config.dtype = "bfloat16"
 
     config.batch_size = 512
-    steps_per_epoch = TRAIN_EXAMPLES // config.batch_size
-    config.total_steps = 200 * steps_per_epoch
+    set_epochs(config, TRAIN_EXAMPLES, epochs=200)  # eval, checkpoint, warmup: 5 epochs
     config.log_every = 100
-    config.eval_every = 5 * steps_per_epoch
-    config.checkpoint_every = 5 * steps_per_epoch
 
     config.optimizer.learning_rate = 0.1 * config.batch_size / 128
     config.optimizer.nesterov = True
-    config.optimizer.warmup_steps = 5 * steps_per_epoch
     return config

@@ -12,7 +12,7 @@ warmup, cosine decay over 100 epochs, weight decay 1e-4 on kernels only, label s
 trains the plain ResNet-50 baseline with the same recipe.
 """
 
-from gapjax.train.defaults import base_config
+from gapjax.train.defaults import base_config, set_epochs
 
 TRAIN_EXAMPLES = 1_281_167
 
@@ -23,21 +23,15 @@ def get_config(model: str = "seresnet50"):
     config.dataset.name = "imagenet2012"
     config.dataset.image_size = 224
     config.dataset.eval_split = "validation"
-    config.dataset.augment = True
     config.model.name = model or "seresnet50"
-    config.model.pool = "gap"
     config.dtype = "bfloat16"
 
     config.batch_size = 1024
-    steps_per_epoch = TRAIN_EXAMPLES // config.batch_size
-    config.total_steps = 100 * steps_per_epoch
+    set_epochs(config, TRAIN_EXAMPLES, epochs=100, checkpoint_every=1)
     config.log_every = 100
-    config.eval_every = 5 * steps_per_epoch
-    config.checkpoint_every = steps_per_epoch
 
     config.optimizer.learning_rate = 0.1 * config.batch_size / 256
     config.optimizer.nesterov = True
-    config.optimizer.warmup_steps = 5 * steps_per_epoch
     config.optimizer.weight_decay = 1e-4
     config.optimizer.label_smoothing = 0.1
     return config

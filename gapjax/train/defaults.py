@@ -61,3 +61,17 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.localization = False
     config.eval.cam_method = "auto"
     return config
+
+
+def set_epochs(
+    config: ml_collections.ConfigDict, train_examples: int, epochs: int, *,
+    eval_every: int = 5, checkpoint_every: int = 5, warmup: int = 5,
+) -> int:
+    """Sets ``total_steps``, the eval / checkpoint cadence and the warmup from epochs of
+    ``train_examples`` at ``config.batch_size``; returns the steps per epoch."""
+    steps_per_epoch = train_examples // config.batch_size
+    config.total_steps = epochs * steps_per_epoch
+    config.eval_every = eval_every * steps_per_epoch
+    config.checkpoint_every = checkpoint_every * steps_per_epoch
+    config.optimizer.warmup_steps = warmup * steps_per_epoch
+    return steps_per_epoch
