@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from gapjax.layers import build_module
 from gapjax.registry import Registry
@@ -19,6 +20,23 @@ MODELS: Registry[Any] = Registry("model")
 def get(name: str, **kwargs: Any) -> nn.Module:
     """Builds the model registered as ``name`` with constructor keyword arguments."""
     return MODELS.get(name)(**kwargs)
+
+
+def from_config(config: Any, num_classes: int, axis_name: str | None = None) -> nn.Module:
+    """The model a training config describes: ``get(config.model.name,
+    num_classes=num_classes, dtype=config.dtype, axis_name=axis_name, **other model keys)``.
+
+    ``config.model`` holds only keys the model takes (an unknown one is an error naming
+    the valid options); lists become tuples and nested dicts plain dicts.
+    """
+    kwargs = {}
+    for key, value in config.model.items():
+        if key != "name":
+            kwargs[key] = (tuple(value) if isinstance(value, list)
+                           else value.to_dict() if hasattr(value, "to_dict") else value)
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    return get(config.model.name, num_classes=num_classes, dtype=dtype, axis_name=axis_name,
+               **kwargs)
 
 
 def register_preset(name: str, module_class: type[nn.Module], preset: dict[str, Any],
