@@ -4,8 +4,9 @@ A batch of graphs is one big disjoint graph. Node ``i`` belongs to graph
 ``node_graph[i]``; edge ``j`` carries a message from node ``senders[j]`` to node
 ``receivers[j]``. A graph readout pools each graph's nodes the way
 ``gapjax.pooling`` pools the positions of an image, and a neighbourhood aggregation is
-the same readout applied to the incoming messages of each node. Both use
-``jax.ops.segment_*`` and honour the conventions of the pool family: float32
+the same readout applied to the incoming messages of each node. Both are the
+``POOLS`` modules' segment forms (``Pool.segment``, ``jax.ops.segment_*`` for the built-in
+pools), so they honour the conventions of the pool family: float32
 accumulation, padding never changes a result, and an empty segment (a graph with no
 nodes, a node with no neighbours) pools to zeros with finite gradients.
 
@@ -25,67 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gapjax.pooling import POOLS
+from gapjax.pooling import make_pool
 
 Array = jax.Array
 
-#: Pools that ``readout`` evaluates with segment operations (canonical ``POOLS`` names);
-#: ``gem`` and ``lse`` take their ``p`` / ``r`` as keyword arguments.
-READOUTS = ("gap", "gmp", "gsp", "avgmax", "catavgmax", "gem", "lse")
-
-
 # --------------------------------------------------------------------------------------
-# Segment reductions
+# Readouts: the pools of the one registry, in their segment form
 # --------------------------------------------------------------------------------------
-
-
-def _finite_min(dtype: Any) -> Array:
-    return jnp.asarray(jnp.finfo(dtype).min, dtype)
-
-
-def _plain_segment_max(values: Array, segments: Array, num_segments: int) -> Array:
-    return jax.ops.segment_max(values, segments, num_segments)
-
-
-def _segment_max_fwd(values, segments, num_segments):
-    out = jax.ops.segment_max(values, segments, num_segments)
-    return out, (values, segments, out)
-
-
-def _segment_max_bwd(num_segments, residuals, g):
-    # Same tie rule as gapjax.pooling.gmp: the first maximal node (lowest index) of each
-    # (segment, channel) receives the whole gradient, so ties never split it.
-    values, segments, out = residuals
-    in_range = ((segments >= 0) & (segments < num_segments))[:, None]
-    safe = jnp.clip(segments, 0, num_segments - 1)
-    is_max = in_range & (values == out[safe])
-    node_index = jnp.broadcast_to(jnp.arange(values.shape[0])[:, None], values.shape)
-    first = jax.ops.segment_min(
-        jnp.where(is_max, node_index, values.shape[0]), segments, num_segments
-    )
-    winner = is_max & (node_index == first[safe])
-    grad = jnp.where(winner, g[safe], jnp.zeros((), g.dtype))
-    return grad, None
-
-
-_segment_max = jax.custom_vjp(_plain_segment_max, nondiff_argnums=(2,))
-_segment_max.defvjp(_segment_max_fwd, _segment_max_bwd)
-
-
-def _segment_log_mean_exp(z: Array, segments: Array, counts: Array, num_segments: int) -> Array:
-    """Stable ``log(mean exp z)`` per segment of ``z [N, C]`` (float32), 0 for empty ones.
-
-    Mirrors ``gapjax.pooling``: the segment max is subtracted without gradient and
-    ``log1p(mean(expm1(.)))`` keeps the small-temperature limit (the mean) accurate.
-    """
-    has_any = counts > 0
-    peak = jnp.where(has_any, _segment_max(z, segments, num_segments), 0.0)
-    peak = jax.lax.stop_gradient(peak)
-    shifted = z - peak[jnp.clip(segments, 0, num_segments - 1)]
-    shifted = jnp.where(((segments >= 0) & (segments < num_segments))[:, None], shifted, 0.0)
-    mean_expm1 = jax.ops.segment_sum(jnp.expm1(shifted), segments, num_segments)
-    mean_expm1 = mean_expm1 / jnp.maximum(counts, 1.0)
-    return jnp.where(has_any, peak + jnp.log1p(mean_expm1), 0.0)
 
 
 def readout(
@@ -94,94 +41,36 @@ def readout(
     graph_index: Array,
     num_graphs: int,
     mask: Array | None = None,
-    **params: Any,
+    **pool_kwargs: Any,
 ) -> Array:
-    """Pools the nodes of each graph: ``[N, C]`` -> ``[num_graphs, C]`` (``catavgmax``: 2C).
+    """Pools the nodes of each graph: ``[N, C]`` -> ``[num_graphs, width]``.
 
     Args:
-      name: a parameter-free ``POOLS`` name or alias (``sum``/``gsp``, ``mean``/``gap``,
-        ``max``/``gmp``, ``avgmax``, ``catavgmax``), or ``gem`` / ``lse`` with ``p`` /
-        ``r`` given in ``params`` (defaults 3 and 10, as in ``gapjax.pooling``).
+      name: any ``POOLS`` name or alias (``sum``/``gsp``, ``mean``/``gap``, ``max``/``gmp``,
+        ``gem``, ``lse``, ``attention``, a fork's pool, ...), applied through its
+        ``Pool.segment`` form; pools with parameters use their initial values (a model
+        that learns them holds the pool module itself, as ``GIN`` does).
       node_features: ``[N, C]`` node states.
       graph_index: ``[N]`` int, the graph of each node. Indices outside
         ``[0, num_graphs)`` are dropped.
       num_graphs: static number of output rows.
       mask: optional ``[N]`` bool, True for real nodes; masked nodes change nothing.
-      **params: ``p`` and ``eps`` for ``gem``, ``r`` for ``lse``.
+      **pool_kwargs: the pool's options (``init_p`` of ``gem``, ``init_r`` of ``lse``, ...).
 
     Returns:
-      ``[num_graphs, C]`` in the dtype of ``node_features`` (float32 accumulation); a
-      graph without nodes gets zeros, with finite gradients. Equals the dense
-      ``gapjax.pooling`` function applied to each graph's node set.
+      ``[num_graphs, width]`` (``width = pool.output_width(C)``), float32 accumulation; a
+      graph without nodes gets zeros, with finite gradients. Equals the dense pool applied
+      to each graph's node set.
     """
-    canonical = POOLS.canonical(name)
-    if canonical not in READOUTS:
-        raise ValueError(
-            f"graph readout {name!r} needs learned parameters or given weights; choose one "
-            f"of the segment readouts: {', '.join(READOUTS)} (or their aliases sum, mean, max)"
-        )
-    node_features = jnp.asarray(node_features)
-    graph_index = jnp.asarray(graph_index)
-    if node_features.ndim != 2:
-        raise ValueError(
-            f"readout expects node_features of shape [nodes, channels]; got "
-            f"{tuple(node_features.shape)}"
-        )
-    if graph_index.shape != node_features.shape[:1]:
-        raise ValueError(
-            f"readout expects graph_index of shape [nodes] = {node_features.shape[:1]}; got "
-            f"{tuple(graph_index.shape)}"
-        )
-    if mask is not None:
-        mask = jnp.asarray(mask, bool)
-        if mask.shape != node_features.shape[:1]:
-            raise ValueError(
-                f"readout expects mask of shape [nodes] = {node_features.shape[:1]}; got "
-                f"{tuple(mask.shape)}"
-            )
-        # Masked nodes go to the dropped slot one past the last graph.
-        graph_index = jnp.where(mask, graph_index, num_graphs)
-    segments = graph_index.astype(jnp.int32)
-    in_range = (segments >= 0) & (segments < num_graphs)
-    values = jnp.where(in_range[:, None], node_features.astype(jnp.float32), 0.0)
-    counts = jax.ops.segment_sum(in_range.astype(jnp.float32), segments, num_graphs)[:, None]
-
-    def total() -> Array:
-        return jax.ops.segment_sum(values, segments, num_graphs)
-
-    def mean() -> Array:
-        return total() / jnp.maximum(counts, 1.0)
-
-    def peak() -> Array:
-        # Out-of-range rows are filled with a finite minimum so that no -inf ever enters
-        # the graph; empty segments are then replaced by zeros.
-        filled = jnp.where(in_range[:, None], values, _finite_min(jnp.float32))
-        return jnp.where(counts > 0, _segment_max(filled, segments, num_graphs), 0.0)
-
-    if canonical == "gsp":
-        pooled = total()
-    elif canonical == "gap":
-        pooled = mean()
-    elif canonical == "gmp":
-        pooled = peak()
-    elif canonical == "avgmax":
-        pooled = 0.5 * (mean() + peak())
-    elif canonical == "catavgmax":
-        pooled = jnp.concatenate([mean(), peak()], axis=-1)
-    elif canonical == "gem":
-        p = jnp.asarray(params.get("p", 3.0), jnp.float32)
-        logs = jnp.log(jnp.maximum(values, params.get("eps", 1e-6)))
-        log_mean = _segment_log_mean_exp(p * logs, segments, counts, num_graphs)
-        pooled = jnp.where(counts > 0, jnp.exp(log_mean / p), 0.0)
-    else:  # lse
-        r = jnp.asarray(params.get("r", 10.0), jnp.float32)
-        pooled = _segment_log_mean_exp(r * values, segments, counts, num_graphs) / r
-    return pooled.astype(node_features.dtype)
+    module = make_pool(name, **pool_kwargs)
+    args = (node_features, graph_index, num_graphs, mask)
+    variables = module.init(jax.random.key(0), *args, method="segment")
+    return module.apply(variables, *args, method="segment")
 
 
-def readout_width(name: str, channels: int) -> int:
+def readout_width(name: str, channels: int, **pool_kwargs: Any) -> int:
     """Output width of ``readout(name, ...)`` for ``channels`` input channels."""
-    return 2 * channels if POOLS.canonical(name) == "catavgmax" else channels
+    return make_pool(name, **pool_kwargs).output_width(channels)
 
 
 # --------------------------------------------------------------------------------------
@@ -389,7 +278,6 @@ def gin_combine(node_features: Array, aggregated: Array, epsilon: Array | float)
 
 __all__ = [
     "GRAPH_BATCH_KEYS",
-    "READOUTS",
     "GraphBatch",
     "aggregate_neighbors",
     "batch_graphs",

@@ -16,18 +16,18 @@ Pure functions (``make_divisible``, ``se_reduced_channels``, ``scale_channels``,
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import FrozenDict
 
-from gapjax.pooling import POOLS
+from gapjax.pooling import POOLS, make_pool
+from gapjax.registry import build_with_options
 
 Array = jax.Array
 
@@ -51,21 +51,14 @@ def check_choice(field: str, value: Any, choices: Sequence[Any]) -> Any:
 
 
 def build_module(cls: type[nn.Module], model_name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """Instantiates ``cls(**kwargs)`` after checking every key is one of its options.
-
-    Config keys arrive as keyword arguments (``config.model.<key>``), so an unknown key is
-    reported with its value and the list of options instead of a bare ``TypeError``.
-    """
-    options = sorted(
-        field.name for field in dataclasses.fields(cls) if field.name not in ("parent", "name")
-    )
-    for key, value in kwargs.items():
-        if key not in options:
-            raise ValueError(
-                f"model {model_name!r} has no option {key!r} (got {key}={value!r}); "
-                f"valid options: {', '.join(options)}"
-            )
-    return cls(**kwargs)
+    """Instantiates the model ``cls(**kwargs)`` from ``config.model`` keys: every key must be
+    one of its options, ``num_classes`` a positive integer; ``pool_kwargs`` (a dict) is
+    frozen so the module stays hashable (jit caches key on it)."""
+    if "num_classes" in kwargs:
+        check_num_classes(kwargs["num_classes"])
+    if isinstance(kwargs.get("pool_kwargs"), Mapping):
+        kwargs = {**kwargs, "pool_kwargs": FrozenDict(kwargs["pool_kwargs"])}
+    return build_with_options(cls, f"model {model_name!r}", kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -163,19 +156,6 @@ def adaptive_avg_pool(x: Array, output_size: tuple[int, int]) -> Array:
 # --------------------------------------------------------------------------------------
 
 
-def make_pool(pool: str, dtype: Any, name: str) -> nn.Module:
-    """Instantiates the ``POOLS`` module ``pool``, passing the compute dtype if it takes one."""
-    pool_class = POOLS.get(pool)
-    field_names = {field.name for field in dataclasses.fields(pool_class)}
-    kwargs = {"dtype": dtype} if "dtype" in field_names else {}
-    return pool_class(name=name, **kwargs)
-
-
-def returns_weights(pool_module: nn.Module) -> bool:
-    """Whether a pool module accepts ``return_weights`` (weighted and attention pools)."""
-    return "return_weights" in inspect.signature(type(pool_module).__call__).parameters
-
-
 def _excitation(gate_module: nn.Module, inputs: Array, channels: int) -> Array:
     """The gating MLP shared by SE and LocalGate: ``gate(W2 relu(W1 inputs + b1) + b2)``.
 
@@ -211,7 +191,7 @@ class SqueezeExcite(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, return_gates: bool = False) -> Array | tuple[Array, Array]:
-        squeezed = make_pool(self.pool, self.dtype, name="squeeze")(x)  # [B, C] (2C: catavgmax)
+        squeezed = make_pool(self.pool, dtype=self.dtype, name="squeeze")(x)  # [B, width]
         gates = _excitation(self, squeezed, x.shape[-1])  # [B, C]
         out = scale_channels(x, gates)
         return (out, gates) if return_gates else out
@@ -262,33 +242,78 @@ def make_attention(
 # --------------------------------------------------------------------------------------
 
 
-class GAPHead(nn.Module):
-    """Global pooling, optional dropout, one Dense: ``[B, h, w, C] -> float32 logits [B, K]``.
+#: What a head computes, by the ``output`` argument of its ``__call__`` (and of
+#: ``Classifier.__call__``, which adds ``"features"`` and ``"head"``).
+HEAD_OUTPUTS = ("logits", "class_maps", "contributions")
 
-    ``pool`` is any ``POOLS`` name. Weighted and attention pools are called with
-    ``return_weights=True`` and their weights ``[B, h, w]`` are sown as
-    ``intermediates/head/pool_weights``. The classifier (``Dense`` named ``classifier``,
-    kernel ``[width, K]``) runs in float32 whatever the compute dtype: it is a tiny matmul
-    and keeps logits and class activation maps on the same arithmetic.
+# Exact products: on accelerators the default matmul precision (bf16 passes) would break
+# the 1e-5 additivity that makes class maps trustworthy.
+_EXACT = jax.lax.Precision.HIGHEST
+
+
+def linear_maps(features: Array, kernel: Array, weights: Array | None = None) -> Array:
+    """Per-location class scores of a linear classifier: ``[B, *S, C], [C, K] -> [B, *S, K]``.
+
+    Without ``weights``: ``W_k . x_i`` (the class activation map). With position weights
+    ``[B, *S]``: ``w_i (W_k . x_i)``; with channel weights ``[B, *S, C]``:
+    ``sum_c w_ic x_ic W_ck``. Either way the map summed over positions is the classifier
+    applied to the weighted sum ``sum_i w_i x_i`` (without bias). Float32, exact products.
+    """
+    features = jnp.asarray(features, jnp.float32)
+    if weights is not None and jnp.ndim(weights) == features.ndim:
+        features = features * jnp.asarray(weights, jnp.float32)
+    maps = jnp.einsum("...c,ck->...k", features, jnp.asarray(kernel, jnp.float32),
+                      precision=_EXACT)
+    if weights is not None and jnp.ndim(weights) == features.ndim - 1:
+        maps = jnp.asarray(weights, jnp.float32)[..., None] * maps
+    return maps
+
+
+class GAPHead(nn.Module):
+    """Global pooling, optional dropout, one Dense: ``[B, *S, C] -> float32 logits [B, K]``.
+
+    ``pool`` is any ``POOLS`` name, built with ``pool_kwargs``. The classifier (``Dense``
+    named ``classifier``, kernel ``[width, K]``) runs in float32 whatever the compute dtype:
+    it is a tiny matmul and keeps logits and class maps on the same arithmetic.
+
+    ``output="class_maps"`` gives ``W_k . x_i`` at every position ``[B, *S, K]`` (CAM: for
+    a uniform pool, its mean plus the bias is the logit); ``output="contributions"`` the
+    pool-weighted maps that sum to ``logits - bias`` exactly, for pools that declare a
+    ``weighting``.
     """
 
     num_classes: int
     pool: str = "gap"
+    pool_kwargs: Any = None
     dropout: float = 0.0
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, features: Array, train: bool = False) -> Array:
-        pool_module = make_pool(self.pool, self.dtype, name="pool")
-        if returns_weights(pool_module):
-            pooled, weights = pool_module(features, return_weights=True)
-            self.sow("intermediates", "pool_weights", weights)
-        else:
-            pooled = pool_module(features)
-        pooled = pooled.astype(jnp.float32)
-        if self.dropout > 0:
-            pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
-        return nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier")(pooled)
+    def __call__(self, features: Array, train: bool = False, output: str = "logits") -> Array:
+        check_choice("output", output, HEAD_OUTPUTS)
+        pool = make_pool(self.pool, dtype=self.dtype, name="pool", **dict(self.pool_kwargs or {}))
+        classifier = nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier")
+        if output == "logits":
+            pooled = pool(features).astype(jnp.float32)
+            if self.dropout > 0:
+                pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
+            return classifier(pooled)
+        kernel = self.variables["params"]["classifier"]["kernel"]
+        if pool.output_width(features.shape[-1]) != kernel.shape[0]:
+            raise ValueError(
+                f"pool {self.pool!r} changes the width of the features ({features.shape[-1]} "
+                f"-> {kernel.shape[0]}), so the classifier has no per-location form; use "
+                "method='grad_cam'"
+            )
+        if output == "class_maps":
+            return linear_maps(features, kernel)
+        if type(pool).weighting is None:
+            raise ValueError(
+                f"pool {self.pool!r} is not a weighted sum of positions (its weighting is "
+                "None), so the logit has no exact per-location split; use method='grad_cam'"
+            )
+        _, weights = pool(features, return_weights=True)
+        return linear_maps(features, kernel, weights)
 
 
 class FCHead(nn.Module):
@@ -300,7 +325,7 @@ class FCHead(nn.Module):
     uses 7x7), so the head has the same shape at every input size; larger inputs are
     averaged down, smaller ones repeated up. With ``grid=None`` the head flattens the map
     as it is, so its first Dense is sized by the input size used at ``init``; applying
-    it to another size raises an error that says so.
+    it to another size raises an error that says so. It has no per-location maps.
     """
 
     num_classes: int
@@ -311,7 +336,10 @@ class FCHead(nn.Module):
     kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, features: Array, train: bool = False) -> Array:
+    def __call__(self, features: Array, train: bool = False, output: str = "logits") -> Array:
+        if check_choice("output", output, HEAD_OUTPUTS) != "logits":
+            raise ValueError("head='fc' flattens the map, so it has no exact per-location "
+                             "maps; use method='grad_cam'")
         if self.grid is not None:
             features = adaptive_avg_pool(features, tuple(self.grid))
         flat = features.reshape(features.shape[0], -1)
@@ -345,25 +373,47 @@ class FCHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Classifier base
+# The model contract
 # --------------------------------------------------------------------------------------
+
+#: What ``Classifier.__call__`` computes, by its ``output`` argument.
+OUTPUTS = ("logits", "features", "head", "class_maps", "contributions")
+
+
+def check_num_classes(num_classes: Any) -> int:
+    """``num_classes`` as a positive int, or one clear ValueError."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) \
+            or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r} is not valid; it must be an integer "
+                         ">= 1")
+    return int(num_classes)
 
 
 class Classifier(nn.Module):
     """Base of the image classifiers: a backbone to a feature map, then the ``head``.
 
-    ``__call__(x [B, H, W, C], train=False) -> float32 logits [B, K]``. Subclasses
-    implement ``backbone(x, train) -> [B, h, w, C']`` (in the compact ``__call__``'s
-    scope). The pre-pool map is sown as ``intermediates/features``, so
-    ``model.apply(variables, x, mutable=["intermediates"])`` returns the logits and the
-    features from one forward pass (for class activation maps).
+    The model contract (docs/ARCHITECTURE.md), plain ``apply`` calls, one forward pass each:
+
+    * ``apply(v, x, train=False) -> logits [B, K]`` (float32);
+    * ``apply(v, x, train=False, method="forward_features") -> features [B, h, w, C]``,
+      the pre-pool map (compute dtype);
+    * ``apply(v, features, train=False, method="forward_head") -> logits [B, K]``;
+    * ``apply(v, features, method="head_class_maps") -> [B, h, w, K]``: ``W_k . x_i``;
+    * ``apply(v, features, method="head_contributions") -> [B, h, w, K]``: per-location
+      contributions summing to ``logits - bias`` (pools with a ``weighting``);
+    * ``model.map_kinds``: the exact maps the head allows (``"cam"``, ``"contribution"``).
+
+    ``__call__`` is ``forward_head(forward_features(x))``. Subclasses implement
+    ``backbone(x, train) -> [B, h, w, C']`` and call ``self.early_tap(x)`` on their first
+    layer's output (a Flax perturbation named ``early``: gradient diagnostics read the
+    gradient there). The head is the submodule ``head`` and its last Dense ``classifier``.
 
     Attributes:
       num_classes: K.
       dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``, or their names);
         parameters and BatchNorm statistics stay float32, logits are float32.
       head: ``"gap"`` (pool + Dense) or ``"fc"`` (flatten + Dense stack).
-      pool: ``POOLS`` name of the GAP head's pool.
+      pool: ``POOLS`` name of the GAP head's pool; ``pool_kwargs`` its options (a dict).
       dropout: head dropout; None = the head's default (0 for gap, 0.5 for fc).
       fc_widths: hidden widths of the FC head (subclasses set their classic default).
       fc_grid: fixed grid the FC head pools to before flattening, or None.
@@ -375,6 +425,7 @@ class Classifier(nn.Module):
     dtype: Any = jnp.float32
     head: str = "gap"
     pool: str = "gap"
+    pool_kwargs: Any = None
     dropout: float | None = None
     fc_widths: Sequence[int] = ()
     fc_grid: tuple[int, int] | None = None
@@ -388,12 +439,25 @@ class Classifier(nn.Module):
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
 
+    @property
+    def map_kinds(self) -> tuple[str, ...]:
+        """Exact per-location maps the head allows: ``("cam", "contribution")`` for a
+        uniform pool, ``("contribution",)`` for a pool with position or channel weights,
+        ``()`` otherwise (FC head; GeM, LSE, catavgmax, ... use Grad-CAM)."""
+        if self.head != "gap" or self.pool not in POOLS:
+            return ()
+        weighting = POOLS.get(self.pool).weighting
+        if weighting == "uniform":
+            return ("cam", "contribution")
+        return ("contribution",) if weighting is not None else ()
+
     def make_head(self) -> nn.Module:
         """The head submodule, named ``head``."""
         check_choice("head", self.head, HEADS)
         if self.head == "gap":
             dropout = 0.0 if self.dropout is None else self.dropout
-            return GAPHead(self.num_classes, self.pool, dropout, self.compute_dtype, name="head")
+            return GAPHead(self.num_classes, self.pool, self.pool_kwargs, dropout,
+                           self.compute_dtype, name="head")
         dropout = 0.5 if self.dropout is None else self.dropout
         return FCHead(
             self.num_classes, tuple(self.fc_widths), dropout, self.resolved_fc_grid(),
@@ -413,16 +477,46 @@ class Classifier(nn.Module):
             dtype=self.compute_dtype, axis_name=self.axis_name, name=name,
         )
 
+    def early_tap(self, x: Array) -> Array:
+        """The first layer's output, with the ``early`` perturbation added when the caller
+        passes a ``perturbations`` collection (gradient diagnostics); a no-op otherwise."""
+        return x if self.is_initializing() else self.perturb("early", x)
+
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        if x.ndim != 4:
-            raise ValueError(
-                f"{type(self).__name__} expects images of shape [batch, height, width, "
-                f"channels]; got shape {tuple(x.shape)}"
-            )
-        features = self.backbone(jnp.asarray(x, self.compute_dtype), train)
-        self.sow("intermediates", "features", features)
-        return self.make_head()(features, train=train).astype(jnp.float32)
+    def __call__(self, x: Array, train: bool = False, output: str = "logits") -> Array:
+        """``output``: ``"logits"`` or ``"features"`` of images ``x``; ``"head"``,
+        ``"class_maps"`` or ``"contributions"`` of features ``x``. The named methods below
+        are the public entry points."""
+        check_num_classes(self.num_classes)
+        check_choice("output", output, OUTPUTS)
+        if output in ("logits", "features"):
+            if x.ndim != 4:
+                raise ValueError(
+                    f"{type(self).__name__} expects images of shape [batch, height, width, "
+                    f"channels]; got shape {tuple(x.shape)}"
+                )
+            x = self.backbone(jnp.asarray(x, self.compute_dtype), train)
+            if output == "features":
+                return x
+        if output in ("logits", "head"):
+            return self.make_head()(x, train=train).astype(jnp.float32)
+        return self.make_head()(x, output=output)
+
+    def forward_features(self, images: Array, train: bool = False) -> Array:
+        """``[B, H, W, C_in] -> [B, h, w, C]``: the pre-pool feature map."""
+        return self(images, train, output="features")
+
+    def forward_head(self, features: Array, train: bool = False) -> Array:
+        """``[B, h, w, C] -> float32 logits [B, K]``."""
+        return self(features, train, output="head")
+
+    def head_class_maps(self, features: Array) -> Array:
+        """``[B, h, w, C] -> [B, h, w, K]``: ``W_k . x_i`` (CAM; float32)."""
+        return self(features, False, output="class_maps")
+
+    def head_contributions(self, features: Array) -> Array:
+        """``[B, h, w, C] -> [B, h, w, K]``: contributions summing to ``logits - bias``."""
+        return self(features, False, output="contributions")
 
 
 #: Convolution init of the reference ResNets and VGGs: He normal with fan-out.
@@ -433,6 +527,8 @@ __all__ = [
     "ATTENTIONS",
     "GATES",
     "HEADS",
+    "HEAD_OUTPUTS",
+    "OUTPUTS",
     "Classifier",
     "FCHead",
     "GAPHead",
@@ -441,12 +537,12 @@ __all__ = [
     "adaptive_avg_pool",
     "build_module",
     "check_choice",
+    "check_num_classes",
     "conv_kernel_init",
     "hard_sigmoid",
+    "linear_maps",
     "make_attention",
     "make_divisible",
-    "make_pool",
-    "returns_weights",
     "scale_channels",
     "se_reduced_channels",
 ]

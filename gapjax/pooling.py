@@ -18,8 +18,11 @@ Conventions shared by all of them:
     row-major order of the spatial axes receives the whole gradient.
 
 Pure functions hold the math; the Linen modules registered in ``POOLS`` wrap them, own any
-parameters (``p`` of GeM, ``r`` of LSE, the attention projection) and report their output
-width through ``output_width(channels)``.
+parameters (``p`` of GeM, ``r`` of LSE, the attention projection) and declare what they can
+do (see ``Pool``): their output width, whether they are a weighted sum with weights fixed
+given ``x`` (which makes class activation maps exact), and their graph (segment) form. A pool
+registered once, in any module, works in image heads, SE squeezes, masked sets, graph
+readouts and CAM.
 """
 
 from __future__ import annotations
@@ -27,14 +30,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gapjax import native
-from gapjax.registry import Registry
+from gapjax.registry import Registry, build_with_options
 
 Array = jax.Array
 
@@ -151,29 +153,22 @@ def _first_peak(sets: Array, peak: Array) -> Array:
     return positions == first
 
 
-def _xla_mean_and_peak(sets: Array, mask: Array | None, dtype: Any) -> Array:
-    counts = _counts(sets, mask)
-    mean = _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32) / jnp.maximum(counts, 1.0)
-    peak = _max_of_positions(sets, mask)
-    peak = jnp.where(counts > 0, peak, jnp.zeros((), peak.dtype))
-    return jnp.stack([mean.astype(dtype), peak.astype(dtype)], axis=1)
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _mean_and_peak(sets: Array, mask: Array | None, dtype: Any) -> Array:
     """Mean and max over the real positions of ``sets [B, N, C]`` as ``[B, 2, C]`` in
     ``dtype`` (``[:, 0]`` mean, ``[:, 1]`` max; zeros for a row without real positions).
     ``dtype`` is ``sets.dtype`` or float32, so the max is exact.
 
-    GMP, avgmax and catavgmax share it; row ``b`` reshaped to ``[2C]`` is catavgmax. On
-    CPU it is one pass over memory (``gapjax.native``), elsewhere XLA's reductions (whose
-    unused half, GMP's mean say, XLA drops). The derivative of the max follows the tie
-    rule of ``gmp``; the rule is linear in the tangents, so forward mode (jvp, hessian)
-    and reverse mode (its transpose) both work.
+    GMP, avgmax and catavgmax share it (XLA drops the half a pool does not use); row ``b``
+    reshaped to ``[2C]`` is catavgmax. The derivative of the max follows the tie rule of
+    ``gmp``; the rule is linear in the tangents, so forward mode (jvp, hessian) and reverse
+    mode (its transpose) both work.
     """
-    if native.supports(sets, dtype):
-        return native.mean_max(sets, mask, dtype)
-    return _xla_mean_and_peak(sets, mask, dtype)
+    counts = _counts(sets, mask)
+    mean = _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32) / jnp.maximum(counts, 1.0)
+    peak = _max_of_positions(sets, mask)
+    peak = jnp.where(counts > 0, peak, jnp.zeros((), peak.dtype))
+    return jnp.stack([mean.astype(dtype), peak.astype(dtype)], axis=1)
 
 
 @_mean_and_peak.defjvp
@@ -200,20 +195,14 @@ def gmp(x: Array, mask: Array | None = None) -> Array:
 
 
 def avgmax(x: Array, mask: Array | None = None) -> Array:
-    """Average of GAP and GMP, ``(gap + gmp) / 2``: ``[B, *S, C] -> [B, C]``.
-
-    On CPU the mean and the max come from one pass over ``x`` (``gapjax.native``).
-    """
+    """Average of GAP and GMP, ``(gap + gmp) / 2``: ``[B, *S, C] -> [B, C]``."""
     sets, mask = _as_sets(x, mask)
     stats = _mean_and_peak(sets, mask, jnp.float32)
     return (0.5 * (stats[:, 0] + stats[:, 1])).astype(_result_dtype(sets))
 
 
 def catavgmax(x: Array, mask: Array | None = None) -> Array:
-    """GAP and GMP concatenated, ``[gap, gmp]``: ``[B, *S, C] -> [B, 2C]`` (mean first).
-
-    On CPU the mean and the max come from one pass over ``x`` (``gapjax.native``).
-    """
+    """GAP and GMP concatenated, ``[gap, gmp]``: ``[B, *S, C] -> [B, 2C]`` (mean first)."""
     sets, mask = _as_sets(x, mask)
     return _mean_and_peak(sets, mask, _result_dtype(sets)).reshape(sets.shape[0], 2 * sets.shape[2])
 
@@ -241,8 +230,24 @@ def _log_mean_exp(z: Array, peak: Array, mask: Array | None) -> tuple[Array, Arr
     return peak[:, 0] + jnp.log1p(mean_expm1), has_any
 
 
+def check_positive(field: str, value: Any) -> None:
+    """Raises one clear ValueError when a concrete ``value`` (scalar or array) is not > 0.
+
+    Traced values (a learned exponent inside ``jit``) cannot be checked here; the modules
+    keep theirs positive with a floor instead.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return
+    values = jnp.asarray(value)
+    if values.size and not bool((values > 0).all()):
+        shown = values.tolist() if values.ndim else values.item()
+        raise ValueError(f"{field}={shown!r} is not valid; it must be > 0 (valid range: (0, inf))")
+
+
 def _exponent(value: Array | float, name: str, pool_name: str, channels: int) -> Array:
-    """Validates a scalar or per-channel ``[C]`` exponent (``p`` of GeM, ``r`` of LSE)."""
+    """Validates a positive scalar or per-channel ``[C]`` exponent (``p`` of GeM, ``r`` of
+    LSE)."""
+    check_positive(f"{pool_name}: {name}", value)
     value = jnp.asarray(value, jnp.float32)
     if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, channels)):
         raise ValueError(
@@ -396,89 +401,304 @@ def attention(
     return (pooled, probs) if return_weights else pooled
 
 
-#: Parameter-free pools by name, for code that pools without a module (graph readouts,
-#: diagnostics). Keys are the canonical ``POOLS`` names.
-FUNCTIONS: dict[str, Callable[..., Array]] = {
-    "gap": gap,
-    "gmp": gmp,
-    "gsp": gsp,
-    "avgmax": avgmax,
-    "catavgmax": catavgmax,
-}
+# --------------------------------------------------------------------------------------
+# Segment forms: the pools applied to graphs (nodes selected by a segment index)
+# --------------------------------------------------------------------------------------
+
+
+class Segments:
+    """Nodes ``x [N, C]`` grouped by ``segment_ids [N]`` into ``num_segments`` sets.
+
+    Indices outside ``[0, num_segments)`` and masked nodes (``mask [N]`` False) are dropped;
+    ``values`` are float32 with dropped rows zeroed, ``counts [S, 1]`` the real nodes per set.
+    """
+
+    def __init__(self, x: Array, segment_ids: Array, num_segments: int,
+                 mask: Array | None = None):
+        x, segment_ids = jnp.asarray(x), jnp.asarray(segment_ids)
+        if x.ndim != 2:
+            raise ValueError(f"segment pooling expects x of shape [nodes, channels]; got "
+                             f"{tuple(x.shape)}")
+        if segment_ids.shape != x.shape[:1]:
+            raise ValueError(f"segment_ids must have shape [nodes] = {x.shape[:1]}; got "
+                             f"{tuple(segment_ids.shape)}")
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)
+            if mask.shape != x.shape[:1]:
+                raise ValueError(f"mask must have shape [nodes] = {x.shape[:1]}; got "
+                                 f"{tuple(mask.shape)}")
+            segment_ids = jnp.where(mask, segment_ids, num_segments)  # the dropped slot
+        self.x, self.num_segments = x, num_segments
+        self.ids = segment_ids.astype(jnp.int32)
+        self.real = (self.ids >= 0) & (self.ids < num_segments)
+        self.values = jnp.where(self.real[:, None], x.astype(jnp.float32), 0.0)
+        self.counts = jax.ops.segment_sum(self.real.astype(jnp.float32), self.ids,
+                                          num_segments)[:, None]
+
+    def sum(self, values: Array | None = None) -> Array:
+        """``[S, C]`` float32 sums of ``values`` (default: the nodes)."""
+        return jax.ops.segment_sum(self.values if values is None else values, self.ids,
+                                   self.num_segments)
+
+    def mean(self) -> Array:
+        return self.sum() / jnp.maximum(self.counts, 1.0)
+
+    def max(self, values: Array | None = None) -> Array:
+        """``[S, C]`` maxima (tie rule of ``gmp``); 0 for an empty set."""
+        values = self.values if values is None else values
+        filled = jnp.where(self.real[:, None], values, _finite_min(jnp.float32))
+        return jnp.where(self.counts > 0, _segment_max(filled, self.ids, self.num_segments), 0.0)
+
+    def gather(self, per_segment: Array) -> Array:
+        """``[S, C] -> [N, C]``: each node's row of a per-segment array."""
+        return per_segment[jnp.clip(self.ids, 0, self.num_segments - 1)]
+
+    def log_mean_exp(self, z: Array) -> Array:
+        """Stable ``log(mean exp z)`` per set of ``z [N, C]`` (float32), 0 for empty sets;
+        as ``_log_mean_exp``, the max is subtracted without gradient."""
+        has_any = self.counts > 0
+        peak = jax.lax.stop_gradient(jnp.where(has_any, self.max(z), 0.0))
+        shifted = jnp.where(self.real[:, None], z - self.gather(peak), 0.0)
+        mean_expm1 = self.sum(jnp.expm1(shifted)) / jnp.maximum(self.counts, 1.0)
+        return jnp.where(has_any, peak + jnp.log1p(mean_expm1), 0.0)
+
+    def dense(self) -> tuple[Array, Array]:
+        """The sets as a padded batch ``([S, N, C], mask [S, N])``: the generic graph form
+        of any pool (``O(S * N * C)`` memory; pools override ``segment`` to avoid it)."""
+        member = self.real[None, :] & (self.ids[None, :] == jnp.arange(self.num_segments)[:, None])
+        return jnp.broadcast_to(self.x, (self.num_segments, *self.x.shape)), member
+
+
+def _plain_segment_max(values: Array, segments: Array, num_segments: int) -> Array:
+    return jax.ops.segment_max(values, segments, num_segments)
+
+
+def _segment_max_fwd(values, segments, num_segments):
+    out = jax.ops.segment_max(values, segments, num_segments)
+    return out, (values, segments, out)
+
+
+def _segment_max_bwd(num_segments, residuals, g):
+    # The tie rule of gmp: the first maximal node of each (segment, channel) takes the
+    # whole gradient.
+    values, segments, out = residuals
+    in_range = ((segments >= 0) & (segments < num_segments))[:, None]
+    safe = jnp.clip(segments, 0, num_segments - 1)
+    is_max = in_range & (values == out[safe])
+    node_index = jnp.broadcast_to(jnp.arange(values.shape[0])[:, None], values.shape)
+    first = jax.ops.segment_min(jnp.where(is_max, node_index, values.shape[0]), segments,
+                                num_segments)
+    return jnp.where(is_max & (node_index == first[safe]), g[safe], jnp.zeros((), g.dtype)), None
+
+
+_segment_max = jax.custom_vjp(_plain_segment_max, nondiff_argnums=(2,))
+_segment_max.defvjp(_segment_max_fwd, _segment_max_bwd)
 
 
 # --------------------------------------------------------------------------------------
 # Linen modules (the POOLS registry)
 # --------------------------------------------------------------------------------------
 
+#: What ``Pool.weighting`` may declare.
+WEIGHTINGS = ("uniform", "position", "channel", None)
+
 
 class Pool(nn.Module):
-    """Base class: ``__call__(x [B, *S, C], mask=None) -> [B, output_width(C)]``."""
+    """Base class of the ``POOLS`` modules: ``x [B, *S, C], mask [B, *S] -> [B, width]``.
+
+    A pool declares what it can do, so nothing elsewhere lists pools by name:
+
+    * ``weighting``: ``"uniform"`` (a plain mean: CAM is exact), ``"position"`` (a sum
+      ``sum_i w_i x_i`` with weights ``[B, *S]`` fixed given ``x``), ``"channel"`` (weights
+      ``[B, *S, C]`` per channel, GMP's one-hot arg max) or None (not such a sum: GeM, LSE,
+      catavgmax). When set, ``__call__(x, mask, return_weights=True)`` returns
+      ``(pooled, weights)`` and a head's per-location contributions sum exactly to its logits.
+    * ``output_width(channels)``: width of the pooled vector.
+    * ``segment(x [N, C], segment_ids [N], num_segments, mask=None) -> [S, width]``: the
+      graph form. The default scatters the sets to a padded batch and calls the pool;
+      pools override it with ``jax.ops.segment_*`` where they can.
+    * ``function``: the pure function behind the pool, called by ``pool(name, x, ...)``
+      with the module's keyword arguments (None: ``pool`` applies the module at its
+      initial parameters).
+    """
+
+    weighting: ClassVar[str | None] = None
+    function: ClassVar[Callable[..., Array] | None] = None
 
     def output_width(self, channels: int) -> int:
         """Width of the pooled vector for ``channels`` input channels."""
         return channels
 
+    def segment(self, x: Array, segment_ids: Array, num_segments: int,
+                mask: Array | None = None) -> Array:
+        """Pools the nodes of each segment: ``[N, C] -> [num_segments, width]``."""
+        sets, member = Segments(x, segment_ids, num_segments, mask).dense()
+        return self(sets, member)
 
-def _parameter_free(class_name: str, fn: Callable[..., Array], width_factor: int = 1):
-    """A Linen wrapper around a parameter-free pure pool."""
+
+def _weights_result(pooled: Array, weights: Array, return_weights: bool):
+    return (pooled, weights) if return_weights else pooled
+
+
+def _uniform_weights(x: Array, mask: Array | None) -> Array:
+    """GAP's weights ``[B, *S]``: ``1 / N`` at the real positions (float32)."""
+    real = jnp.ones(x.shape[:-1], bool) if mask is None else jnp.asarray(mask, bool)
+    counts = real.reshape(real.shape[0], -1).sum(axis=1, dtype=jnp.float32)
+    shape = (-1,) + (1,) * (real.ndim - 1)
+    return jnp.where(real, 1.0 / jnp.maximum(counts, 1.0).reshape(shape), 0.0)
+
+
+def _peak_weights(x: Array, mask: Array | None) -> Array:
+    """GMP's weights ``[B, *S, C]``: one-hot at the first arg max of each channel."""
+    sets, flat_mask = _as_sets(x, mask)
+    peak = _max_of_positions(sets, flat_mask)
+    first = _first_peak(_max_masked(sets, flat_mask), peak)
+    if flat_mask is not None:
+        first = first & flat_mask[..., None]
+    return first.astype(jnp.float32).reshape(x.shape)
+
+
+@POOLS.register("gap", "mean")
+class GlobalAvgPool(Pool):
+    """Global average pooling (``gap``): the uniform weighted sum."""
+
+    weighting: ClassVar[str | None] = "uniform"
+    function: ClassVar = staticmethod(gap)
+
+    def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
+        return _weights_result(gap(x, mask), _uniform_weights(jnp.asarray(x), mask),
+                               return_weights)
+
+    def segment(self, x, segment_ids, num_segments, mask=None):
+        return Segments(x, segment_ids, num_segments, mask).mean().astype(_result_dtype(x))
+
+
+@POOLS.register("gmp", "max")
+class GlobalMaxPool(Pool):
+    """Global max pooling (``gmp``): per-channel one-hot weights at the first arg max."""
+
+    weighting: ClassVar[str | None] = "channel"
+    function: ClassVar = staticmethod(gmp)
+
+    def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
+        return _weights_result(gmp(x, mask), _peak_weights(jnp.asarray(x), mask),
+                               return_weights)
+
+    def segment(self, x, segment_ids, num_segments, mask=None):
+        return Segments(x, segment_ids, num_segments, mask).max().astype(_result_dtype(x))
+
+
+@POOLS.register("gsp", "sum")
+class GlobalSumPool(Pool):
+    """Global sum pooling (``gsp``): weight 1 at every real position."""
+
+    weighting: ClassVar[str | None] = "position"
+    function: ClassVar = staticmethod(gsp)
+
+    def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
+        x = jnp.asarray(x)
+        ones = jnp.ones(x.shape[:-1], jnp.float32) if mask is None else \
+            jnp.asarray(mask, jnp.float32)
+        return _weights_result(gsp(x, mask), ones, return_weights)
+
+    def segment(self, x, segment_ids, num_segments, mask=None):
+        return Segments(x, segment_ids, num_segments, mask).sum().astype(_result_dtype(x))
+
+
+@POOLS.register("avgmax")
+class AvgMaxPool(Pool):
+    """``(gap + gmp) / 2``: per-channel weights ``1 / 2N + one-hot / 2``."""
+
+    weighting: ClassVar[str | None] = "channel"
+    function: ClassVar = staticmethod(avgmax)
+
+    def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
+        x = jnp.asarray(x)
+        weights = 0.5 * (_uniform_weights(x, mask)[..., None] + _peak_weights(x, mask))
+        return _weights_result(avgmax(x, mask), weights, return_weights)
+
+    def segment(self, x, segment_ids, num_segments, mask=None):
+        sets = Segments(x, segment_ids, num_segments, mask)
+        return (0.5 * (sets.mean() + sets.max())).astype(_result_dtype(x))
+
+
+@POOLS.register("catavgmax")
+class CatAvgMaxPool(Pool):
+    """``[gap, gmp]`` concatenated: ``[B, 2C]``."""
+
+    function: ClassVar = staticmethod(catavgmax)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        return fn(x, mask)
+        return catavgmax(x, mask)
 
     def output_width(self, channels: int) -> int:
-        return width_factor * channels
+        return 2 * channels
 
-    namespace = {"__call__": __call__, "output_width": output_width, "__doc__": fn.__doc__,
-                 "__module__": __name__, "__qualname__": class_name}
-    return type(class_name, (Pool,), namespace)
+    def segment(self, x, segment_ids, num_segments, mask=None):
+        sets = Segments(x, segment_ids, num_segments, mask)
+        return jnp.concatenate([sets.mean(), sets.max()], axis=-1).astype(_result_dtype(x))
 
 
-GlobalAvgPool = POOLS.register("gap", "mean")(_parameter_free("GlobalAvgPool", gap))
-GlobalMaxPool = POOLS.register("gmp", "max")(_parameter_free("GlobalMaxPool", gmp))
-GlobalSumPool = POOLS.register("gsp", "sum")(_parameter_free("GlobalSumPool", gsp))
-AvgMaxPool = POOLS.register("avgmax")(_parameter_free("AvgMaxPool", avgmax))
-CatAvgMaxPool = POOLS.register("catavgmax")(_parameter_free("CatAvgMaxPool", catavgmax, 2))
+class _LearnedExponent(Pool):
+    """Shared by GeM and LSE: a positive exponent, fixed or learned, scalar or per channel."""
+
+    per_channel: bool = False
+
+    @nn.compact
+    def exponent(self, channels: int, name: str, init: float, learn: bool,
+                 floor: float) -> Array:
+        """The exponent ``[]`` or ``[C]``; a learned one is kept above ``floor`` (a step
+        through 0 would blow up ``1 / p``)."""
+        check_positive(f"{type(self).__name__}.init_{name}", init)
+        shape = (channels,) if self.per_channel else ()
+        if not learn:
+            return jnp.full(shape, init, jnp.float32)
+        value = self.param(name, nn.initializers.constant(init), shape, jnp.float32)
+        return jnp.maximum(value, floor)
 
 
 @POOLS.register("gem")
-class GeMPool(Pool):
-    """GeM pooling with a learnable exponent ``p`` (scalar, or per channel)."""
+class GeMPool(_LearnedExponent):
+    """GeM pooling with a learnable exponent ``p`` (``init_p``; scalar, or per channel)."""
 
+    function: ClassVar = staticmethod(gem)
     init_p: float = 3.0
     learn_p: bool = True
-    per_channel: bool = False
     eps: float = 1e-6
     min_p: float = 1e-3
 
-    @nn.compact
+    def _p(self, channels: int) -> Array:
+        return self.exponent(channels, "p", self.init_p, self.learn_p, self.min_p)
+
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        shape = (x.shape[-1],) if self.per_channel else ()
-        if self.learn_p:
-            p = self.param("p", nn.initializers.constant(self.init_p), shape, jnp.float32)
-        else:
-            p = jnp.full(shape, self.init_p, jnp.float32)
-        # A learned p could step through 0, where 1/p blows up; keep it positive.
-        return gem(x, jnp.maximum(p, self.min_p), mask, self.eps)
+        return gem(x, self._p(jnp.shape(x)[-1]), mask, self.eps)
+
+    def segment(self, x, segment_ids, num_segments, mask=None):
+        sets = Segments(x, segment_ids, num_segments, mask)
+        p = self._p(sets.values.shape[-1])
+        log_mean = sets.log_mean_exp(p * jnp.log(jnp.maximum(sets.values, self.eps)))
+        return jnp.where(sets.counts > 0, jnp.exp(log_mean / p), 0.0).astype(_result_dtype(x))
 
 
 @POOLS.register("lse")
-class LSEPool(Pool):
-    """Log-sum-exp pooling with a learnable positive sharpness ``r``."""
+class LSEPool(_LearnedExponent):
+    """Log-sum-exp pooling with a learnable positive sharpness ``r`` (``init_r``)."""
 
+    function: ClassVar = staticmethod(lse)
     init_r: float = 10.0
     learn_r: bool = True
-    per_channel: bool = False
     min_r: float = 1e-4
 
-    @nn.compact
+    def _r(self, channels: int) -> Array:
+        return self.exponent(channels, "r", self.init_r, self.learn_r, self.min_r)
+
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        shape = (x.shape[-1],) if self.per_channel else ()
-        if self.learn_r:
-            r = self.param("r", nn.initializers.constant(self.init_r), shape, jnp.float32)
-        else:
-            r = jnp.full(shape, self.init_r, jnp.float32)
-        return lse(x, jnp.maximum(r, self.min_r), mask)
+        return lse(x, self._r(jnp.shape(x)[-1]), mask)
+
+    def segment(self, x, segment_ids, num_segments, mask=None):
+        sets = Segments(x, segment_ids, num_segments, mask)
+        r = self._r(sets.values.shape[-1])
+        return (sets.log_mean_exp(r * sets.values) / r).astype(_result_dtype(x))
 
 
 @POOLS.register("weighted")
@@ -491,6 +711,7 @@ class WeightedPool(Pool):
     to ``__call__`` override both.
     """
 
+    weighting: ClassVar[str | None] = "position"
     spatial_weights: Any = None
 
     @nn.compact
@@ -519,10 +740,18 @@ class AttentionPool(Pool):
     positions (masked), weighted sum. ``hidden`` adds a tanh layer before the score
     (attention-MIL style); ``None`` scores with a single linear map."""
 
+    weighting: ClassVar[str | None] = "position"
     hidden: int | None = None
     dtype: Any = None
 
     @nn.compact
+    def scores(self, x: Array) -> Array:
+        """``[..., C] -> [...]`` unnormalised score of every position (or node)."""
+        h = x
+        if self.hidden:
+            h = jnp.tanh(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(h))
+        return nn.Dense(1, dtype=self.dtype, name="score")(h)[..., 0]
+
     def __call__(
         self, x: Array, mask: Array | None = None, return_weights: bool = False
     ) -> Array | tuple[Array, Array]:
@@ -530,47 +759,55 @@ class AttentionPool(Pool):
         # Padded positions are zeroed before scoring so that garbage there (even inf)
         # cannot reach the projection's gradient.
         h = x if mask is None else jnp.where(jnp.asarray(mask, bool)[..., None], x, 0)
-        if self.hidden:
-            h = jnp.tanh(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(h))
-        scores = nn.Dense(1, dtype=self.dtype, name="score")(h)[..., 0]
-        return attention(x, scores, mask, return_weights=return_weights)
+        return attention(x, self.scores(h), mask, return_weights=return_weights)
+
+    def segment(self, x, segment_ids, num_segments, mask=None):
+        sets = Segments(x, segment_ids, num_segments, mask)
+        scores = jnp.where(sets.real, self.scores(jnp.where(sets.real[:, None], x, 0))
+                           .astype(jnp.float32), 0.0)[:, None]
+        peak = jax.lax.stop_gradient(sets.max(scores))
+        exps = jnp.where(sets.real[:, None], jnp.exp(scores - sets.gather(peak)), 0.0)
+        total = sets.gather(sets.sum(exps))
+        probs = exps / jnp.where(total > 0, total, 1.0)
+        return sets.sum(probs * sets.values).astype(_result_dtype(x))
 
 
-#: Keyword arguments that ``pool`` accepts for each parameterised pool it can apply.
-_POOL_KWARGS = {"gem": ("p", "eps"), "lse": ("r",)}
+def make_pool(pool_name: str, /, *, dtype: Any = None, **kwargs: Any) -> Pool:
+    """Instantiates the ``POOLS`` module ``pool_name`` with its options ``kwargs`` (a
+    model's ``pool_kwargs``; ``name=`` names the submodule); passes the compute ``dtype``
+    when the pool takes one. An unknown option is one line naming the valid options."""
+    pool_class = POOLS.get(pool_name)
+    if dtype is not None and "dtype" in pool_class.__dataclass_fields__:
+        kwargs = {"dtype": dtype, **kwargs}
+    return build_with_options(pool_class, f"pool {pool_name!r}", kwargs)
 
 
 def pool(name: str, x: Array, mask: Array | None = None, **kwargs: Any) -> Array:
     """Applies a pool by registry name: ``x [B, *S, C] -> [B, width]``.
 
-    Parameter-free pools take no keyword arguments; ``gem`` takes ``p`` (default 3) and
-    ``eps``, ``lse`` takes ``r`` (default 10). Pools with learned parameters or given
-    weights (``weighted``, ``attention``) need their module or pure function instead.
+    Calls the pool's pure function with ``kwargs`` (``gem``: ``p``, ``eps``; ``lse``:
+    ``r``; ``weighted``: ``weights``); a pool without one (a fork's, ``attention``) is
+    applied as a module at its initial parameters, with ``kwargs`` as module options.
     """
-    canonical = POOLS.canonical(name)
-    allowed = () if canonical in FUNCTIONS else _POOL_KWARGS.get(canonical)
-    if allowed is None:
-        raise ValueError(
-            f"pool {name!r} has learned parameters or needs weights; use "
-            f"POOLS.get({name!r}) or the pure function gapjax.pooling.{canonical}. "
-            f"By name, choose one of: {', '.join(sorted([*FUNCTIONS, *_POOL_KWARGS]))}"
-        )
-    unexpected = sorted(set(kwargs) - set(allowed))
-    if unexpected:
-        raise ValueError(
-            f"pool {name!r} got unexpected keyword arguments {unexpected}; "
-            f"it accepts {list(allowed) or 'none'}"
-        )
-    if canonical == "gem":
-        return gem(x, kwargs.get("p", 3.0), mask, kwargs.get("eps", 1e-6))
-    if canonical == "lse":
-        return lse(x, kwargs.get("r", 10.0), mask)
-    return FUNCTIONS[canonical](x, mask)
+    pool_class = POOLS.get(name)
+    if pool_class.function is not None:
+        import inspect
+
+        accepted = [p for p in inspect.signature(pool_class.function).parameters
+                    if p not in ("x", "mask")]
+        unexpected = sorted(set(kwargs) - set(accepted))
+        if unexpected:
+            raise ValueError(f"pool {name!r} got unexpected keyword arguments {unexpected}; "
+                             f"it accepts {accepted or 'none'}")
+        return pool_class.function(x, mask=mask, **kwargs)
+    module = make_pool(name, **kwargs)
+    variables = module.init(jax.random.key(0), x, mask)
+    return module.apply(variables, x, mask)
 
 
 __all__ = [
-    "FUNCTIONS",
     "POOLS",
+    "WEIGHTINGS",
     "AttentionPool",
     "AvgMaxPool",
     "CatAvgMaxPool",
@@ -580,16 +817,19 @@ __all__ = [
     "GlobalSumPool",
     "LSEPool",
     "Pool",
+    "Segments",
     "WeightedPool",
     "attention",
     "attention_weights",
     "avgmax",
     "catavgmax",
+    "check_positive",
     "gap",
     "gem",
     "gmp",
     "gsp",
     "lse",
+    "make_pool",
     "normalize_weights",
     "pool",
     "weighted",

@@ -6,9 +6,10 @@ A registry name is the config value: ``config.model.pool = "gem"`` selects
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -18,6 +19,21 @@ class UnknownNameError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would otherwise print the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+def build_with_options(cls: type, what: str, kwargs: Mapping[str, Any]) -> Any:
+    """``cls(**kwargs)`` for a dataclass (a Linen module), after checking every key is one
+    of its fields: an unknown key (a config typo) is one line naming it, its value, and the
+    valid options, instead of a bare ``TypeError``. ``what`` names the thing being built
+    (``"model 'resnet50'"``, ``"pool 'gem'"``)."""
+    options = sorted(field.name for field in dataclasses.fields(cls)
+                     if field.name != "parent")
+    for key, value in kwargs.items():
+        if key not in options:
+            shown = ", ".join(option for option in options if option != "name")
+            raise ValueError(f"{what} has no option {key!r} (got {key}={value!r}); "
+                             f"valid options: {shown or 'none'}")
+    return cls(**kwargs)
 
 
 class Registry(Generic[T]):

@@ -82,8 +82,9 @@ class CNN(Classifier):
                 self.widths[0], (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
                 use_bias=False, dtype=dtype, kernel_init=conv_kernel_init, name="stem_conv",
             )(x)
-            x = nn.relu(self.norm_layer(train, "stem_bn")(x))
+            x = nn.relu(self.norm_layer(train, "stem_bn")(self.early_tap(x)))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        first_conv = self.stem != "imagenet"
         for stage, (width, stride) in enumerate(zip(self.widths, self.stage_strides())):
             if stride == 2:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -93,6 +94,8 @@ class CNN(Classifier):
                     width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
                     kernel_init=conv_kernel_init, name=name,
                 )(x)
+                if first_conv:
+                    x, first_conv = self.early_tap(x), False
                 x = nn.relu(self.norm_layer(train, f"stage{stage + 1}_bn{index + 1}")(x))
             gate = make_attention(
                 self.attn, reduction=self.se_reduction, divisor=self.se_divisor,

@@ -1,11 +1,16 @@
 """Graph Isomorphism Network (Xu et al., ICLR 2019) with a readout chosen by ``POOLS`` name.
 
 The model is ``L`` GIN layers ``h' = MLP((1 + eps) h + aggregate(neighbours))`` with a
-selectable neighbourhood aggregator (sum / mean / max), a graph readout (any
-``gapjax.graph.readout`` name) applied to every layer's node states and concatenated
-(jumping knowledge) or to the last layer only, and an MLP classifier. The readout decides
-what a graph embedding can know about its node multiset: ``sum`` keeps counts, ``mean``
-keeps proportions, ``max`` keeps only which features occur.
+neighbourhood aggregator and a graph readout that are both ``POOLS`` members in their
+segment form (sum / mean / max, GeM, attention, a fork's pool, ...), the readout applied to
+every layer's node states concatenated (jumping knowledge) or to the last layer only, and
+an MLP classifier. The readout decides what a graph embedding can know about its node
+multiset: ``sum`` keeps counts, ``mean`` keeps proportions, ``max`` keeps only which
+features occur.
+
+The model contract for graphs: ``forward_features(graphs)`` returns the batch with its
+``node_features`` replaced by the node states the readout pools (``[N, C]``, padding rows
+zero), and ``forward_head(features)`` reads them out and classifies.
 """
 
 from __future__ import annotations
@@ -16,19 +21,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gapjax.graph import READOUTS, GraphBatch, aggregate_neighbors, gin_combine, readout
-from gapjax.models import MODELS
-from gapjax.pooling import POOLS
+from gapjax.graph import GraphBatch, gin_combine
+from gapjax.layers import check_choice, check_num_classes
+from gapjax.models import register_preset
+from gapjax.pooling import make_pool
 
 Array = jax.Array
 
-AGGREGATORS = ("gsp", "gap", "gmp")  # canonical names of sum, mean, max
 NORMS = ("batch", "none")
-
-
-def _check_pool_name(field: str, value: Any, allowed: tuple[str, ...], shown: str) -> None:
-    if not isinstance(value, str) or value not in POOLS or POOLS.canonical(value) not in allowed:
-        raise ValueError(f"gin: {field}={value!r} is not supported; choose one of: {shown}")
 
 
 class GINLayer(nn.Module):
@@ -54,8 +54,13 @@ class GINLayer(nn.Module):
             epsilon = self.param("eps", nn.initializers.constant(self.eps_init), (), jnp.float32)
         else:
             epsilon = jnp.asarray(self.eps_init, jnp.float32)
-        aggregated = aggregate_neighbors(
-            self.aggregator, h, graphs.senders, graphs.receivers, graphs.edge_mask
+        aggregate = make_pool(self.aggregator, name="aggregate")
+        if aggregate.output_width(h.shape[-1]) != h.shape[-1]:
+            raise ValueError(f"gin: aggregator={self.aggregator!r} changes the node width; "
+                             "choose a pool whose output width equals its input's")
+        messages = jnp.take(h, graphs.senders, axis=0, mode="clip")
+        aggregated = aggregate.segment(
+            messages, graphs.receivers, h.shape[0], graphs.edge_mask
         )
         x = gin_combine(h.astype(jnp.float32), aggregated.astype(jnp.float32), epsilon)
         x = x.astype(self.dtype)
@@ -71,23 +76,18 @@ class GINLayer(nn.Module):
         return jnp.where(graphs.node_mask[:, None], x, jnp.zeros((), x.dtype))
 
 
-@MODELS.register("gin")
 class GIN(nn.Module):
     """GIN graph classifier: ``__call__(graphs: GraphBatch, train=False) -> logits [G, K]``.
-
-    With ``mutable=["intermediates"]`` it also exposes the last node states
-    (``"features" [N, hidden]``) and the graph embedding before the classifier
-    (``"graph_embedding" [G, width]``) from the same forward pass.
 
     Attributes:
       num_classes: ``K``.
       num_layers: number of GIN layers ``L``.
       hidden: width of node states and of the classifier's hidden layer.
-      readout: graph readout, a ``gapjax.graph.readout`` name (sum, mean, max, avgmax,
-        catavgmax, gem, lse and their ``POOLS`` aliases).
-      jumping_knowledge: read out every layer's node states (input included) and
-        concatenate; otherwise read out the last layer only.
-      aggregator: neighbourhood aggregator, ``sum`` | ``mean`` | ``max``.
+      pool: graph readout, any ``POOLS`` name; ``pool_kwargs`` its options.
+      jumping_knowledge: read out every layer's node states (input included),
+        concatenated; otherwise read out the last layer only.
+      aggregator: neighbourhood aggregator, a ``POOLS`` name that keeps the width
+        (``sum``, ``mean``, ``max``, ...).
       learn_eps: learn GIN's epsilon (else fixed at ``eps_init``).
       eps_init: initial (or fixed) epsilon.
       mlp_layers: dense layers in each GIN layer's MLP.
@@ -98,15 +98,13 @@ class GIN(nn.Module):
       dropout: dropout rate before the classifier (needs a ``dropout`` rng in training).
       dtype: compute dtype; parameters stay float32 and readouts accumulate in float32.
       axis_name: pmap axis for BatchNorm statistics.
-      pool / head: accepted because the shared config passes every ``config.model`` key;
-        ``pool`` must be None or name the same readout, ``head`` None or ``"gap"`` (the
-        readout followed by a classifier is this model's only head).
     """
 
     num_classes: int
     num_layers: int = 3
     hidden: int = 64
-    readout: str = "sum"
+    pool: str = "sum"
+    pool_kwargs: Any = None
     jumping_knowledge: bool = True
     aggregator: str = "sum"
     learn_eps: bool = True
@@ -117,26 +115,10 @@ class GIN(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     axis_name: str | None = None
-    pool: str | None = None
-    head: str | None = None
 
     def _check(self) -> None:
-        _check_pool_name("readout", self.readout, READOUTS,
-                         "sum, mean, max, avgmax, catavgmax, gem, lse (or a POOLS alias)")
-        _check_pool_name("aggregator", self.aggregator, AGGREGATORS, "sum, mean, max")
-        if self.pool is not None and (
-            self.pool not in POOLS or POOLS.canonical(self.pool) != POOLS.canonical(self.readout)
-        ):
-            raise ValueError(
-                f"gin: pool={self.pool!r} differs from readout={self.readout!r}; gin selects its "
-                f"graph readout with model.readout (choices: sum, mean, max, avgmax, catavgmax, "
-                f"gem, lse), so leave model.pool unset or equal to it"
-            )
-        if self.head not in (None, "gap"):
-            raise ValueError(f"gin: head={self.head!r} is not supported; choose one of: gap")
-        if self.norm not in NORMS:
-            raise ValueError(f"gin: norm={self.norm!r} is not supported; choose one of: "
-                             f"{', '.join(NORMS)}")
+        check_num_classes(self.num_classes)
+        check_choice("gin: norm", self.norm, NORMS)
         if self.num_layers < 0:
             raise ValueError(f"gin: num_layers={self.num_layers} must be >= 0")
 
@@ -158,29 +140,28 @@ class GIN(nn.Module):
         return jnp.where(graphs.node_mask[:, None], features, 0.0).astype(self.dtype)
 
     @nn.compact
-    def __call__(self, graphs: GraphBatch, train: bool = False) -> Array:
+    def __call__(self, graphs: GraphBatch, train: bool = False, output: str = "logits"):
+        """``output``: ``"logits"`` or ``"features"`` of a batch; ``"head"`` of features."""
         self._check()
-        num_graphs = graphs.graph_mask.shape[0]
-
-        def pooled(h: Array) -> Array:
-            return readout(self.readout, h, graphs.node_graph, num_graphs, mask=graphs.node_mask)
-
-        h = self._input_states(graphs)
-        readouts = [pooled(h)] if self.jumping_knowledge else []
-        for index in range(self.num_layers):
-            h = GINLayer(
-                self.hidden, self.aggregator, self.learn_eps, self.eps_init, self.mlp_layers,
-                self.norm, self.dtype, self.axis_name, name=f"layer{index}",
-            )(h, graphs, train)
-            if self.jumping_knowledge:
-                readouts.append(pooled(h))
-        if not self.jumping_knowledge:
-            readouts.append(pooled(h))
-        # The feature switch of the image classifiers, for graphs: the last node states
-        # [N, hidden] (padding rows zero) before they are read out.
-        self.sow("intermediates", "features", h)
-        embedding = jnp.concatenate(readouts, axis=-1).astype(self.dtype)
-        self.sow("intermediates", "graph_embedding", embedding)
+        check_choice("output", output, ("logits", "features", "head"))
+        if output != "head":
+            h = self._input_states(graphs)
+            states = [h] if self.jumping_knowledge else []
+            for index in range(self.num_layers):
+                h = GINLayer(
+                    self.hidden, self.aggregator, self.learn_eps, self.eps_init,
+                    self.mlp_layers, self.norm, self.dtype, self.axis_name, name=f"layer{index}",
+                )(h, graphs, train)
+                if self.jumping_knowledge:
+                    states.append(h)
+            nodes = jnp.concatenate(states, axis=-1) if self.jumping_knowledge else h
+            graphs = graphs.replace(node_features=nodes)
+            if output == "features":
+                return graphs
+        readout = make_pool(self.pool, name="readout", **dict(self.pool_kwargs or {}))
+        embedding = readout.segment(graphs.node_features, graphs.node_graph,
+                                    graphs.graph_mask.shape[0], graphs.node_mask)
+        embedding = embedding.astype(self.dtype)
         if self.norm == "batch":
             # Sum readouts grow with graph size; normalising each feature over the real
             # graphs of the batch (an invertible affine map, so nothing is lost) keeps the
@@ -194,5 +175,16 @@ class GIN(nn.Module):
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
         return logits.astype(jnp.float32)
 
+    def forward_features(self, graphs: GraphBatch, train: bool = False) -> GraphBatch:
+        """The batch with ``node_features`` = the node states the readout pools ``[N, C]``."""
+        return self(graphs, train, output="features")
 
-__all__ = ["AGGREGATORS", "GIN", "GINLayer"]
+    def forward_head(self, features: GraphBatch, train: bool = False) -> Array:
+        """Readout, embedding norm and classifier: ``-> float32 logits [G, K]``."""
+        return self(features, train, output="head")
+
+
+register_preset("gin", GIN, {}, "GIN graph classifier; keyword arguments are GIN attributes "
+                "(num_classes, num_layers, hidden, pool, pool_kwargs, aggregator, ...).")
+
+__all__ = ["GIN", "NORMS", "GINLayer"]

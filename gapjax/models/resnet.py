@@ -132,11 +132,11 @@ class ResNet(Classifier):
         check_choice("attn", self.attn, (*ATTENTIONS, None))
         dtype = self.compute_dtype
         if self.stem == "imagenet":
-            x = _conv(self.base_width, 7, 2, dtype, "conv1")(x)
+            x = self.early_tap(_conv(self.base_width, 7, 2, dtype, "conv1")(x))
             x = nn.relu(self.norm_layer(train, "bn1")(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = _conv(self.base_width, 3, 1, dtype, "conv1")(x)
+            x = self.early_tap(_conv(self.base_width, 3, 1, dtype, "conv1")(x))
             x = nn.relu(self.norm_layer(train, "bn1")(x))
 
         def norm(name: str, scale_init: Callable[..., Array] = nn.initializers.ones):

@@ -81,6 +81,8 @@ class VGG(Classifier):
                     dtype=self.compute_dtype, kernel_init=conv_kernel_init,
                     bias_init=nn.initializers.zeros, name=name,
                 )(x)
+                if block_index == conv_index == 0:
+                    x = self.early_tap(x)
                 if self.batch_norm:
                     x = self.norm_layer(train, f"bn{block_index + 1}_{conv_index + 1}")(x)
                 x = nn.relu(x)
