@@ -33,6 +33,38 @@ default the one that maximises GT-known localization over the grid (the calibrat
 Choe et al. recommend, so GT-known localization then equals MaxBoxAcc), or a fixed one
 such as the 0.2 of the original CAM paper. A fixed threshold is arbitrary: it favours
 whatever object size it happens to fit.
+
+Protocols. Every metric takes ``protocol``: ``"gapjax"`` (the definitions above, the
+default) or ``"wsolevaluation"``, which returns exactly the numbers of the reference code
+of Choe et al. (github.com/clovaai/wsolevaluation, ``evaluation.py``), in its units
+(percentages), so that they can be put next to published tables. That mode needs OpenCV
+(``pip install -e ".[wsol]"``) and follows the reference's conventions:
+
+* the map is quantised to 8 bits, ``q = uint8(255 * score)`` (truncation), and at
+  threshold ``tau`` the foreground is ``q > int(tau * max(q))``: the threshold is relative
+  to the map's 8-bit maximum, so a map whose maximum is below 1 is thresholded as if
+  rescaled, and scores that differ by less than 1/255 tie;
+* boxes come from OpenCV's contours of that foreground (``RETR_TREE``: the boundaries of
+  holes are contours too, and give boxes in V2); V1 keeps the contour of largest polygon
+  area (``cv2.contourArea``: a one-pixel or one-pixel-wide region has area 0); an empty
+  foreground gives the box ``(0, 0, 0, 0)`` (one pixel, not "no box");
+* boxes are integer, pixel-inclusive ``(x0, y0, x1, y1)`` with ``x1 = x + w`` clipped to
+  ``W - 1`` (so a box is one pixel wider than its region unless it touches the right or
+  bottom edge), and IoU counts pixels with ``+1`` on every side;
+* the ground-truth boxes are the reference's pixel boxes at the original image size,
+  scaled to the score map with truncation (``int(x * 224 / W)``);
+* the threshold grid is ``np.arange(0, 1, interval)`` (0.001 in the reference's training
+  script; its command line uses 0.01), unrounded, and an IoU threshold of ``delta``
+  is compared as ``iou >= percent / 100``;
+* PxAP bins scores with ``np.histogram`` over the grid extended by 1, 2, 3 and drops
+  pixels marked 255 (the ignore region) in the masks;
+* the evaluator takes the raw class map, resizes it to the input with OpenCV's bicubic
+  interpolation and min-max normalises it (constant or NaN maps become all zeros),
+  where the gapjax protocol resizes bilinearly in JAX.
+
+Box convention shared by both protocols: the reference's pixel-inclusive box ``x0..x1`` on
+a ``W``-pixel axis is ``(x0 / W, (x1 + 1) / W)`` in gapjax's normalised coordinates
+(``boxes_from_reference``), and ``boxes_to_reference`` maps it back exactly.
 """
 
 from __future__ import annotations
@@ -48,6 +80,12 @@ import scipy.ndimage
 DEFAULT_THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.01), 6)
 #: IoU thresholds that MaxBoxAccV2 averages over.
 V2_IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+#: The metric conventions ``protocol`` selects (see the module docstring).
+PROTOCOLS = ("gapjax", "wsolevaluation")
+#: Mask value of pixels that count neither as foreground nor as background (PxAP).
+IGNORE = 255
+#: The reference's threshold step in its training script (``--cam_curve_interval``).
+REFERENCE_CAM_CURVE_INTERVAL = 0.001
 #: Map threshold for drawing one box per map (Zhou et al.'s 20 % of the maximum).
 DEFAULT_LOC_THRESHOLD = 0.2
 # IoU comparisons allow this slack so that an overlap of exactly delta counts despite
@@ -146,16 +184,24 @@ def _components(score_map: np.ndarray, thresholds: np.ndarray):
 
 
 def boxes_from_score_map(
-    score_map: Any, threshold: float, multi_contour: bool = False
+    score_map: Any, threshold: float, multi_contour: bool = False, protocol: str = "gapjax"
 ) -> np.ndarray:
     """Boxes ``[n, 4]`` (normalised ``ymin, xmin, ymax, xmax``) of ``score_map [H, W] > tau``.
 
-    The largest 8-connected component's box (``n <= 1``), or every component's box when
-    ``multi_contour``. An empty foreground gives ``n = 0``.
+    ``"gapjax"``: the largest 8-connected component's box (``n <= 1``), or every
+    component's box when ``multi_contour``; an empty foreground gives ``n = 0``.
+    ``"wsolevaluation"``: the reference's contour boxes at ``tau`` (8-bit, relative to the
+    map's maximum; one ``(0, 0, 0, 0)`` box when empty), converted with
+    ``boxes_from_reference`` on the map's grid (the reference's ``x1`` is already one pixel
+    past a region that does not touch the far edge).
     """
     score_map = np.asarray(score_map, np.float64)
     if score_map.ndim != 2:
         raise ValueError(f"score_map must have shape [H, W]; got {score_map.shape}")
+    if _protocol(protocol) == "wsolevaluation":
+        largest, every, _ = reference_boxes_by_level(score_map, [float(threshold)])
+        pixels = (every if multi_contour else largest)[0]
+        return boxes_from_reference(pixels, score_map.shape)
     boxes, _, sizes = _components(score_map, np.array([float(threshold)]))
     if multi_contour or len(boxes) == 0:
         return boxes
@@ -163,16 +209,30 @@ def boxes_from_score_map(
 
 
 def iou_curves(
-    score_maps: Any, gt_boxes: Any, thresholds: Any = DEFAULT_THRESHOLDS
+    score_maps: Any,
+    gt_boxes: Any,
+    thresholds: Any = None,
+    protocol: str = "gapjax",
+    image_sizes: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best IoU per image and threshold: ``(largest_component [N, T], any_component [N, T])``.
 
     ``largest_component`` uses only the largest component's box (V1), ``any_component``
-    the best box over all components (V2, multi-contour). 0 where the foreground is empty.
+    the best box over all components (V2, multi-contour). 0 where the foreground is empty
+    (``"gapjax"``). ``"wsolevaluation"``: the reference's contour boxes and pixel IoU
+    (``reference_iou_curves``); ``image_sizes [N, 2]`` are the images' original ``(height,
+    width)`` when the boxes are to be scaled to the maps as the reference does (None: the
+    maps are the images). ``thresholds`` None: the protocol's default grid.
     """
+    if thresholds is None:
+        thresholds = default_thresholds(protocol)
     maps = _score_maps(score_maps)
     boxes = _gt_boxes(gt_boxes, len(maps))
     grid = _thresholds(thresholds)
+    if _protocol(protocol) == "wsolevaluation":
+        truth = _reference_truth(boxes, maps.shape[1:], image_sizes)
+        return reference_iou_curves(np.asarray(score_maps, np.float64).reshape(maps.shape),
+                                    truth, grid)
     largest = np.zeros((len(maps), len(grid)))
     best = np.zeros((len(maps), len(grid)))
     for index, (score_map, truth) in enumerate(zip(maps, boxes, strict=True)):
@@ -189,11 +249,16 @@ def iou_curves(
     return largest, best
 
 
-def box_accuracy(ious: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """``BoxAcc`` per threshold: ``ious [N, T] -> [T]`` fraction with IoU >= iou_threshold."""
+def box_accuracy(ious: np.ndarray, iou_threshold: float, protocol: str = "gapjax") -> np.ndarray:
+    """``BoxAcc`` per threshold: ``ious [N, T] -> [T]`` images with IoU >= iou_threshold.
+
+    A fraction for ``"gapjax"``; the reference's percentage for ``"wsolevaluation"``.
+    """
     ious = np.asarray(ious, np.float64)
     if ious.shape[0] == 0:
         raise ValueError("box accuracy needs at least one image; got none")
+    if _protocol(protocol) == "wsolevaluation":
+        return reference_accuracy(reference_correct_counts(ious, iou_threshold), len(ious))
     return (ious >= iou_threshold - _IOU_SLACK).mean(axis=0)
 
 
@@ -202,9 +267,11 @@ def max_box_acc(
     gt_boxes: Any,
     iou_threshold: float = 0.5,
     multi_contour: bool = False,
-    thresholds: Any = DEFAULT_THRESHOLDS,
+    thresholds: Any = None,
+    protocol: str = "gapjax",
+    image_sizes: Any = None,
 ) -> float:
-    """MaxBoxAcc: the best over thresholds of the fraction of images localized.
+    """MaxBoxAcc: the best over thresholds of the share of images localized.
 
     Args:
       score_maps: ``[N, H, W]`` in ``[0, 1]``.
@@ -212,37 +279,56 @@ def max_box_acc(
         boxes with a negative coordinate are padding.
       iou_threshold: ``delta``, the IoU an estimated box needs.
       multi_contour: V2's box choice (best of all components) instead of the largest one.
-      thresholds: the ``tau`` grid (increasing).
-
-    Returns a fraction in ``[0, 1]``.
+      thresholds: the ``tau`` grid (increasing); None for the protocol's default.
+      protocol: ``"gapjax"`` (a fraction in ``[0, 1]``) or ``"wsolevaluation"`` (the
+        reference code's percentage, exactly).
+      image_sizes: ``[N, 2]`` original ``(height, width)`` (``"wsolevaluation"`` only; see
+        ``iou_curves``).
     """
-    largest, best = iou_curves(score_maps, gt_boxes, thresholds)
-    return float(box_accuracy(best if multi_contour else largest, iou_threshold).max())
+    largest, best = iou_curves(score_maps, gt_boxes, thresholds, protocol, image_sizes)
+    return float(box_accuracy(best if multi_contour else largest, iou_threshold,
+                              protocol).max())
 
 
 def max_box_acc_v2(
     score_maps: Any,
     gt_boxes: Any,
     iou_thresholds: tuple[float, ...] = V2_IOU_THRESHOLDS,
-    thresholds: Any = DEFAULT_THRESHOLDS,
+    thresholds: Any = None,
+    protocol: str = "gapjax",
+    image_sizes: Any = None,
 ) -> float:
-    """MaxBoxAccV2: mean over ``iou_thresholds`` (0.3, 0.5, 0.7) of multi-contour MaxBoxAcc."""
-    _, best = iou_curves(score_maps, gt_boxes, thresholds)
-    return float(np.mean([box_accuracy(best, delta).max() for delta in iou_thresholds]))
+    """MaxBoxAccV2: mean over ``iou_thresholds`` (0.3, 0.5, 0.7) of multi-contour MaxBoxAcc
+    (see ``max_box_acc`` for the arguments and units)."""
+    _, best = iou_curves(score_maps, gt_boxes, thresholds, protocol, image_sizes)
+    per_iou = [box_accuracy(best, delta, protocol).max() for delta in iou_thresholds]
+    return float(np.average(per_iou))
 
 
 def localized_at(
-    largest_ious: np.ndarray, iou_threshold: float = 0.5, threshold_index: int | None = None
+    largest_ious: np.ndarray,
+    iou_threshold: float = 0.5,
+    threshold_index: int | None = None,
+    protocol: str = "gapjax",
 ) -> np.ndarray:
     """Which images are localized: ``largest_ious [N, T] -> bool [N]``.
 
     At grid column ``threshold_index``, or (None) at the column with the most images
-    localized, the calibrated threshold.
+    localized, the calibrated threshold (the first such column).
     """
-    localized = np.asarray(largest_ious) >= iou_threshold - _IOU_SLACK
+    if _protocol(protocol) == "wsolevaluation":
+        localized = np.asarray(largest_ious) >= _percent(iou_threshold) / 100
+    else:
+        localized = np.asarray(largest_ious) >= iou_threshold - _IOU_SLACK
     if threshold_index is None:
-        threshold_index = int(np.argmax(localized.mean(axis=0)))
+        threshold_index = int(np.argmax(localized.sum(axis=0)))
     return localized[:, threshold_index]
+
+
+def _share(flags: np.ndarray, protocol: str) -> float:
+    if protocol == "wsolevaluation":
+        return float(reference_accuracy(np.sum(flags), len(flags)))
+    return float(np.mean(flags))
 
 
 def gt_known_localization(
@@ -250,16 +336,20 @@ def gt_known_localization(
     gt_boxes: Any,
     threshold: float | None = None,
     iou_threshold: float = 0.5,
-    thresholds: Any = DEFAULT_THRESHOLDS,
+    thresholds: Any = None,
+    protocol: str = "gapjax",
+    image_sizes: Any = None,
 ) -> float:
-    """Fraction of images whose true-class map's largest box has IoU >= ``iou_threshold``.
+    """Share of images whose true-class map's largest box has IoU >= ``iou_threshold``.
 
     ``threshold``: the map threshold, or None for the best one of ``thresholds`` (then the
-    value is MaxBoxAcc).
+    value is MaxBoxAcc). Units and ``protocol`` as in ``max_box_acc``.
     """
-    grid = thresholds if threshold is None else [threshold]
-    largest, _ = iou_curves(score_maps, gt_boxes, grid)
-    return float(np.mean(localized_at(largest, iou_threshold, None if threshold is None else 0)))
+    grid = (default_thresholds(protocol) if thresholds is None else thresholds) \
+        if threshold is None else [threshold]
+    largest, _ = iou_curves(score_maps, gt_boxes, grid, protocol, image_sizes)
+    localized = localized_at(largest, iou_threshold, None if threshold is None else 0, protocol)
+    return _share(localized, protocol)
 
 
 def top1_localization(
@@ -269,25 +359,28 @@ def top1_localization(
     labels: Any,
     threshold: float | None = None,
     iou_threshold: float = 0.5,
-    thresholds: Any = DEFAULT_THRESHOLDS,
+    thresholds: Any = None,
+    protocol: str = "gapjax",
+    image_sizes: Any = None,
 ) -> float:
-    """Fraction of images both classified right and localized (IoU >= ``iou_threshold``).
+    """Share of images both classified right and localized (IoU >= ``iou_threshold``).
 
     ``score_maps`` are the true class's maps (equal to the predicted class's wherever the
     prediction is right, the only case that counts). ``predictions``, ``labels``: ``[N]``.
     ``threshold``: the map threshold, or None for the one that localizes the most images
-    (the GT-known calibration).
+    (the GT-known calibration). Units and ``protocol`` as in ``max_box_acc``.
     """
-    grid = thresholds if threshold is None else [threshold]
-    largest, _ = iou_curves(score_maps, gt_boxes, grid)
+    grid = (default_thresholds(protocol) if thresholds is None else thresholds) \
+        if threshold is None else [threshold]
+    largest, _ = iou_curves(score_maps, gt_boxes, grid, protocol, image_sizes)
     predictions, labels = np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1)
     if predictions.shape != labels.shape or len(labels) != len(largest):
         raise ValueError(
             f"predictions {predictions.shape} and labels {labels.shape} must both have "
             f"shape [N] = [{len(largest)}]"
         )
-    localized = localized_at(largest, iou_threshold, None if threshold is None else 0)
-    return float(np.mean(localized & (predictions == labels)))
+    localized = localized_at(largest, iou_threshold, None if threshold is None else 0, protocol)
+    return _share(localized & (predictions == labels), protocol)
 
 
 # --------------------------------------------------------------------------------------
@@ -302,29 +395,42 @@ def _pixel_grid(thresholds: Any) -> np.ndarray:
 
 
 def pixel_histograms(
-    score_maps: Any, masks: Any, thresholds: Any = DEFAULT_THRESHOLDS
+    score_maps: Any, masks: Any, thresholds: Any = None, protocol: str = "gapjax"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pixel counts per threshold bin, for PxAP accumulated over batches.
 
-    Returns ``(foreground [T'], background [T'])``: bin ``j`` counts pixels with
+    ``"gapjax"``: ``(foreground [T'], background [T'])``, bin ``j`` counts pixels with
     ``tau_j <= score < tau_{j+1}`` (the last bin is open above) over the grid with
-    ``tau = 1`` appended. ``masks [N, H, W]``: foreground where ``> 0.5``.
+    ``tau = 1`` appended. ``masks [N, H, W]``: foreground where ``> 0.5``, except pixels
+    equal to ``IGNORE`` (255), which count nowhere. ``"wsolevaluation"``: the reference's
+    histograms (``reference_pixel_histograms``).
     """
+    if thresholds is None:
+        thresholds = default_thresholds(protocol)
     maps = _score_maps(score_maps)
     masks = np.asarray(masks)
     if masks.shape != maps.shape:
         raise ValueError(f"masks must have the shape of score_maps {maps.shape}; got {masks.shape}")
+    if _protocol(protocol) == "wsolevaluation":
+        return reference_pixel_histograms(np.asarray(score_maps, np.float64).reshape(maps.shape),
+                                          masks, _thresholds(thresholds))
     grid = _pixel_grid(thresholds)
     # Scores below the first threshold are never predicted foreground: no bin.
     bins = np.searchsorted(grid, maps.ravel(), side="right") - 1
-    foreground = masks.ravel() > 0.5
-    keep = bins >= 0
+    flat = masks.ravel()
+    foreground = (flat > 0.5) & (flat != IGNORE)
+    keep = (bins >= 0) & (flat != IGNORE)
     count = lambda selected: np.bincount(bins[keep & selected], minlength=len(grid))
     return count(foreground), count(~foreground)
 
 
-def pxap_from_histograms(foreground: np.ndarray, background: np.ndarray) -> float:
-    """PxAP from ``pixel_histograms`` counts (summed over batches)."""
+def pxap_from_histograms(
+    foreground: np.ndarray, background: np.ndarray, protocol: str = "gapjax"
+) -> float:
+    """PxAP from ``pixel_histograms`` counts (summed over batches): a fraction
+    (``"gapjax"``) or the reference's percentage (``"wsolevaluation"``)."""
+    if _protocol(protocol) == "wsolevaluation":
+        return reference_pxap_from_histograms(foreground, background)
     # Counts at or above each threshold, thresholds in descending order.
     true_positive = np.cumsum(np.asarray(foreground, np.float64)[::-1])
     false_positive = np.cumsum(np.asarray(background, np.float64)[::-1])
@@ -337,13 +443,315 @@ def pxap_from_histograms(foreground: np.ndarray, background: np.ndarray) -> floa
     return float((precision * recall_gain).sum())
 
 
-def pxap(score_maps: Any, masks: Any, thresholds: Any = DEFAULT_THRESHOLDS) -> float:
+def pxap(score_maps: Any, masks: Any, thresholds: Any = None, protocol: str = "gapjax") -> float:
     """Pixel average precision of ``score_maps [N, H, W]`` against ``masks [N, H, W]``.
 
     Area under the pixel precision-recall curve over the threshold grid, all images'
-    pixels pooled (see the module docstring for the exact sum). A fraction in ``[0, 1]``.
+    pixels pooled (see the module docstring for the exact sum). A fraction in ``[0, 1]``
+    (``"gapjax"``) or the reference's percentage (``"wsolevaluation"``).
     """
-    return pxap_from_histograms(*pixel_histograms(score_maps, masks, thresholds))
+    return pxap_from_histograms(*pixel_histograms(score_maps, masks, thresholds, protocol),
+                                protocol)
+
+
+# --------------------------------------------------------------------------------------
+# Protocols, box conventions and the wsolevaluation-compatible computation
+# --------------------------------------------------------------------------------------
+
+
+def _protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} is not a WSOL protocol; choose one of: "
+                         f"{', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def _cv2() -> Any:
+    """OpenCV, which only ``protocol="wsolevaluation"`` needs (its contours define the boxes)."""
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError(
+            'protocol="wsolevaluation" needs OpenCV for the reference\'s contour boxes; '
+            'install the extra: pip install -e ".[wsol]"'
+        ) from None
+    return cv2
+
+
+def reference_thresholds(interval: float = REFERENCE_CAM_CURVE_INTERVAL) -> np.ndarray:
+    """The reference's score-map threshold grid ``np.arange(0, 1, interval)``, unrounded.
+
+    The exact floats matter: the reference truncates ``tau * max(q)`` to an integer, and
+    e.g. ``0.29 * 100`` is ``28.999999999999996``.
+    """
+    if not 0 < interval < 1:
+        raise ValueError(f"interval={interval!r} must lie in (0, 1)")
+    return np.arange(0, 1, interval)
+
+
+def default_thresholds(protocol: str = "gapjax") -> np.ndarray:
+    """The threshold grid a metric uses when given none: ``DEFAULT_THRESHOLDS`` for
+    ``"gapjax"``, ``reference_thresholds()`` (step 0.001) for ``"wsolevaluation"``."""
+    if _protocol(protocol) == "gapjax":
+        return DEFAULT_THRESHOLDS
+    return reference_thresholds()
+
+
+def boxes_from_reference(boxes: Any, image_size: Any) -> np.ndarray:
+    """Reference pixel boxes -> gapjax normalised boxes.
+
+    Args:
+      boxes: ``[..., 4]`` integer ``(x0, y0, x1, y1)``, pixel-inclusive (the reference's
+        ``localization.txt``), on an image of ``image_size``.
+      image_size: ``(height, width)`` in pixels, broadcast against ``boxes[..., 0]``.
+
+    Returns ``[..., 4]`` float64 ``(y0 / H, x0 / W, (y1 + 1) / H, (x1 + 1) / W)``.
+    """
+    boxes = np.asarray(boxes, np.float64)
+    size = np.asarray(image_size, np.float64)
+    height, width = size[..., 0], size[..., 1]
+    return np.stack([boxes[..., 1] / height, boxes[..., 0] / width,
+                     (boxes[..., 3] + 1) / height, (boxes[..., 2] + 1) / width], axis=-1)
+
+
+def boxes_to_reference(boxes: Any, image_size: Any) -> np.ndarray:
+    """Inverse of ``boxes_from_reference``: normalised ``[..., 4]`` -> int64 ``(x0, y0, x1,
+    y1)`` pixel-inclusive on an image of ``image_size = (height, width)``.
+
+    Exact for boxes made by ``boxes_from_reference`` (also after a float32 round trip):
+    coordinates are rounded to the nearest pixel edge.
+    """
+    boxes = np.asarray(boxes, np.float64)
+    size = np.asarray(image_size, np.float64)
+    height, width = size[..., 0], size[..., 1]
+    edges = np.stack([boxes[..., 1] * width, boxes[..., 0] * height,
+                      boxes[..., 3] * width, boxes[..., 2] * height], axis=-1)
+    pixels = np.rint(edges).astype(np.int64)
+    return pixels - np.array([0, 0, 1, 1], np.int64)
+
+
+def reference_resize_boxes(boxes: Any, image_size: Any, new_size: Any) -> np.ndarray:
+    """Scales pixel boxes ``[..., 4]`` from ``image_size`` to ``new_size`` (both
+    ``(height, width)``) the reference's way: ``int(x * new_w / w)``, truncated."""
+    boxes = np.asarray(boxes, np.float64)
+    old = np.asarray(image_size, np.float64)
+    new = np.asarray(new_size, np.float64)
+    scale_from = np.stack([old[..., 1], old[..., 0], old[..., 1], old[..., 0]], axis=-1)
+    scale_to = np.stack([new[..., 1], new[..., 0], new[..., 1], new[..., 0]], axis=-1)
+    return np.trunc(boxes * scale_to / scale_from).astype(np.int64)
+
+
+def reference_box_iou(boxes_a: Any, boxes_b: Any) -> np.ndarray:
+    """Pairwise IoU of integer pixel-inclusive boxes ``[A, 4]``, ``[B, 4]`` -> ``[A, B]``.
+
+    Areas count pixels (``x1 - x0 + 1``); a non-positive union gives 0, as in the reference.
+    """
+    a = np.asarray(boxes_a, np.int64).reshape(-1, 4)[:, None]
+    b = np.asarray(boxes_b, np.int64).reshape(-1, 4)[None]
+    inter_w = np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1)
+    inter_h = np.maximum(0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1)
+    intersection = inter_w * inter_h
+    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
+    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
+    union = area_a + area_b - intersection
+    return np.where(union > 0, intersection / np.where(union > 0, union, 1), 0.0)
+
+
+def reference_normalize(score_map: Any) -> np.ndarray:
+    """The reference's per-map min-max normalisation in float64: a map with a NaN or a
+    constant map becomes all zeros, otherwise ``(m - min) / max(m - min)``."""
+    score_map = np.array(score_map, np.float64)
+    if np.isnan(score_map).any() or score_map.min() == score_map.max():
+        return np.zeros_like(score_map)
+    shifted = score_map - score_map.min()
+    return shifted / shifted.max()
+
+
+def reference_resize(score_map: Any, size: tuple[int, int]) -> np.ndarray:
+    """A raw class map ``[h, w]`` resized to ``size = (height, width)`` with OpenCV's bicubic
+    interpolation in float64, as the reference does before normalising.
+
+    (The reference passes the size as ``(height, width)`` where OpenCV expects ``(width,
+    height)``; its inputs are square, where the two agree. Here the orientation is kept.)
+    """
+    cv2 = _cv2()
+    height, width = (int(v) for v in size)
+    return cv2.resize(np.asarray(score_map, np.float64), (width, height),
+                      interpolation=cv2.INTER_CUBIC)
+
+
+def _reference_map(score_map: Any) -> np.ndarray:
+    """A score map the reference accepts: float64 ``[H, W]`` in ``[0, 1]``, no NaN."""
+    score_map = np.asarray(score_map, np.float64)
+    if score_map.ndim != 2:
+        raise ValueError(f"score_map must have shape [H, W]; got {score_map.shape}")
+    if np.isnan(score_map).any():
+        raise ValueError("score maps contain NaN; normalise them first "
+                         "(gapjax.wsol.reference_normalize)")
+    if score_map.size and (score_map.min() < 0 or score_map.max() > 1):
+        raise ValueError(
+            f"score maps must lie in [0, 1] for protocol='wsolevaluation' (no tolerance, "
+            f"as in the reference); got [{score_map.min():.6g}, {score_map.max():.6g}]")
+    return score_map
+
+
+def reference_boxes_by_level(score_map: Any, thresholds: Any) -> tuple[list, list, np.ndarray]:
+    """Contour boxes of one map at every threshold, computed once per distinct 8-bit level.
+
+    Args:
+      score_map: ``[H, W]`` in ``[0, 1]``.
+      thresholds: the grid ``tau [T]``.
+
+    Returns ``(largest, every, level_of)``: for each distinct 8-bit level ``l`` (in
+    increasing order), ``largest[l]`` is the ``[1, 4]`` box of the contour of largest area
+    and ``every[l]`` the ``[n, 4]`` boxes of all contours (``(0, 0, 0, 0)`` when there is
+    none), int64 ``(x0, y0, x1, y1)``; ``level_of [T]`` maps each threshold to its level.
+    """
+    cv2 = _cv2()
+    score_map = _reference_map(score_map)
+    height, width = score_map.shape
+    quantised = (score_map * 255).astype(np.uint8)
+    top = float(quantised.max()) if quantised.size else 0.0
+    levels = (np.asarray(thresholds, np.float64) * top).astype(np.int64)
+    distinct, level_of = np.unique(levels, return_inverse=True)
+    largest, every = [], []
+    for level in distinct:
+        foreground = np.where(quantised > level, np.uint8(255), np.uint8(0))
+        contours = cv2.findContours(foreground, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
+        if len(contours) == 0:
+            empty = np.zeros((1, 4), np.int64)
+            largest.append(empty)
+            every.append(empty)
+            continue
+        rects = np.array([cv2.boundingRect(contour) for contour in contours], np.int64)
+        boxes = np.stack([rects[:, 0], rects[:, 1],
+                          np.minimum(rects[:, 0] + rects[:, 2], width - 1),
+                          np.minimum(rects[:, 1] + rects[:, 3], height - 1)], axis=1)
+        areas = np.array([cv2.contourArea(contour) for contour in contours])
+        largest.append(boxes[int(np.argmax(areas))][None])  # first of equal areas
+        every.append(boxes)
+    return largest, every, level_of.reshape(-1)
+
+
+def reference_iou_curves(
+    score_maps: Any, truth_boxes: Any, thresholds: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's best IoU per image and threshold, ``(largest [N, T], every [N, T])``.
+
+    Args:
+      score_maps: ``[N, H, W]`` in ``[0, 1]`` (float64 or exactly representable).
+      truth_boxes: per image an int array ``[M, 4]`` of pixel-inclusive ``(x0, y0, x1, y1)``
+        boxes on the score map's grid (a list, or ``[N, M, 4]``; rows with a negative
+        coordinate are padding).
+      thresholds: the grid ``tau [T]``.
+    """
+    grid = np.asarray(thresholds, np.float64).reshape(-1)
+    count = len(score_maps)
+    largest = np.zeros((count, len(grid)))
+    every = np.zeros((count, len(grid)))
+    for index in range(count):
+        truth = np.asarray(truth_boxes[index], np.int64).reshape(-1, 4)
+        truth = truth[(truth >= 0).all(axis=1)]
+        if len(truth) == 0:
+            raise ValueError(f"image {index} has no ground-truth box; the reference needs one")
+        level_largest, level_every, level_of = reference_boxes_by_level(score_maps[index], grid)
+        best_largest = np.array([reference_box_iou(b, truth).max() for b in level_largest])
+        best_every = np.array([reference_box_iou(b, truth).max() for b in level_every])
+        largest[index] = best_largest[level_of]
+        every[index] = best_every[level_of]
+    return largest, every
+
+
+def _percent(iou_threshold: float) -> int:
+    """An IoU threshold as the reference's integer percentage (0.5 -> 50)."""
+    percent = round(float(iou_threshold) * 100)
+    if not 0 <= percent <= 100 or abs(percent - float(iou_threshold) * 100) > 1e-6:
+        raise ValueError(f"iou_threshold={iou_threshold!r} must be a whole percentage in "
+                         "[0, 1] for protocol='wsolevaluation' (e.g. 0.3, 0.5, 0.7)")
+    return percent
+
+
+def reference_correct_counts(ious: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Images localized per threshold, ``ious [N, T] -> [T]`` counts, the reference's way:
+    ``iou >= percent / 100``."""
+    return (np.asarray(ious) >= _percent(iou_threshold) / 100).sum(axis=0)
+
+
+def reference_accuracy(counts: np.ndarray, images: int) -> np.ndarray:
+    """Counts -> the reference's percentages ``count * 100. / images``."""
+    if images <= 0:
+        raise ValueError("box accuracy needs at least one image; got none")
+    return np.asarray(counts, np.float64) * 100.0 / float(images)
+
+
+def reference_pixel_histograms(
+    score_maps: Any, masks: Any, thresholds: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's PxAP score histograms ``(foreground [T+2], background [T+2])``.
+
+    Bins are those of ``np.histogram`` over the edges ``thresholds + [1, 2, 3]`` (left-closed,
+    the last closed). ``masks [N, H, W]``: 1 (or True) foreground, 0 background, 255
+    ignored (any other value counts nowhere, as in the reference).
+    """
+    grid = np.asarray(thresholds, np.float64).reshape(-1)
+    edges = np.append(grid, [1.0, 2.0, 3.0])
+    maps = np.asarray(score_maps, np.float64)
+    masks = np.asarray(masks)
+    if masks.shape != maps.shape:
+        raise ValueError(f"masks must have the shape of score_maps {maps.shape}; "
+                         f"got {masks.shape}")
+    for score_map in maps.reshape(-1, *maps.shape[-2:]):
+        _reference_map(score_map)
+    masks = masks.astype(np.int64) if masks.dtype == bool else masks
+    scores = maps.ravel()
+    bins = np.searchsorted(edges, scores, side="right") - 1
+    bins = np.where(scores == edges[-1], len(edges) - 2, bins)  # the last bin is closed
+    inside = (bins >= 0) & (bins < len(edges) - 1)
+
+    def histogram(selected):
+        return np.bincount(bins[selected & inside], minlength=len(edges) - 1).astype(np.float64)
+
+    flat = masks.ravel()
+    return histogram(flat == 1), histogram(flat == 0)
+
+
+def reference_pxap_from_histograms(foreground: Any, background: Any) -> float:
+    """The reference's PxAP (a percentage) from ``reference_pixel_histograms`` counts."""
+    foreground = np.asarray(foreground, np.float64)
+    background = np.asarray(background, np.float64)
+    true_positive = foreground[::-1].cumsum()
+    false_negative = foreground.sum() - true_positive
+    false_positive = background[::-1].cumsum()
+    if ((true_positive + false_negative) <= 0).all():
+        raise ValueError("PxAP needs at least one foreground pixel in the masks; got none")
+    predicted = true_positive + false_positive
+    if (predicted <= 0).all():
+        raise ValueError("PxAP needs at least one pixel above a threshold; got none")
+    nonzero = predicted != 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = true_positive / predicted
+        recall = true_positive / (true_positive + false_negative)
+    area = (precision[1:] * np.diff(recall))[nonzero[1:]].sum()
+    return float(area * 100)
+
+
+def _reference_truth(gt_boxes: Any, map_shape: tuple[int, int], image_sizes: Any) -> list:
+    """gapjax normalised ``[N, M, 4]`` boxes -> the reference's int pixel boxes on the map.
+
+    With ``image_sizes [N, 2]`` (each image's original ``(height, width)``) a box goes back
+    to the original pixels (``boxes_to_reference``) and is scaled to the map with the
+    reference's truncation; without, the map is taken to be the original image.
+    """
+    truth = []
+    for index, boxes in enumerate(np.asarray(gt_boxes, np.float64)):
+        real = boxes[(boxes >= 0).all(axis=1)]
+        if image_sizes is None:
+            truth.append(boxes_to_reference(real, map_shape))
+        else:
+            original = np.asarray(image_sizes[index], np.float64)
+            pixels = boxes_to_reference(real, original)
+            truth.append(reference_resize_boxes(pixels, original, map_shape))
+    return truth
 
 
 # --------------------------------------------------------------------------------------
@@ -352,48 +760,115 @@ def pxap(score_maps: Any, masks: Any, thresholds: Any = DEFAULT_THRESHOLDS) -> f
 
 
 @functools.lru_cache(maxsize=8)
-def localization_map_fn(model: Any, method: str, resize: str = "bilinear") -> Any:
+def localization_map_fn(
+    model: Any, method: str, resize: str | None = "bilinear", normalize: bool = True
+) -> Any:
     """The jitted ``fn(variables, images, targets) -> gapjax.cam.CamOutput`` evaluators use
-    (maps resized to the input and normalised), one per (model, method, resize): the
+    (by default maps resized to the input and normalised; ``resize=None, normalize=False``
+    gives the raw feature-size maps), one per (model, method, resize, normalize): the
     training loop builds a new evaluator at every evaluation, and this spares each one a
     recompilation. ``model`` must be hashable (Linen modules are)."""
     from gapjax import cam
 
-    return cam.make_map_fn(model, method, resize=resize, normalize=True)
+    return cam.make_map_fn(model, method, resize=resize, normalize=normalize)
+
+
+def overlay_grid(images: Any, maps: Any, boxes: Any = None, columns: int = 4) -> np.ndarray:
+    """A picture of where a network looks: ``uint8 [rows * H, columns * W, 3]``.
+
+    Each tile is an image (per-image min-max scaled to grey or colour) blended with its
+    score map in a blue-to-red colour scale, ground-truth boxes (normalised ``[M, 4]`` per
+    image, padding rows ignored) drawn in green.
+
+    Args:
+      images: ``[N, H, W, C]`` (any range; C of 1 or 3).
+      maps: ``[N, H, W]`` in ``[0, 1]``.
+      boxes: optional ``[N, M, 4]`` normalised ``(ymin, xmin, ymax, xmax)``.
+    """
+    images = np.asarray(images, np.float64)
+    maps = np.clip(np.nan_to_num(np.asarray(maps, np.float64)), 0.0, 1.0)
+    if images.ndim != 4 or maps.shape != images.shape[:3]:
+        raise ValueError(f"images [N, H, W, C] and maps [N, H, W] must agree; got "
+                         f"{images.shape} and {maps.shape}")
+    count, height, width = maps.shape
+    low = images.min(axis=(1, 2, 3), keepdims=True)
+    spread = images.max(axis=(1, 2, 3), keepdims=True) - low
+    shown = (images - low) / np.where(spread > 0, spread, 1.0)
+    if shown.shape[-1] != 3:
+        shown = np.repeat(shown[..., :1], 3, axis=-1)
+    heat = np.stack([maps, 1.0 - np.abs(2.0 * maps - 1.0), 1.0 - maps], axis=-1)
+    tiles = 0.5 * shown + 0.5 * heat
+    if boxes is not None:
+        boxes = np.asarray(boxes, np.float64).reshape(count, -1, 4)
+        for tile, image_boxes in zip(tiles, boxes):
+            for box in image_boxes[(image_boxes >= 0).all(axis=1)]:
+                top, left = int(box[0] * height), int(box[1] * width)
+                bottom = min(height - 1, max(top, int(np.ceil(box[2] * height)) - 1))
+                right = min(width - 1, max(left, int(np.ceil(box[3] * width)) - 1))
+                tile[top:bottom + 1, [left, right]] = (0.0, 1.0, 0.0)
+                tile[[top, bottom], left:right + 1] = (0.0, 1.0, 0.0)
+    columns = max(1, min(columns, count))
+    rows = -(-count // columns)
+    grid = np.ones((rows * height, columns * width, 3))
+    for index, tile in enumerate(tiles):
+        row, column = divmod(index, columns)
+        grid[row * height:(row + 1) * height, column * width:(column + 1) * width] = tile
+    return (grid * 255).round().astype(np.uint8)
 
 
 class LocalizationEvaluator:
     """Accumulates localization metrics over evaluation batches.
 
     ``update(variables, batch)`` computes the true class's maps for ``batch["image"]``
-    (one jitted forward pass via ``gapjax.cam.compute_maps``, upsampled to the input and
-    min-max normalised) and keeps per-image IoU curves and pixel histograms on the host;
-    ``result()`` returns ``top1_loc``, ``gt_known_loc``, ``max_box_acc``, ``max_box_acc_v2``
-    and, when batches carry ``segmentation`` masks, ``pxap`` (all fractions). Top-1 and
-    GT-known localization use ``loc_threshold``, or (None) the calibrated threshold, at
-    which GT-known localization equals MaxBoxAcc.
+    (one jitted forward pass via ``gapjax.cam.compute_maps``) and keeps per-threshold counts
+    and pixel histograms on the host; ``result()`` returns ``top1_loc``, ``gt_known_loc``,
+    ``max_box_acc``, ``max_box_acc_v2``, ``loc_threshold`` (the map threshold top-1 and
+    GT-known localization used) and, when batches carry ``segmentation`` masks, ``pxap``.
+    Top-1 and GT-known localization use ``loc_threshold``, or (None) the calibrated
+    threshold, at which GT-known localization equals MaxBoxAcc.
+
+    ``protocol="gapjax"``: maps upsampled to the input in JAX (``resize``) and min-max
+    normalised; metrics are fractions. ``protocol="wsolevaluation"``: the reference's
+    pipeline: the raw map resized to the input with OpenCV's bicubic interpolation, then
+    ``reference_normalize``; its boxes, IoU and histograms; metrics are its percentages,
+    and ``max_box_acc_v2_iou{30,50,70}`` are added (its ``localization_IOU_*``). Boxes are
+    scaled to the input from each image's original size when batches carry
+    ``image_size [b, 2]`` (original ``(height, width)``), as the reference scales its boxes
+    to 224 x 224.
 
     Batches need ``image [b, H, W, C]``, ``label [b]`` and ``bbox [b, M, 4]``; rows with
-    ``weight == 0`` (padding) are skipped. ``variables`` are unreplicated.
+    ``weight == 0`` (padding) are skipped. ``segmentation [b, H, W]``: 1 foreground,
+    0 background, 255 ignored. ``variables`` are unreplicated. The first ``overlay_images``
+    real images and their maps are kept for ``overlay()``.
     """
 
     def __init__(
         self,
         model: Any,
         method: str = "auto",
-        thresholds: Any = DEFAULT_THRESHOLDS,
+        thresholds: Any = None,
         loc_threshold: float | None = None,
         resize: str = "bilinear",
+        protocol: str = "gapjax",
+        overlay_images: int = 0,
     ):
         from gapjax import cam  # same floor; imported here to keep the metrics numpy-only
 
+        self.protocol = _protocol(protocol)
+        if self.protocol == "wsolevaluation":
+            _cv2()  # fail now, not at the first batch
         self.method = cam.resolve_method(model, method)
-        self.thresholds = _thresholds(thresholds)
+        self.thresholds = _thresholds(default_thresholds(protocol) if thresholds is None
+                                      else thresholds)
         self.loc_threshold = None if loc_threshold is None else float(loc_threshold)
+        self.overlay_images = int(overlay_images)
+        compat = self.protocol == "wsolevaluation"
+        options = (model, self.method, None if compat else resize, not compat)
         try:
-            self._map_fn = localization_map_fn(model, self.method, resize)
+            self._map_fn = localization_map_fn(*options)
         except TypeError:  # an unhashable model: compile for this evaluator alone
-            self._map_fn = cam.make_map_fn(model, self.method, resize=resize, normalize=True)
+            self._map_fn = cam.make_map_fn(model, self.method, resize=options[2],
+                                           normalize=options[3])
         self.reset()
 
     def reset(self) -> None:
@@ -407,8 +882,20 @@ class LocalizationEvaluator:
         self._localized_v2 = np.zeros((len(V2_IOU_THRESHOLDS), size))
         # The same two counts at the fixed loc_threshold, when there is one.
         self._fixed = np.zeros(2)
-        self._foreground = np.zeros(len(_pixel_grid(self.thresholds)))
-        self._background = np.zeros(len(_pixel_grid(self.thresholds)))
+        bins = (len(self.thresholds) + 2 if self.protocol == "wsolevaluation"
+                else len(_pixel_grid(self.thresholds)))
+        self._foreground = np.zeros(bins)
+        self._background = np.zeros(bins)
+        self._shown: dict[str, list[np.ndarray]] = {"image": [], "maps": [], "bbox": []}
+
+    def _maps(self, variables: Mapping[str, Any], images: Any, labels: np.ndarray):
+        """``(maps [b, H, W] float64, logits [b, K])`` as the protocol prescribes."""
+        output = self._map_fn(variables, images, labels)
+        maps = np.asarray(output.maps, np.float64)
+        if self.protocol == "wsolevaluation":
+            size = np.shape(images)[1:3]
+            maps = np.stack([reference_normalize(reference_resize(raw, size)) for raw in maps])
+        return maps, np.asarray(output.logits)
 
     def update(self, variables: Mapping[str, Any], batch: Mapping[str, Any]) -> None:
         """Adds one batch (see the class docstring for its keys)."""
@@ -424,28 +911,46 @@ class LocalizationEvaluator:
                 f"localization evaluation needs one class label per image, label [b]; got "
                 f"shape {labels.shape}"
             )
-        output = self._map_fn(variables, batch["image"], labels)
+        all_maps, logits = self._maps(variables, batch["image"], labels)
         real = np.asarray(batch.get("weight", np.ones(len(labels)))) > 0
-        maps = np.asarray(output.maps, np.float64)[real]
+        maps = all_maps[real]
         boxes = np.asarray(batch["bbox"])[real]
-        correct = (np.asarray(output.logits).argmax(axis=-1) == labels)[real, None]
-        largest, best = iou_curves(maps, boxes, self.thresholds)
-        localized = largest >= 0.5 - _IOU_SLACK
+        sizes = np.asarray(batch["image_size"])[real] if "image_size" in batch else None
+        correct = (logits.argmax(axis=-1) == labels)[real, None]
+        protocol = self.protocol
+        largest, best = iou_curves(maps, boxes, self.thresholds, protocol, sizes)
+        cutoff = 0.5 if protocol == "wsolevaluation" else 0.5 - _IOU_SLACK  # 50 / 100 == 0.5
+        localized = largest >= cutoff
         self._images += int(real.sum())
         self._localized += localized.sum(axis=0)
         self._localized_correct += (localized & correct).sum(axis=0)
         for row, delta in enumerate(V2_IOU_THRESHOLDS):
-            self._localized_v2[row] += (best >= delta - _IOU_SLACK).sum(axis=0)
+            if protocol == "wsolevaluation":
+                self._localized_v2[row] += reference_correct_counts(best, delta)
+            else:
+                self._localized_v2[row] += (best >= delta - _IOU_SLACK).sum(axis=0)
         if self.loc_threshold is not None:
-            at_fixed, _ = iou_curves(maps, boxes, [self.loc_threshold])
-            fixed = at_fixed >= 0.5 - _IOU_SLACK
+            at_fixed, _ = iou_curves(maps, boxes, [self.loc_threshold], protocol, sizes)
+            fixed = at_fixed >= cutoff
             self._fixed += [fixed.sum(), (fixed & correct).sum()]
         if "segmentation" in batch:
             foreground, background = pixel_histograms(
-                maps, np.asarray(batch["segmentation"])[real], self.thresholds
+                maps, np.asarray(batch["segmentation"])[real], self.thresholds, protocol
             )
             self._foreground += foreground
             self._background += background
+        missing = self.overlay_images - sum(len(part) for part in self._shown["image"])
+        if missing > 0:
+            self._shown["image"].append(np.asarray(batch["image"])[real][:missing])
+            self._shown["maps"].append(maps[:missing])
+            self._shown["bbox"].append(boxes[:missing])
+
+    def overlay(self, columns: int = 4) -> np.ndarray | None:
+        """``overlay_grid`` of the kept images (None when none were kept)."""
+        if not self._shown["image"] or not sum(len(p) for p in self._shown["image"]):
+            return None
+        parts = {key: np.concatenate(value) for key, value in self._shown.items()}
+        return overlay_grid(parts["image"], parts["maps"], parts["bbox"], columns)
 
     def _totals(self) -> dict[str, np.ndarray]:
         """The counts summed over processes (a collective when there are several)."""
@@ -469,7 +974,7 @@ class LocalizationEvaluator:
 
     def calibrated_threshold(self) -> float:
         """The grid threshold at which the most images are localized (V1 boxes, IoU >= 0.5):
-        where MaxBoxAcc is attained (this process's images only)."""
+        where MaxBoxAcc is attained (this process's images only; the first such one)."""
         return float(self.thresholds[int(np.argmax(self._localized))])
 
     def result(self) -> dict[str, float]:
@@ -486,14 +991,26 @@ class LocalizationEvaluator:
             calibrated = int(np.argmax(totals["localized"]))
             localized = totals["localized"][calibrated]
             localized_correct = totals["localized_correct"][calibrated]
+            threshold = float(self.thresholds[calibrated])
         else:
             localized, localized_correct = totals["fixed"]
+            threshold = self.loc_threshold
+        if self.protocol == "wsolevaluation":
+            share = lambda counts: reference_accuracy(counts, int(images))
+        else:
+            share = lambda counts: np.asarray(counts, np.float64) / images
+        per_iou = [share(row).max() for row in totals["localized_v2"]]
         metrics = {
-            "top1_loc": float(localized_correct / images),
-            "gt_known_loc": float(localized / images),
-            "max_box_acc": float(totals["localized"].max() / images),
-            "max_box_acc_v2": float(totals["localized_v2"].max(axis=1).mean() / images),
+            "top1_loc": float(share(localized_correct)),
+            "gt_known_loc": float(share(localized)),
+            "max_box_acc": float(share(totals["localized"]).max()),
+            "max_box_acc_v2": float(np.average(per_iou)),
+            "loc_threshold": threshold,
         }
+        if self.protocol == "wsolevaluation":
+            for delta, value in zip(V2_IOU_THRESHOLDS, per_iou):
+                metrics[f"max_box_acc_v2_iou{_percent(delta)}"] = float(value)
         if totals["foreground"].sum() > 0:
-            metrics["pxap"] = pxap_from_histograms(totals["foreground"], totals["background"])
+            metrics["pxap"] = pxap_from_histograms(totals["foreground"], totals["background"],
+                                                   self.protocol)
         return metrics

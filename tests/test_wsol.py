@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
 from gapjax import wsol
+from gapjax.layers import Classifier
 
 
 def _block(shape, rows, cols, value=1.0, into=None):
@@ -152,26 +152,17 @@ def test_pxap_known_values_and_sklearn_agreement():
 # ----------------------------------------------------------------------------- evaluator
 
 
-class IdentityFeatureNet(nn.Module):
-    """Features = the image itself; GAP head with 2 classes. Class 0's CAM is the image."""
+class IdentityFeatureNet(Classifier):
+    """Features = the image itself; GAP head. With kernel [[1, -1]], class 0's CAM is the
+    image."""
 
-    pool: str = "gap"
-    head: str = "gap"
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        self.sow("intermediates", "features", x)
-
-        class Head(nn.Module):
-            @nn.compact
-            def __call__(self, features):
-                return nn.Dense(2, name="classifier")(jnp.mean(features, axis=(1, 2)))
-
-        return Head(name="head")(x)
+    def backbone(self, x, train):
+        del train
+        return x
 
 
 def test_localization_evaluator_on_maps_with_known_answers():
-    model = IdentityFeatureNet()
+    model = IdentityFeatureNet(num_classes=2)
     variables = {"params": {"head": {"classifier": {
         "kernel": jnp.array([[1.0, -1.0]]), "bias": jnp.array([0.0, 0.0])}}}}
     shape = (12, 20)  # non-square
@@ -196,7 +187,8 @@ def test_localization_evaluator_on_maps_with_known_answers():
     evaluator.update(variables, {k: v[:2] for k, v in batch.items()})
     evaluator.update(variables, {k: v[2:] for k, v in batch.items()})
     result = evaluator.result()
-    assert set(result) == {"top1_loc", "gt_known_loc", "max_box_acc", "max_box_acc_v2", "pxap"}
+    assert set(result) == {"top1_loc", "gt_known_loc", "max_box_acc", "max_box_acc_v2", "pxap",
+                           "loc_threshold"}
     # Image 1's true-class map is 1 - block (hole): its box is the whole image, IoU 0.25.
     assert result["max_box_acc"] == pytest.approx(1 / 3)
     assert result["gt_known_loc"] == pytest.approx(1 / 3)
