@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import io
 import os
 import sys
 import threading
@@ -412,21 +413,40 @@ def prepare_embedded(builder_class: type, config: Any, directory: str) -> Any:
     if config is not None and _config_key(config) in standard:
         config = _config_key(config)  # a standard variant: no "custom config" warning
     kwargs = {"config": config, "data_dir": directory, "file_format": "array_record"}
-    builder = builder_class(**kwargs)
-    if builder.is_prepared():
+    with _quiet_tfds():
+        builder = builder_class(**kwargs)
+        prepared = builder.is_prepared()
+    if prepared:
         return builder
     os.makedirs(directory, exist_ok=True)
     lock_path = os.path.join(directory, f".{builder.name}-{_config_key(config) or 'default'}.lock")
-    with open(lock_path, "a") as lock_file, _file_lock(lock_file):
+    with open(lock_path, "a") as lock_file, _file_lock(lock_file), _quiet_tfds():
         builder = builder_class(**kwargs)  # re-read: another process may have built it
         if not builder.is_prepared():
-            # One line instead of TFDS's per-split progress bars.
+            # One line instead of TFDS's "Downloading and preparing dataset" banner, its
+            # per-split progress bars and its warnings about the empty version folder.
             print(f"building {builder.name}/{_config_key(config) or 'default'} in {directory} "
-                  "(first use; generated locally, nothing is downloaded)", file=sys.stderr)
+                  "(first use; generated locally, nothing is downloaded)", file=sys.stderr,
+                  flush=True)
             tfds.disable_progress_bar()
             builder.download_and_prepare()
             builder = builder_class(**kwargs)
     return builder
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Silences TFDS while it builds an embedded dataset: its banner and done line (printed
+    to stdout) and its absl warnings and info logs (errors still show)."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 @contextlib.contextmanager
