@@ -18,15 +18,16 @@ averaged over the real examples of the batch (``weight > 0``):
 
 One forward pass and one ``jax.vjp`` give the backward function; ``jax.vmap`` runs it for
 all ``K`` labels at once (cotangent = the label's column of ``dL/dz``). Three gradients
-come back per label: with respect to the pre-pool feature map ``f [B, h, w, C]`` (the
-input of the model's ``head`` submodule), to an early layer's activations (by default the
-output of the first ``nn.Conv`` the model calls) and to the shared backbone parameters
-(every parameter outside ``head``). The model is evaluated with ``train=False`` so that
-BatchNorm uses its running statistics and examples do not interact through the batch.
+come back per label: with respect to the pre-pool feature map ``f [B, h, w, C]``
+(``forward_features``), to the first layer's output (the model's ``early`` perturbation)
+and to the shared backbone parameters (every parameter outside ``head``). The model is
+evaluated with ``train=False`` so that BatchNorm uses its running statistics and examples
+do not interact through the batch.
 
-The feature map and the early activations are reached without changing the model: a Flax
-method interceptor adds a zero offset to the head's input and to the early layer's output,
-and the gradient with respect to an offset is the gradient with respect to the activation.
+Both activations are reached through the model contract alone: a zero offset is added to
+the features between ``forward_features`` and ``forward_head``, and the ``early``
+perturbation (Flax's ``perturb``) to the first layer's output; the gradient with respect to
+an offset is the gradient with respect to the activation.
 
 Spread statistics are computed for each slice ``a = |g[k, b, :, :, c]|`` (one label, one
 image, one channel; ``n = h * w`` positions) and averaged over the slices that carry any
@@ -75,7 +76,8 @@ Array = jax.Array
 #: Tasks whose labels the diagnostics understand.
 TASKS = ("classification", "multilabel")
 
-#: Name of the submodule whose input is the pre-pool feature map (docs/ARCHITECTURE.md).
+#: Parameter scope of a classifier's head (the model contract, docs/ARCHITECTURE.md): its
+#: parameters are not part of the backbone whose gradient conflicts are measured.
 HEAD_MODULE = "head"
 
 #: Relative magnitude above which a position counts as receiving gradient.
@@ -337,94 +339,11 @@ def _positive_labels(labels: Array, task: str, num_labels: int) -> Array:
     return jax.nn.one_hot(jnp.asarray(labels), num_labels) > 0
 
 
-def _path_of(context: Any) -> tuple[str, ...]:
-    return tuple(context.module.path) if context.module.scope is not None else ()
-
-
-class _Taps:
-    """Method interceptor that reads or offsets two activations of a model.
-
-    ``feature`` tap: the first positional input of the module at ``feature_path`` (the
-    head, whose input is the pre-pool map). ``early`` tap: the output of the module at
-    ``early_path``, or of the first ``nn.Conv`` called when ``early_path`` is None. Each tap
-    acts on the first call only, so weight-shared modules are tapped once.
-    """
-
-    def __init__(
-        self,
-        feature_path: tuple[str, ...],
-        early_path: tuple[str, ...] | None,
-        offsets: Mapping[str, Array] | None = None,
-    ):
-        self.feature_path = feature_path
-        self.early_path = early_path
-        self.offsets = offsets or {}
-        self.seen: dict[str, Any] = {}
-
-    def _is_early(self, context: Any) -> bool:
-        if self.early_path is not None:
-            return _path_of(context) == self.early_path
-        return isinstance(context.module, nn.Conv)
-
-    def __call__(self, next_fun, args, kwargs, context):
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        if "feature" not in self.seen and _path_of(context) == self.feature_path and args:
-            features = args[0]
-            if "feature" in self.offsets:
-                features = features + self.offsets["feature"].astype(features.dtype)
-            self.seen["feature"] = jax.ShapeDtypeStruct(features.shape, features.dtype)
-            args = (features, *args[1:])
-        out = next_fun(*args, **kwargs)
-        if "early" not in self.seen and self._is_early(context):
-            if "early" in self.offsets:
-                out = out + self.offsets["early"].astype(out.dtype)
-            self.seen["early"] = jax.ShapeDtypeStruct(out.shape, out.dtype)
-        return out
-
-
-def _apply(model: nn.Module, variables: Mapping[str, Any], images: Array, taps: _Taps):
-    with nn.intercept_methods(taps):
-        return model.apply(variables, images, train=False, mutable=["intermediates"])
-
-
-def _tap_shapes(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    images: Array,
-    feature_path: tuple[str, ...],
-    early_path: tuple[str, ...] | None,
-) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes of the tapped activations, from an abstract (free) forward pass."""
-    taps = _Taps(feature_path, early_path)
-    _, state = jax.eval_shape(lambda v, x: _apply(model, v, x, taps), variables, images)
-    name = type(model).__name__
-    if "feature" not in taps.seen:
-        raise ValueError(
-            f"gradflow: model {name} has no submodule {'/'.join(feature_path)!r} called with "
-            "the pre-pool feature map; pass feature_module=<path of the module whose first "
-            "input is that map>"
-        )
-    if "early" not in taps.seen:
-        target = "/".join(early_path) if early_path else "an nn.Conv layer"
-        raise ValueError(
-            f"gradflow: model {name} never called {target} (early_module={early_path!r}); "
-            "pass early_module=<path of a layer whose output to probe>"
-        )
-    sown = state.get("intermediates", {}).get("features")
-    if sown is not None and tuple(sown[0].shape) != tuple(taps.seen["feature"].shape):
-        raise ValueError(
-            f"gradflow: the input of {'/'.join(feature_path)!r} has shape "
-            f"{tuple(taps.seen['feature'].shape)} but the sown pre-pool features have shape "
-            f"{tuple(sown[0].shape)}; pass feature_module= naming the module that pools them"
-        )
-    return dict(taps.seen)
-
-
-def _as_path(module: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
-    if module is None or isinstance(module, tuple):
-        return module
-    return tuple(part for part in module.split("/") if part)
+def _backbone_and_head(variables: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Splits ``params`` into the backbone's and the head's (the contract's ``head`` scope)."""
+    params = dict(variables["params"])
+    head = {HEAD_MODULE: params.pop(HEAD_MODULE)} if HEAD_MODULE in params else {}
+    return params, head
 
 
 def per_label_gradients(
@@ -434,22 +353,20 @@ def per_label_gradients(
     labels: Array,
     task: str,
     weights: Array | None = None,
-    feature_module: str | tuple[str, ...] = HEAD_MODULE,
-    early_module: str | tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Gradients of each label's loss, for all labels at once (one vjp, vmapped over labels).
 
+    Uses the model contract only (docs/ARCHITECTURE.md): ``forward_features`` gives the
+    pre-pool map and ``forward_head`` the logits from it, and the model's ``early``
+    perturbation (its first layer's output, ``Classifier.early_tap``) the early activation.
+
     Args:
-      model: a classifier, ``model.apply(variables, images, train=False) -> logits [B, K]``.
+      model: a classifier following the contract.
       variables: its variables (``params`` and e.g. ``batch_stats``).
       images: ``[B, H, W, C_in]``.
       labels: ``[B, K]`` multi-hot or ``[B]`` class ids, see ``label_logit_gradients``.
       task: ``"multilabel"`` or ``"classification"``.
       weights: ``[B]`` example weights (0 = padding).
-      feature_module: path (``"head"`` or ``("head",)``) of the module whose first input is
-        the pre-pool feature map; its parameters are not part of the backbone.
-      early_module: path of the layer whose output is the early activation; None = the first
-        ``nn.Conv`` the model calls.
 
     Returns:
       ``{"logits": [B, K], "features": [K, B, h, w, C], "early": [K, B, H', W', C'],
@@ -457,28 +374,38 @@ def per_label_gradients(
       gradients have the activation dtype, the others float32.
     """
     _check_task(task)
-    feature_path = _as_path(feature_module)
-    early_path = _as_path(early_module)
-    shapes = _tap_shapes(model, variables, images, feature_path, early_path)
-    params = dict(variables["params"])
-    head_name = feature_path[0]
-    backbone = {name: value for name, value in params.items() if name != head_name}
-    others = {name: value for name, value in variables.items() if name != "params"}
+    variables = {key: value for key, value in variables.items() if key != "perturbations"}
+    _, probe = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, mutable=["perturbations"]), variables, images)
+    if "early" not in probe.get("perturbations", {}):
+        raise ValueError(
+            f"gradflow: model {type(model).__name__} has no 'early' perturbation; its backbone "
+            "must call self.early_tap(x) on its first layer's output (docs/ARCHITECTURE.md)"
+        )
+    early = probe["perturbations"]["early"]
+    backbone, head = _backbone_and_head(variables)
+    others = {key: value for key, value in variables.items() if key != "params"}
 
-    def logits_of(backbone_params, feature_offset, early_offset):
-        full = {**others, "params": {**params, **backbone_params}}
-        taps = _Taps(feature_path, early_path,
-                     {"feature": feature_offset, "early": early_offset})
-        logits, _ = _apply(model, full, images, taps)
-        return logits.astype(jnp.float32)
+    def logits_of(backbone_params, early_offset):
+        full = {**others, "params": {**backbone_params, **head},
+                "perturbations": {"early": early_offset}}
+        features = model.apply(full, images, train=False, method="forward_features")
+        return features, lambda f: model.apply(full, f, train=False, method="forward_head")
 
-    zeros = {key: jnp.zeros(spec.shape, spec.dtype) for key, spec in shapes.items()}
-    logits, backward = jax.vjp(logits_of, backbone, zeros["feature"], zeros["early"])
+    def logits_and_features(backbone_params, early_offset, feature_offset):
+        features, head_fn = logits_of(backbone_params, early_offset)
+        return head_fn(features + feature_offset.astype(features.dtype)).astype(jnp.float32)
+
+    feature_shape = jax.eval_shape(lambda b, e: logits_of(b, e)[0], backbone,
+                                   jnp.zeros(early.shape, early.dtype))
+    zeros = (jnp.zeros(early.shape, early.dtype),
+             jnp.zeros(feature_shape.shape, feature_shape.dtype))
+    logits, backward = jax.vjp(logits_and_features, backbone, *zeros)
     residual = label_logit_gradients(logits, labels, task, weights)  # [B, K]
     num_labels = logits.shape[-1]
     # Cotangent of label k: its column of dL/dz, zeros elsewhere.
     cotangents = jnp.eye(num_labels, dtype=jnp.float32)[:, None, :] * residual[None]
-    backbone_grads, feature_grads, early_grads = jax.vmap(backward)(cotangents)
+    backbone_grads, early_grads, feature_grads = jax.vmap(backward)(cotangents)
     return {
         "logits": logits,
         "features": feature_grads,
@@ -494,8 +421,6 @@ def gradient_diagnostics(
     labels: Array,
     task: str,
     weights: Array | None = None,
-    feature_module: str | tuple[str, ...] = HEAD_MODULE,
-    early_module: str | tuple[str, ...] | None = None,
     threshold: float = COVERAGE_THRESHOLD,
 ) -> dict[str, Array]:
     """All diagnostics as float32 scalars; traceable, so it runs inside ``jax.jit``.
@@ -507,9 +432,7 @@ def gradient_diagnostics(
       ``early_coverage, early_entropy, early_gini`` (early activations), ``conflict_mean,
       conflict_negative`` (backbone parameters), ``collision_rate, collision_triples``.
     """
-    grads = per_label_gradients(
-        model, variables, images, labels, task, weights, feature_module, early_module
-    )
+    grads = per_label_gradients(model, variables, images, labels, task, weights)
     num_labels, batch = grads["features"].shape[:2]
     example_weights = jnp.ones((batch,), jnp.float32) if weights is None else weights
     label_weights = jnp.tile(jnp.asarray(example_weights), num_labels)  # label-major, as below
@@ -536,17 +459,8 @@ def gradient_diagnostics(
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_diagnostics(model: nn.Module, task: str, feature_module, early_module, threshold):
-    return jax.jit(
-        functools.partial(
-            gradient_diagnostics,
-            model,
-            task=task,
-            feature_module=feature_module,
-            early_module=early_module,
-            threshold=threshold,
-        )
-    )
+def _jitted_diagnostics(model: nn.Module, task: str, threshold: float):
+    return jax.jit(functools.partial(gradient_diagnostics, model, task=task, threshold=threshold))
 
 
 def training_diagnostics(
@@ -555,8 +469,6 @@ def training_diagnostics(
     batch: Mapping[str, Any],
     task: str,
     max_examples: int | None = DEFAULT_MAX_EXAMPLES,
-    feature_module: str | tuple[str, ...] = HEAD_MODULE,
-    early_module: str | tuple[str, ...] | None = None,
     threshold: float = COVERAGE_THRESHOLD,
 ) -> dict[str, float]:
     """The training loop's hook: gradient diagnostics of one batch as Python floats.
@@ -568,7 +480,7 @@ def training_diagnostics(
       task: ``"multilabel"`` or ``"classification"``.
       max_examples: look at the first this many examples only (None = all); the work is
         ``K`` backward passes over them.
-      feature_module, early_module, threshold: see ``gradient_diagnostics``.
+      threshold: see ``gradient_diagnostics``.
 
     Returns:
       ``{"coverage", "entropy", "gini", "early_coverage", "early_entropy", "early_gini",
@@ -590,9 +502,7 @@ def training_diagnostics(
     weights = batch.get("weight")
     weights = (jnp.ones(images.shape[:1], jnp.float32) if weights is None
                else jnp.asarray(weights, jnp.float32)[limit])
-    diagnose = _jitted_diagnostics(
-        model, task, _as_path(feature_module), _as_path(early_module), float(threshold)
-    )
+    diagnose = _jitted_diagnostics(model, task, float(threshold))
     values = diagnose(variables, images, labels, weights=weights)
     return {key: float(value) for key, value in jax.device_get(values).items()}
 

@@ -13,35 +13,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gapjax import gradflow, pooling
+from gapjax.layers import Classifier
 
 NUM_LABELS = 4
 
 
-class _Head(nn.Module):
-    """Pool + dense classifier, laid out like the project's heads (``pool``, ``classifier``)."""
+class _TinyClassifier(Classifier):
+    """Two convolutions and the contract's GAP head: a model written as a fork would."""
 
-    pool: str
-    num_classes: int
-
-    @nn.compact
-    def __call__(self, features):
-        pooled = pooling.POOLS.get(self.pool)(name="pool")(features)
-        return nn.Dense(self.num_classes, name="classifier")(pooled)
-
-
-class _TinyClassifier(nn.Module):
-    """Two convolutions, sown pre-pool features, a pooling head named ``head``."""
-
-    pool: str = "gap"
     num_classes: int = NUM_LABELS
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
+    def backbone(self, x, train: bool = False):
         del train
-        x = nn.relu(nn.Conv(3, (3, 3), name="stem")(x))
-        x = nn.relu(nn.Conv(4, (3, 3), padding="VALID", name="body")(x))
-        self.sow("intermediates", "features", x)
-        return _Head(self.pool, self.num_classes, name="head")(x)
+        x = nn.relu(self.early_tap(nn.Conv(3, (3, 3), name="stem")(x)))
+        return nn.relu(nn.Conv(4, (3, 3), padding="VALID", name="body")(x))
 
 
 def _batch(seed: int = 0, batch: int = 3, size: int = 5):
@@ -54,7 +39,7 @@ def _batch(seed: int = 0, batch: int = 3, size: int = 5):
 
 @functools.cache
 def _model_and_variables(pool: str):
-    model = _TinyClassifier(pool)
+    model = _TinyClassifier(pool=pool)
     images, _ = _batch()
     return model, jax.jit(model.init)(jax.random.PRNGKey(0), images)
 
@@ -260,10 +245,14 @@ def test_user_errors_name_the_field_and_choices():
         gradflow.training_diagnostics(model, variables, {"image": images, "label": labels}, "graph")
     with pytest.raises(ValueError, match="no 'label' entry"):
         gradflow.training_diagnostics(model, variables, {"image": images}, "multilabel")
-    with pytest.raises(ValueError, match="no submodule 'neck'"):
-        gradflow.per_label_gradients(
-            model, variables, images, labels, "multilabel", feature_module="neck"
-        )
+    with pytest.raises(ValueError, match="no 'early' perturbation"):
+        gradflow.per_label_gradients(_NoEarlyTap(), variables, images, labels, "multilabel")
+
+
+class _NoEarlyTap(_TinyClassifier):
+    def backbone(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(3, (3, 3), name="stem")(x))
+        return nn.relu(nn.Conv(4, (3, 3), padding="VALID", name="body")(x))
 
 
 def test_experiment_verdict_follows_the_numbers():
