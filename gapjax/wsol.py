@@ -875,6 +875,7 @@ class LocalizationEvaluator:
         """Forgets everything accumulated."""
         size = len(self.thresholds)
         self._images = 0
+        self._box_images = 0
         # Counts per threshold: localized (V1, IoU >= 0.5), localized and classified right,
         # and localized with V2 boxes at each IoU of V2_IOU_THRESHOLDS.
         self._localized = np.zeros(size)
@@ -900,7 +901,7 @@ class LocalizationEvaluator:
     def update(self, variables: Mapping[str, Any], batch: Mapping[str, Any]) -> None:
         """Adds one batch (see the class docstring for its keys)."""
         for key in ("image", "label", "bbox"):
-            if key not in batch:
+            if key not in batch and not (key == "bbox" and "segmentation" in batch):
                 raise ValueError(
                     f"localization evaluation needs batch key {key!r}; the batch has "
                     f"{sorted(batch)} (is config.dataset a dataset with boxes?)"
@@ -914,14 +915,24 @@ class LocalizationEvaluator:
         all_maps, logits = self._maps(variables, batch["image"], labels)
         real = np.asarray(batch.get("weight", np.ones(len(labels)))) > 0
         maps = all_maps[real]
-        boxes = np.asarray(batch["bbox"])[real]
+        protocol = self.protocol
+        self._images += int(real.sum())
+        if "segmentation" in batch:
+            foreground, background = pixel_histograms(
+                maps, np.asarray(batch["segmentation"])[real], self.thresholds, protocol
+            )
+            self._foreground += foreground
+            self._background += background
+        boxes = np.asarray(batch["bbox"])[real] if "bbox" in batch else None
+        self._keep_for_overlay(np.asarray(batch["image"])[real], maps, boxes)
+        if boxes is None:
+            return
         sizes = np.asarray(batch["image_size"])[real] if "image_size" in batch else None
         correct = (logits.argmax(axis=-1) == labels)[real, None]
-        protocol = self.protocol
         largest, best = iou_curves(maps, boxes, self.thresholds, protocol, sizes)
         cutoff = 0.5 if protocol == "wsolevaluation" else 0.5 - _IOU_SLACK  # 50 / 100 == 0.5
         localized = largest >= cutoff
-        self._images += int(real.sum())
+        self._box_images += len(maps)
         self._localized += localized.sum(axis=0)
         self._localized_correct += (localized & correct).sum(axis=0)
         for row, delta in enumerate(V2_IOU_THRESHOLDS):
@@ -933,30 +944,32 @@ class LocalizationEvaluator:
             at_fixed, _ = iou_curves(maps, boxes, [self.loc_threshold], protocol, sizes)
             fixed = at_fixed >= cutoff
             self._fixed += [fixed.sum(), (fixed & correct).sum()]
-        if "segmentation" in batch:
-            foreground, background = pixel_histograms(
-                maps, np.asarray(batch["segmentation"])[real], self.thresholds, protocol
-            )
-            self._foreground += foreground
-            self._background += background
+
+    def _keep_for_overlay(self, images: np.ndarray, maps: np.ndarray, boxes: Any) -> None:
         missing = self.overlay_images - sum(len(part) for part in self._shown["image"])
-        if missing > 0:
-            self._shown["image"].append(np.asarray(batch["image"])[real][:missing])
+        if missing > 0 and len(images):
+            self._shown["image"].append(images[:missing])
             self._shown["maps"].append(maps[:missing])
-            self._shown["bbox"].append(boxes[:missing])
+            self._shown["bbox"].append(np.full((len(maps[:missing]), 1, 4), -1.0)
+                                       if boxes is None else boxes[:missing])
 
     def overlay(self, columns: int = 4) -> np.ndarray | None:
         """``overlay_grid`` of the kept images (None when none were kept)."""
         if not self._shown["image"] or not sum(len(p) for p in self._shown["image"]):
             return None
-        parts = {key: np.concatenate(value) for key, value in self._shown.items()}
+        width = max(part.shape[1] for part in self._shown["bbox"])
+        padded = [np.concatenate([part, np.full((len(part), width - part.shape[1], 4), -1.0)],
+                                 axis=1) for part in self._shown["bbox"]]
+        parts = {key: np.concatenate(value) for key, value in self._shown.items()
+                 if key != "bbox"}
+        parts["bbox"] = np.concatenate(padded)
         return overlay_grid(parts["image"], parts["maps"], parts["bbox"], columns)
 
     def _totals(self) -> dict[str, np.ndarray]:
         """The counts summed over processes (a collective when there are several)."""
         import jax  # the metrics themselves are NumPy; only this collective needs JAX
 
-        parts = {"images": np.array([self._images], np.float64),
+        parts = {"images": np.array([self._images, self._box_images], np.float64),
                  "localized": self._localized, "localized_correct": self._localized_correct,
                  "localized_v2": self._localized_v2, "fixed": self._fixed,
                  "foreground": self._foreground, "background": self._background}
@@ -984,9 +997,15 @@ class LocalizationEvaluator:
         collective).
         """
         totals = self._totals()
-        images = float(totals["images"][0])
-        if images == 0:
+        if float(totals["images"][0]) == 0:
             raise ValueError("LocalizationEvaluator.result() called before any real image")
+        metrics = {}
+        if totals["foreground"].sum() > 0:
+            metrics["pxap"] = pxap_from_histograms(totals["foreground"], totals["background"],
+                                                   self.protocol)
+        images = float(totals["images"][1])
+        if images == 0:  # masks only (OpenImages): PxAP is the metric
+            return metrics
         if self.loc_threshold is None:
             calibrated = int(np.argmax(totals["localized"]))
             localized = totals["localized"][calibrated]
@@ -1000,7 +1019,7 @@ class LocalizationEvaluator:
         else:
             share = lambda counts: np.asarray(counts, np.float64) / images
         per_iou = [share(row).max() for row in totals["localized_v2"]]
-        metrics = {
+        metrics |= {
             "top1_loc": float(share(localized_correct)),
             "gt_known_loc": float(share(localized)),
             "max_box_acc": float(share(totals["localized"]).max()),
@@ -1010,7 +1029,4 @@ class LocalizationEvaluator:
         if self.protocol == "wsolevaluation":
             for delta, value in zip(V2_IOU_THRESHOLDS, per_iou):
                 metrics[f"max_box_acc_v2_iou{_percent(delta)}"] = float(value)
-        if totals["foreground"].sum() > 0:
-            metrics["pxap"] = pxap_from_histograms(totals["foreground"], totals["background"],
-                                                   self.protocol)
         return metrics

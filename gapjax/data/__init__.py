@@ -3,7 +3,9 @@
 Importing this package registers the embedded datasets in ``DATASETS``:
 ``gapjax_digits`` (scikit-learn's 8x8 digits), ``gapjax_cluttered_digits`` (one digit among
 clutter, with box and mask), ``gapjax_multilabel_digits`` (2-4 digits, multi-hot labels,
-boxes) and ``gapjax_graph_tasks`` (synthetic graph readout tasks). Any other
+boxes) and ``gapjax_graph_tasks`` (synthetic graph readout tasks), and the WSOL benchmarks
+read from their files (``wsol_cub``, ``wsol_ilsvrc``, ``wsol_openimages``, ``wsol_cub_tfds``;
+``gapjax.data.wsol_benchmarks``). Any other
 ``config.dataset.name`` is read as a prepared TFDS dataset.
 
 Public API: ``dataset_info(config.dataset)``, ``make_iterator(config.dataset, split, *,
@@ -11,7 +13,13 @@ batch_size, seed, train, process_index=0, process_count=1)`` and ``model_inputs(
 batch)``; see ``gapjax.data.pipeline``.
 """
 
-from gapjax.data import cluttered_digits, digits, graph_tasks, multilabel_digits
+from gapjax.data import (
+    cluttered_digits,
+    digits,
+    graph_tasks,
+    multilabel_digits,
+    wsol_benchmarks,
+)
 from gapjax.data.pipeline import (
     DatasetError,
     DatasetInfo,
@@ -38,4 +46,5 @@ __all__ = [
     "multilabel_digits",
     "register",
     "stack_and_pad",
+    "wsol_benchmarks",
 ]

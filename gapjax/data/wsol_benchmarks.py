@@ -1,0 +1,478 @@
+"""The WSOL benchmarks of Choe et al. (CVPR 2020): CUB-200-2011, ILSVRC, OpenImages30k.
+
+Images are read from a user-given root, annotations from the metadata layout of the
+reference code (github.com/clovaai/wsolevaluation, ``metadata/``), one folder per split::
+
+    <metadata_root>/<split>/image_ids.txt      <image_id>              (path under image_root)
+    <metadata_root>/<split>/class_labels.txt   <image_id>,<class>
+    <metadata_root>/<split>/image_sizes.txt    <image_id>,<width>,<height>   (CUB, ILSVRC)
+    <metadata_root>/<split>/localization.txt   <image_id>,<x0>,<y0>,<x1>,<y1>   one line per box
+                                           or <image_id>,<mask>,<ignore>    (OpenImages)
+
+Split folders are ``train`` (train-weaksup: labels only), ``val`` (train-fullsup: CUBV2,
+ImageNetV2, OpenImages val, used to choose hyperparameters and the map threshold) and
+``test``. In gapjax they are the splits ``"train"``, ``"train_fullsup"`` and ``"test"``.
+
+Datasets (``config.dataset.name``): ``wsol_cub`` (200 classes), ``wsol_ilsvrc`` (1000),
+``wsol_openimages`` (100; masks, PxAP) and ``wsol_cub_tfds``, the TFDS
+``caltech_birds2011`` (splits ``train`` / ``test``, boxes from TFDS; prepare it with
+``tfds build caltech_birds2011 --file_format array_record``). Keys of ``config.dataset``:
+
+* ``image_root``: the folder the image ids are relative to (e.g. ``dataset/CUB``);
+* ``metadata_root``: the benchmark's metadata folder (e.g. ``metadata/CUB``);
+* ``mask_root``: OpenImages only, the folder mask paths are relative to (default
+  ``image_root``, where the reference's script puts them);
+* ``image_size`` (224) and ``resize_size`` (256): the reference's transforms, training
+  resizes to ``resize_size`` squared, takes a random ``image_size`` crop and flips;
+  evaluation resizes to ``image_size`` squared (the aspect ratio is not kept). Both resize
+  with PIL's bilinear filter, as torchvision does on PIL images.
+
+Examples (evaluation splits): ``image [S, S, 3]`` float32 (ImageNet mean / std), ``label``,
+``bbox [M, 4]`` normalised ``(ymin, xmin, ymax, xmax)`` padded with -1 to the split's most
+boxes per image (``gapjax.wsol.boxes_from_reference``: pixel box ``x0..x1`` on a
+``W``-pixel axis is ``(x0 / W, (x1 + 1) / W)``), ``image_size [2]`` the original
+``(height, width)`` (so ``protocol="wsolevaluation"`` can scale the boxes back exactly) and,
+for OpenImages, ``segmentation [S, S]`` uint8 (1 foreground, 0 background, 255 ignored:
+the ignore box minus the foreground), masks resized with OpenCV's nearest-neighbour rule
+as the reference does. Training examples carry ``image`` and ``label`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from gapjax.data.spec import DatasetSpec, register
+
+#: gapjax split name -> the reference's metadata folder.
+SPLITS = {"train": "train", "train_fullsup": "val", "test": "test"}
+#: Benchmarks: dataset name -> (reference name, classes, localization kind).
+BENCHMARKS = {
+    "wsol_cub": ("CUB", 200, "boxes"),
+    "wsol_ilsvrc": ("ILSVRC", 1000, "boxes"),
+    "wsol_openimages": ("OpenImages", 100, "masks"),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_RESIZE_SIZE = 256
+IGNORE = 255
+
+
+# --------------------------------------------------------------------------------------
+# Metadata
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitMetadata:
+    """One split's annotations, in the order of ``image_ids.txt``.
+
+    Attributes:
+      image_ids: paths relative to the image root.
+      labels: class per image.
+      sizes: original ``(width, height)`` per image, or None (OpenImages has no file).
+      boxes: pixel-inclusive ``(x0, y0, x1, y1)`` boxes per image, or None.
+      masks: ``(mask paths, ignore path)`` per image, or None.
+    """
+
+    image_ids: tuple[str, ...]
+    labels: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...] | None
+    boxes: tuple[tuple[tuple[int, int, int, int], ...], ...] | None
+    masks: tuple[tuple[tuple[str, ...], str], ...] | None
+
+
+def _lines(path: str) -> list[list[str]]:
+    with open(path) as handle:
+        return [line.rstrip("\n").split(",") for line in handle if line.strip()]
+
+
+def read_metadata(split_dir: str | os.PathLike, kind: str = "boxes") -> SplitMetadata:
+    """Reads ``split_dir/{image_ids,class_labels,image_sizes,localization}.txt``.
+
+    ``kind``: ``"boxes"`` (localization lines ``id,x0,y0,x1,y1``), ``"masks"`` (``id,mask,
+    ignore``; later lines of an image add masks and leave the ignore path empty) or
+    ``"none"`` (no localization file is read).
+    """
+    split_dir = os.fspath(split_dir)
+    ids_path = os.path.join(split_dir, "image_ids.txt")
+    if not os.path.exists(ids_path):
+        raise FileNotFoundError(
+            f"no image_ids.txt in {split_dir!r}; config.dataset.metadata_root must be the "
+            "benchmark's metadata folder holding train/, val/ and test/ (the layout of "
+            "clovaai/wsolevaluation's metadata/<dataset>)")
+    image_ids = tuple(row[0] for row in _lines(ids_path))
+    label_of = {row[0]: int(row[1]) for row in _lines(os.path.join(split_dir,
+                                                                     "class_labels.txt"))}
+    missing = [image_id for image_id in image_ids if image_id not in label_of]
+    if missing:
+        raise ValueError(f"{split_dir}/class_labels.txt has no label for {missing[0]!r}")
+    sizes_path = os.path.join(split_dir, "image_sizes.txt")
+    sizes = None
+    if os.path.exists(sizes_path):
+        size_of = {row[0]: (int(row[1]), int(row[2])) for row in _lines(sizes_path)}
+        sizes = tuple(size_of[image_id] for image_id in image_ids)
+    boxes = masks = None
+    localization = os.path.join(split_dir, "localization.txt")
+    if kind == "boxes" and os.path.exists(localization):
+        box_of: dict[str, list[tuple[int, int, int, int]]] = {}
+        for row in _lines(localization):
+            x0, y0, x1, y1 = (int(value) for value in row[1:5])
+            box_of.setdefault(row[0], []).append((x0, y0, x1, y1))
+        boxes = tuple(tuple(box_of.get(image_id, ())) for image_id in image_ids)
+    elif kind == "masks" and os.path.exists(localization):
+        mask_of: dict[str, list[str]] = {}
+        ignore_of: dict[str, str] = {}
+        for image_id, mask, ignore in _lines(localization):
+            mask_of.setdefault(image_id, []).append(mask)
+            if image_id not in ignore_of:
+                ignore_of[image_id] = ignore
+        masks = tuple((tuple(mask_of.get(i, ())), ignore_of.get(i, "")) for i in image_ids)
+    elif kind not in ("boxes", "masks", "none"):
+        raise ValueError(f"kind={kind!r} is not one of: boxes, masks, none")
+    return SplitMetadata(image_ids, tuple(label_of[i] for i in image_ids), sizes, boxes, masks)
+
+
+# --------------------------------------------------------------------------------------
+# Images and masks
+# --------------------------------------------------------------------------------------
+
+
+def load_rgb(path: str) -> Any:
+    """A PIL RGB image (as the reference opens them)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def resize_rgb(image: Any, height: int, width: int) -> np.ndarray:
+    """PIL bilinear resize (torchvision's ``Resize`` on a PIL image) -> uint8 [H, W, 3]."""
+    from PIL import Image
+
+    return np.asarray(image.resize((width, height), Image.BILINEAR))
+
+
+def nearest_indices(source: int, target: int) -> np.ndarray:
+    """OpenCV's ``INTER_NEAREST`` source index of each of ``target`` pixels:
+    ``floor(i * (1 / (target / source)))``, clipped to the last pixel."""
+    inverse = 1.0 / (target / source)
+    return np.minimum(np.floor(np.arange(target) * inverse).astype(np.int64), source - 1)
+
+
+def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``array [h, w]`` resized like ``cv2.resize(..., INTER_NEAREST)`` without OpenCV."""
+    rows = nearest_indices(array.shape[0], height)
+    columns = nearest_indices(array.shape[1], width)
+    return array[rows[:, None], columns[None, :]]
+
+
+def reference_mask(mask_root: str, mask_paths: Sequence[str], ignore_path: str,
+                   size: int) -> np.ndarray:
+    """The reference's OpenImages ground truth at ``size x size``: uint8, 1 where any
+    instance mask is > 0.5 after the nearest resize, 255 on the ignore region minus the
+    foreground, 0 elsewhere."""
+    from PIL import Image
+
+    def load(path):
+        with Image.open(os.path.join(mask_root, path)) as image:
+            gray = np.asarray(image.convert("L"), np.float32)
+        return resize_nearest(gray, size, size) > 0.5
+
+    foreground = np.zeros((size, size), bool)
+    for path in mask_paths:
+        foreground |= load(path)
+    ignore = load(ignore_path) & ~foreground if ignore_path else np.zeros_like(foreground)
+    return foreground.astype(np.uint8) + np.uint8(IGNORE) * ignore.astype(np.uint8)
+
+
+def _normalise(image: np.ndarray) -> np.ndarray:
+    scaled = image.astype(np.float32) * np.float32(1.0 / 255.0)
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    return np.ascontiguousarray((scaled - mean) / std, np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Data source and builder (the pipeline's builder interface, reading files directly)
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkConfig:
+    """Where a benchmark is and how to size it; ``name`` identifies the variant."""
+
+    name: str
+    benchmark: str
+    metadata_root: str
+    image_root: str
+    mask_root: str
+    image_size: int
+    resize_size: int
+
+
+class MetadataSource(Sequence):
+    """One split as a random-access sequence of raw examples (paths and annotations);
+    images are decoded by ``preprocess`` in the pipeline's reader threads."""
+
+    def __init__(self, config: BenchmarkConfig, split: str):
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of: {', '.join(SPLITS)}")
+        _, _, kind = BENCHMARKS[config.benchmark]
+        self.config = config
+        self.train = split == "train"
+        self.meta = read_metadata(os.path.join(config.metadata_root, SPLITS[split]),
+                                  "none" if self.train else kind)
+        self.kind = kind
+        if not self.train and kind == "boxes" and self.meta.boxes is None:
+            raise ValueError(f"split {split!r} of {config.metadata_root!r} has no "
+                             "localization.txt with boxes")
+        self.max_boxes = max([len(b) for b in self.meta.boxes or ()] or [1])
+
+    def __len__(self) -> int:
+        return len(self.meta.image_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        meta, config = self.meta, self.config
+        example: dict[str, Any] = {
+            "path": os.path.join(config.image_root, meta.image_ids[index]),
+            "label": meta.labels[index],
+            "image_size_": config.image_size,
+            "resize_size_": config.resize_size,
+            "train_": self.train,
+        }
+        if meta.sizes is not None:
+            example["size_wh"] = meta.sizes[index]
+        if not self.train and meta.boxes is not None:
+            example["boxes"] = meta.boxes[index]
+            example["max_boxes"] = self.max_boxes
+        if not self.train and meta.masks is not None:
+            example["masks"] = meta.masks[index]
+            example["mask_root"] = config.mask_root
+        return example
+
+
+class _Info:
+    def __init__(self, splits):
+        self.splits = splits
+
+
+class MetadataBuilder:
+    """The pipeline's builder interface (``is_prepared``, ``as_data_source``) over the raw
+    files: nothing is converted or copied."""
+
+    builder_configs: ClassVar[dict] = {}
+
+    def __init__(self, config: BenchmarkConfig, data_dir: str, file_format: str = ""):
+        del file_format
+        self.builder_config = config
+        self.data_dir = data_dir
+        self.name = config.benchmark
+        self.info = _Info({split: None for split in SPLITS})
+
+    def is_prepared(self) -> bool:
+        return True
+
+    def download_and_prepare(self) -> None:  # pragma: no cover - never needed
+        pass
+
+    def as_data_source(self, split: str) -> MetadataSource:
+        return MetadataSource(self.builder_config, split)
+
+
+def _preprocess(example: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
+    """The reference's transforms (see the module docstring); ``rng`` None = evaluation."""
+    size, resize = int(example["image_size_"]), int(example["resize_size_"])
+    image = load_rgb(example["path"])
+    width, height = example.get("size_wh", image.size)
+    if rng is not None and example["train_"]:
+        pixels = resize_rgb(image, resize, resize)
+        top, left = (int(v) for v in rng.integers(0, resize - size + 1, size=2))
+        pixels = pixels[top:top + size, left:left + size]
+        if rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        return {"image": _normalise(pixels), "label": np.asarray(example["label"], np.int32)}
+    out = {"image": _normalise(resize_rgb(image, size, size)),
+           "label": np.asarray(example["label"], np.int32)}
+    if example["train_"]:
+        return out
+    out["image_size"] = np.array([height, width], np.int32)
+    if "boxes" in example:
+        from gapjax.wsol import boxes_from_reference
+
+        boxes = np.full((int(example["max_boxes"]), 4), -1.0, np.float32)
+        if example["boxes"]:
+            boxes[:len(example["boxes"])] = boxes_from_reference(example["boxes"],
+                                                                 (height, width))
+        out["bbox"] = boxes
+    if "masks" in example:
+        mask_paths, ignore_path = example["masks"]
+        out["segmentation"] = reference_mask(example["mask_root"], mask_paths, ignore_path,
+                                             size)
+    return out
+
+
+def _required(dataset_config: Any, key: str, name: str) -> str:
+    value = dataset_config.get(key)
+    if not value:
+        raise ValueError(f"config.dataset.{key} is required for {name!r} (see "
+                         "gapjax/data/wsol_benchmarks.py and docs/wsol.md)")
+    return os.path.expanduser(str(value))
+
+
+def builder_config(name: str):
+    """``config.dataset -> BenchmarkConfig`` for the benchmark registered as ``name``."""
+
+    def make(dataset_config: Any) -> BenchmarkConfig:
+        image_root = _required(dataset_config, "image_root", name)
+        metadata_root = _required(dataset_config, "metadata_root", name)
+        mask_root = os.path.expanduser(str(dataset_config.get("mask_root") or image_root))
+        image_size = int(dataset_config.get("image_size") or DEFAULT_IMAGE_SIZE)
+        resize_size = int(dataset_config.get("resize_size") or DEFAULT_RESIZE_SIZE)
+        if not 0 < image_size <= resize_size:
+            raise ValueError(f"config.dataset.image_size={image_size} must be positive and "
+                             f"at most config.dataset.resize_size={resize_size}")
+        key = f"{name}|{metadata_root}|{image_root}|{mask_root}|{image_size}|{resize_size}"
+        return BenchmarkConfig(key, name, metadata_root, image_root, mask_root, image_size,
+                               resize_size)
+
+    return make
+
+
+SPECS = {
+    name: register(DatasetSpec(
+        name=name,
+        builder_class=MetadataBuilder,
+        task="classification",
+        num_classes=classes,
+        input_shape=(DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, 3),
+        train_split="train",
+        eval_split="train_fullsup",
+        builder_config=builder_config(name),
+        preprocess=_preprocess,
+    ))
+    for name, (_, classes, _) in BENCHMARKS.items()
+}
+
+
+# --------------------------------------------------------------------------------------
+# TFDS caltech_birds2011: a second route to CUB
+# --------------------------------------------------------------------------------------
+
+TFDS_CUB = "caltech_birds2011"
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsCubConfig:
+    name: str
+    image_size: int
+    resize_size: int
+
+
+class TfdsCubBuilder:
+    """The prepared TFDS ``caltech_birds2011`` (nothing is downloaded here)."""
+
+    builder_configs: ClassVar[dict] = {}
+
+    def __init__(self, config: TfdsCubConfig, data_dir: str, file_format: str = ""):
+        import tensorflow_datasets as tfds
+
+        del file_format
+        self.builder_config = config
+        self.data_dir = data_dir
+        self.name = TFDS_CUB
+        self._builder = tfds.builder(TFDS_CUB, data_dir=data_dir, file_format="array_record")
+        self.info = self._builder.info
+
+    def is_prepared(self) -> bool:
+        return True
+
+    def download_and_prepare(self) -> None:  # pragma: no cover - never needed
+        pass
+
+    def as_data_source(self, split: str) -> Sequence:
+        try:
+            source = self._builder.as_data_source(split=split)
+        except Exception as error:  # missing files surface as several kinds
+            raise ValueError(
+                f"TFDS {TFDS_CUB!r} split {split!r} is not prepared as ArrayRecord in "
+                f"{self.data_dir!r} ({type(error).__name__}); prepare it with `tfds build "
+                f"{TFDS_CUB} --data_dir {self.data_dir} --file_format array_record`") from None
+        return _TfdsCubSource(source, self.builder_config, split == "train")
+
+
+class _TfdsCubSource(Sequence):
+    def __init__(self, source: Sequence, config: TfdsCubConfig, train: bool):
+        self.source, self.config, self.train = source, config, train
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = dict(self.source[index])
+        example.update(image_size_=self.config.image_size, resize_size_=self.config.resize_size,
+                       train_=self.train)
+        return example
+
+
+def _tfds_cub_preprocess(example: dict[str, Any], rng: np.random.Generator | None):
+    from PIL import Image
+
+    pixels = np.asarray(example["image"], np.uint8)
+    if pixels.ndim == 2 or pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels.reshape(*pixels.shape[:2], 1), 3, axis=-1)
+    image = Image.fromarray(pixels)
+    size, resize = int(example["image_size_"]), int(example["resize_size_"])
+    label = np.asarray(example["label"], np.int32)
+    if rng is not None and example["train_"]:
+        resized = resize_rgb(image, resize, resize)
+        top, left = (int(v) for v in rng.integers(0, resize - size + 1, size=2))
+        resized = resized[top:top + size, left:left + size]
+        if rng.random() < 0.5:
+            resized = resized[:, ::-1]
+        return {"image": _normalise(resized), "label": label}
+    out = {"image": _normalise(resize_rgb(image, size, size)), "label": label}
+    if not example["train_"]:
+        box = np.asarray(example["bbox"], np.float32).reshape(-1, 4)[:1]  # one box per bird
+        out["bbox"] = box
+        out["image_size"] = np.array(pixels.shape[:2], np.int32)
+    return out
+
+
+def _tfds_cub_config(dataset_config: Any) -> TfdsCubConfig:
+    image_size = int(dataset_config.get("image_size") or DEFAULT_IMAGE_SIZE)
+    resize_size = int(dataset_config.get("resize_size") or DEFAULT_RESIZE_SIZE)
+    return TfdsCubConfig(f"{TFDS_CUB}|{image_size}|{resize_size}", image_size, resize_size)
+
+
+TFDS_CUB_SPEC = register(DatasetSpec(
+    name="wsol_cub_tfds",
+    builder_class=TfdsCubBuilder,
+    task="classification",
+    num_classes=200,
+    input_shape=(DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, 3),
+    train_split="train",
+    eval_split="test",
+    builder_config=_tfds_cub_config,
+    preprocess=_tfds_cub_preprocess,
+))
+
+__all__ = [
+    "BENCHMARKS",
+    "SPECS",
+    "SPLITS",
+    "TFDS_CUB_SPEC",
+    "BenchmarkConfig",
+    "MetadataBuilder",
+    "MetadataSource",
+    "SplitMetadata",
+    "read_metadata",
+    "reference_mask",
+    "resize_nearest",
+]
