@@ -7,7 +7,7 @@ spread and conflict), ``data`` (embedded TFDS datasets, grain input), ``train``
 (the training loop) and ``experiments`` (one module per claim, plus the report).
 """
 
-from gapjax import pooling, registry
+from gapjax import map_pooling, pooling, registry
 from gapjax.pooling import POOLS
 from gapjax.registry import Registry
 

@@ -28,16 +28,20 @@ timm's ``vit_{tiny,small,base,large}_patch16_224`` for every pool / class-token 
 The model contract (``gapjax.layers.Classifier``):
 
 * ``forward_features(images) -> [B, gh, gw, C]``: the final (normed) patch tokens on their
-  grid, for every pool except ``"token"``. The class token is dropped there: no head but
-  the token head reads it, and it does not change the patch tokens' values at the last
-  layer (it only attended in the blocks).
-* ``pool="token"``: the head reads the class token, which no grid of patch tokens holds.
-  ``forward_features`` then returns the whole token sequence *entering the last block*,
-  ``[B, 1 + gh * gw, C]`` (class token first), and ``forward_head`` is the last block, the
-  final norm, the class token and the classifier. The gradient of a logit with respect to
-  those tokens, restricted to the patches, is Grad-CAM "on the last block's patch tokens"
-  (pytorch-grad-cam's ViT recipe at ``blocks[-1].norm1``'s input): ``patch_grid`` puts
-  the patch part on its grid, ``grad_cam`` computes the maps.
+  grid, for every pool except ``"token"``. The class token, if any, is dropped there: it
+  attended in every block (so it shaped the patch tokens) but a pooling head does not read
+  it (timm's convention).
+* ``pool="token"``: the head reads the class token, which no grid of final patch tokens
+  holds, and it reads the patches only through the last block's attention. So
+  ``forward_features`` returns the tokens *entering the last block* on the grid,
+  ``[B, gh, gw, 2C]``: channels ``[:C]`` the patch tokens, ``[C:]`` the class token
+  repeated at every position; ``forward_head`` is the last block, the final norm, the
+  class token and the classifier, and it reads the class token as a constant. The gradient
+  of a logit with respect to these features is then zero on the class-token channels, so
+  Grad-CAM on them (``gapjax.cam``, any gradient method) is Grad-CAM on the last block's
+  patch tokens, pytorch-grad-cam's ViT recipe (``blocks[-1].norm1``'s input, class token
+  dropped). ``__call__`` runs the plain forward pass (same logits, gradients reach the
+  class token in training).
 * ``head_class_maps`` (``gap``) and ``head_contributions`` (``gap``, pools with position or
   channel weights, and ``map``) give exact maps on the patch grid; ``attention_rollout``
   gives rollout maps for any ViT.
@@ -45,7 +49,6 @@ The model contract (``gapjax.layers.Classifier``):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -58,7 +61,7 @@ import numpy as np
 from gapjax.layers import Classifier, check_choice
 from gapjax.map_pooling import LAYERNORM_EPSILON, MAPPool, MlpBlock, split_contributions
 from gapjax.models import register_preset
-from gapjax.pooling import POOLS
+from gapjax.pooling import POOLS, make_pool
 
 Array = jax.Array
 
@@ -281,17 +284,8 @@ class ViTHead(nn.Module):
 
     def setup(self) -> None:
         if self.pool != "token":
-            pool_class = POOLS.get(self.pool)
-            fields = {field.name for field in dataclasses.fields(pool_class)}
-            kwargs = dict(self.pool_kwargs or {})
-            unknown = sorted(set(kwargs) - fields)
-            if unknown:
-                options = sorted(fields - {"parent", "name"})
-                raise ValueError(f"pool {self.pool!r} has no option(s) {unknown}; valid "
-                                 f"pool_kwargs: {', '.join(options) or 'none'}")
-            if "dtype" in fields:
-                kwargs.setdefault("dtype", self.dtype)
-            self.pool_module = pool_class(name="pool", **kwargs)
+            self.pool_module = make_pool(self.pool, dtype=self.dtype, name="pool",
+                                         **dict(self.pool_kwargs or {}))
         if self.fc_norm:
             self.fc_norm_layer = layer_norm(self.dtype, name="fc_norm")
         self.head_dropout = nn.Dropout(self.dropout)
@@ -302,9 +296,7 @@ class ViTHead(nn.Module):
         """The pool's declared weighting (``"uniform"`` for gap); None for token / others."""
         if self.pool == "token":
             return None
-        if POOLS.canonical(self.pool) == "gap":
-            return "uniform"
-        return getattr(POOLS.get(self.pool), "weighting", None)
+        return POOLS.get(self.pool).weighting
 
     def pooled(self, features: Array) -> Array:
         """``[B, gh, gw, C]`` (or the class token ``[B, C]``) -> float32 ``[B, width]``."""
@@ -336,7 +328,12 @@ class ViTHead(nn.Module):
         mean = pooled.mean(axis=-1, keepdims=True)
         variance = jnp.square(pooled - mean).mean(axis=-1, keepdims=True)
         expand = (pooled.shape[0], *([1] * (shares.ndim - 2)), 1)
+        # Shares of the centring and of the norm's bias: the weights normalised to sum to
+        # one (gsp's weights are all ones).
+        spatial = tuple(range(1, shares.ndim - 1))
         weights = weights.astype(jnp.float32)
+        total = weights.sum(axis=spatial, keepdims=True)
+        weights = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
         centred = shares - weights * mean.reshape(expand)
         scaled = centred * jax.lax.rsqrt(variance.reshape(expand) + LAYERNORM_EPSILON)
         return scaled * params["scale"] + weights * params["bias"]
@@ -348,15 +345,10 @@ class ViTHead(nn.Module):
         if isinstance(self.pool_module, MAPPool):
             pooled, parts = self.pool_module(features, return_parts=True)
             return pooled, split_contributions(parts), parts["alpha"].mean(axis=1)[..., None]
-        if weighting == "uniform":
-            pooled = self.pool_module(features)
-            count = math.prod(features.shape[1:-1])
-            weights = jnp.full((*features.shape[:-1], 1), 1.0 / count, jnp.float32)
-            return pooled, weights * features.astype(jnp.float32), weights
-        if weighting in ("position", "channel"):
+        if weighting is not None:
             pooled, weights = self.pool_module(features, return_weights=True)
             weights = weights.astype(jnp.float32)
-            if weighting == "position":
+            if weights.ndim == features.ndim - 1:  # position weights [B, *S]
                 weights = weights[..., None]
             return pooled, weights * features.astype(jnp.float32), weights
         raise ValueError(f"pool {self.pool!r} declares no weights, so its logits do not split "
@@ -418,7 +410,6 @@ class ViT(Classifier):
     proj_dropout: float = 0.0
     pos_dropout: float = 0.0
     fc_norm: bool | None = None
-    pool_kwargs: Any = None
 
     # ----------------------------------------------------------------------------------
     # Options
@@ -455,7 +446,7 @@ class ViT(Classifier):
             return ("cam", "contribution")
         if canonical == "map":
             return ("contribution",)
-        weighting = getattr(POOLS.get(self.pool), "weighting", None)
+        weighting = POOLS.get(self.pool).weighting
         return ("contribution",) if weighting in ("position", "channel") else ()
 
     def _check_options(self) -> None:
@@ -526,7 +517,7 @@ class ViT(Classifier):
                 "image_size to the input size (gapjax.pretrained.load resamples the "
                 "embeddings of saved weights)")
         dtype = self.compute_dtype
-        patches = self.patch_embed(jnp.asarray(images, dtype))  # [B, gh, gw, C]
+        patches = self.early_tap(self.patch_embed(jnp.asarray(images, dtype)))  # [B, gh, gw, C]
         batch, rows, cols, channels = patches.shape
         tokens = patches.reshape(batch, rows * cols, channels)
         if self.posemb == "sincos2d":
@@ -556,29 +547,57 @@ class ViT(Classifier):
         return side, side
 
     def forward_features(self, images: Array, train: bool = False) -> Array:
-        """What the head reads: the final patch grid ``[B, gh, gw, C]``; for
-        ``pool="token"`` the tokens entering the last block ``[B, 1 + gh * gw, C]``."""
+        """What maps are computed on, on the patch grid.
+
+        Pooling heads: the final patch tokens ``[B, gh, gw, C]`` (normed, unless
+        ``fc_norm``). ``pool="token"``: ``[B, gh, gw, 2C]``, the tokens *entering the last
+        block*: channels ``[:C]`` are the patch tokens, ``[C:]`` the class token repeated
+        at every position (see the module docstring).
+        """
         tokens = self.embed(images, train)
-        last = len(self.blocks) - 1 if self.pool == "token" else len(self.blocks)
-        for block in self.blocks[:last]:
+        if self.pool != "token":
+            for block in self.blocks:
+                tokens = block(tokens, train)
+            if not self.uses_fc_norm:
+                tokens = self.norm(tokens)
+            return self.patch_grid(tokens)
+        for block in self.blocks[:-1]:
             tokens = block(tokens, train)
-        if self.pool == "token":
-            return tokens
-        if not self.uses_fc_norm:
-            tokens = self.norm(tokens)
-        return self.patch_grid(tokens)
+        grid = self.patch_grid(tokens)
+        cls = jnp.broadcast_to(tokens[:, 0, None, None, :], grid.shape)
+        return jnp.concatenate([grid, cls], axis=-1)
 
     def forward_head(self, features: Array, train: bool = False) -> Array:
-        """``forward_features``' output -> float32 logits ``[B, K]``."""
-        if self.pool == "token":
-            tokens = self.norm(self.blocks[-1](features, train))
-            return self.head_module(tokens[:, 0], train).astype(jnp.float32)
-        return self.head_module(features, train).astype(jnp.float32)
+        """``forward_features``' output -> float32 logits ``[B, K]``.
+
+        ``pool="token"``: the last block, the final norm, the class token, the classifier.
+        The class token is read (from position (0, 0)) as a constant: the gradient of a
+        logit with respect to ``features`` is the gradient with respect to the patch tokens
+        alone, so Grad-CAM on these features is Grad-CAM on the last block's patch tokens.
+        Training goes through ``__call__``, whose gradients do reach the class token.
+        """
+        if self.pool != "token":
+            return self.head_module(features, train).astype(jnp.float32)
+        if features.ndim != 4 or features.shape[-1] != 2 * self.width:
+            raise ValueError(f"the class-token ViT's forward_head takes forward_features' "
+                             f"[B, gh, gw, 2 * width = {2 * self.width}] features; got shape "
+                             f"{tuple(features.shape)}")
+        batch, rows, cols, _ = features.shape
+        patches = features[..., :self.width].reshape(batch, rows * cols, self.width)
+        cls = jax.lax.stop_gradient(features[:, 0, 0, self.width:])
+        tokens = jnp.concatenate([cls[:, None], patches], axis=1)
+        return self._token_logits(self.blocks[-1](tokens, train), train)
+
+    def _token_logits(self, tokens: Array, train: bool) -> Array:
+        return self.head_module(self.norm(tokens)[:, 0], train).astype(jnp.float32)
 
     def __call__(self, x: Array, train: bool = False) -> Array:
-        features = self.forward_features(x, train)
-        self.sow("intermediates", "features", features)
-        return self.forward_head(features, train)
+        if self.pool != "token":
+            return self.forward_head(self.forward_features(x, train), train)
+        tokens = self.embed(x, train)
+        for block in self.blocks:
+            tokens = block(tokens, train)
+        return self._token_logits(tokens, train)
 
     def head_class_maps(self, features: Array) -> Array:
         """CAM on the patch grid (``pool="gap"``): ``[B, gh, gw, C] -> [B, gh, gw, K]`` with
@@ -636,10 +655,11 @@ def grad_cam(model: ViT, variables: Any, images: Array,
              targets: Array | None = None) -> tuple[Array, Array]:
     """Grad-CAM on the patch tokens: ``(maps [B, gh, gw], logits [B, K])``.
 
-    For ``pool="token"`` the features are the tokens entering the last block (the class
-    token reads the patches only through the last block's attention), and the map uses
-    their patch part; for a pooling head it is the final patch grid. ``targets [B]``
-    default to the predicted classes.
+    For ``pool="token"`` the features are the patch tokens entering the last block (the
+    class token reads the patches only through the last block's attention); for a pooling
+    head, the final patch grid. ``targets [B]`` default to the predicted classes.
+    ``gapjax.cam.compute_maps(method="grad_cam", normalize=False, resize=None)`` gives the
+    same maps through the model contract.
     """
     features = model.apply(variables, images, train=False, method="forward_features")
 
@@ -652,8 +672,7 @@ def grad_cam(model: ViT, variables: Any, images: Array,
     seed = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
     (gradients,) = pullback(seed)
     if model.pool == "token":
-        grid_of = model.bind(variables).patch_grid
-        features, gradients = grid_of(features), grid_of(gradients)
+        features, gradients = features[..., :model.width], gradients[..., :model.width]
     return grad_cam_map(features, gradients), logits
 
 
