@@ -24,6 +24,7 @@ def get_config(pool: str = "gap"):
     config.model.name = "resnet18"
     config.model.stem = "cifar"  # 3x3 stem, no max pool: 32x32 inputs keep a 4x4 final map
     config.model.pool = pool or "gap"
+    config.model.head = "gap"
     config.dtype = "bfloat16"
 
     config.batch_size = 512

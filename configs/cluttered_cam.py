@@ -26,6 +26,7 @@ def get_config(pool: str = "gap"):
 
     config.model.name = "cnn"
     config.model.pool = pool or "gap"
+    config.model.head = "gap"
     config.model.widths = (32, 64, 128)
     config.model.strides = (1, 2, 2)
 

@@ -16,6 +16,7 @@ def get_config(pool: str = "gap"):
     config.dataset.image_size = 8  # native resolution; 16 and 32 are built on request
     config.model.name = "cnn"
     config.model.pool = pool or "gap"
+    config.model.head = "gap"
     config.model.widths = (32, 64, 128)  # on 8x8 inputs: final map 2x2x128
 
     config.total_steps = 200

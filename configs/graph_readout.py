@@ -1,9 +1,9 @@
 """GIN on ``gapjax_graph_tasks``: which readout can solve which task.
 
     python train.py --config configs/graph_readout.py --workdir DIR \
-        --config.model.readout=mean --config.dataset.task=count
+        --config.model.pool=mean --config.dataset.task=count
 
-``model.readout``: sum | mean | max (any ``gapjax.graph.readout`` name);
+``model.pool``: the graph readout, sum | mean | max (any ``POOLS`` name);
 ``dataset.task``: presence | proportion | count. ``get_config("mean,count")`` sets both.
 Graph batches are padded to static budgets, so use ``parallel="jit"``.
 """
@@ -26,9 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.augment = False  # readouts are invariant to node order: nothing to augment
 
     config.model.name = "gin"
-    # A graph model has no image pool or head: its pool is the graph readout below.
-    del config.model.pool
-    config.model.readout = "sum"
+    config.model.pool = "sum"
     config.model.aggregator = "sum"
     config.model.num_layers = 2
     config.model.hidden = 32
@@ -41,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg:
         readout, _, task = arg.partition(",")
-        config.model.readout = readout
+        config.model.pool = readout
         if task:
             config.dataset.task = task
     return config

@@ -24,6 +24,8 @@ def get_config(model: str = "seresnet50"):
     config.dataset.image_size = 224
     config.dataset.eval_split = "validation"
     config.model.name = model or "seresnet50"
+    config.model.pool = "gap"
+    config.model.head = "gap"
     config.dtype = "bfloat16"
 
     config.batch_size = 1024

@@ -14,11 +14,12 @@ from helpers import train_runs
 from helpers.tiny_digits import get_config as tiny_config
 
 from gapjax.registry import UnknownNameError
+from gapjax.tasks import Classification, top_k_correct
 from gapjax.train import NonFiniteLossError, TrainResult, base_config, run
 from gapjax.train.optim import make_optimizer, make_schedule, weight_decay_mask
 from gapjax.train.parallel import BatchSizeError, check_batch_size
 from gapjax.train.state import create_train_state
-from gapjax.train.steps import softmax_cross_entropy, top_k_correct, train_step
+from gapjax.train.steps import train_step
 
 # --------------------------------------------------------------------------------------
 # Optimizers and schedules
@@ -84,9 +85,10 @@ def test_unknown_optimizer_or_schedule_lists_choices(field, value, choices):
 def test_label_smoothing_and_top_k():
     logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
     labels = jnp.array([0, 1])
-    plain = softmax_cross_entropy(logits, labels)
+    task = Classification(num_classes=3, label_smoothing=0.3)
+    plain = task.losses(logits, labels)  # evaluation: never smoothed
     assert np.allclose(plain, -jax.nn.log_softmax(logits)[jnp.arange(2), labels], atol=1e-6)
-    smooth = softmax_cross_entropy(logits, labels, 0.3)
+    smooth = task.losses(logits, labels, train=True)
     expected = -(0.8 * jax.nn.log_softmax(logits)[jnp.arange(2), labels]
                  + 0.1 * jax.nn.log_softmax(logits).sum(-1) - 0.1
                  * jax.nn.log_softmax(logits)[jnp.arange(2), labels])
@@ -116,8 +118,8 @@ def test_padding_rows_never_change_the_update():
     tx = make_optimizer(options, 10)
     x = np.random.default_rng(0).normal(size=(4, 2, 2, 1)).astype(np.float32)
     state = create_train_state(model, tx, x[:1], seed=0)
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx, task="classification",
-                                     inputs_fn=lambda b: b["image"]))
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                     task=Classification(num_classes=3)))
     real = {"image": x[:2], "label": np.array([0, 1], np.int32), "weight": np.ones(2, np.float32)}
     garbage = np.full((2, 2, 2, 1), 1e6, np.float32)
     padded = {"image": np.concatenate([x[:2], garbage]), "label": np.array([0, 1, 2, 2], np.int32),

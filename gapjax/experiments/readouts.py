@@ -130,7 +130,7 @@ class ReadoutTrainer:
     def __init__(self, readout_name: str, steps: int):
         from gapjax.data import graph_tasks
 
-        self.model = gnn.GIN(num_classes=graph_tasks.SPEC.num_classes, readout=readout_name,
+        self.model = gnn.GIN(num_classes=graph_tasks.SPEC.num_classes, pool=readout_name,
                              **MODEL)
         self.optimizer = optax.adamw(optax.cosine_decay_schedule(LEARNING_RATE, steps),
                                      weight_decay=WEIGHT_DECAY)
@@ -251,8 +251,7 @@ def shared_loop_config(readout_name: str, task: str, seed: int, settings: dict[s
         weight_decay=WEIGHT_DECAY, seed=seed,
         dataset_options={"task": task, "num_train": settings["num_train"],
                          "num_test": settings["num_test"], "data_dir": str(data_dir)},
-        readout=readout_name, **MODEL)
-    del config.model.pool  # gin's pool is its readout
+        pool=readout_name, **MODEL)
     return config
 
 

@@ -2,8 +2,11 @@
 
 ``base_config()`` returns an unlocked ``ml_collections.ConfigDict``; a config file fills
 in ``dataset.name``, ``model.name``, the step counts and the optimizer, and may add keys
-of its own (``dataset.task`` for graphs, model keyword arguments, ...). Every key of
-``config.model`` other than ``name`` is passed to ``gapjax.models.get`` as a keyword.
+of its own (``dataset.task`` for graphs, ...). Every key of ``config.model`` other than
+``name`` is passed to ``gapjax.models.get`` as a keyword, so ``config.model`` holds only
+keys its model takes. Every model takes ``model.pool`` (the head's pool; a graph model's
+readout) and ``model.pool_kwargs`` (the pool's options, ``--config.model.pool_kwargs.init_p=4``);
+image configs add ``model.head``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = ""
     config.model.pool = "gap"
-    config.model.head = "gap"
+    config.model.pool_kwargs = ml_collections.ConfigDict()
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "sgd"

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from gapjax import gradflow, models, tasks, wsol
+from gapjax.pooling import POOLS
 from gapjax.train.checkpoint import Checkpointer
 from gapjax.train.defaults import DTYPES
 from gapjax.train.metrics import MetricWriter, NullWriter, Progress, read_metrics
@@ -71,16 +72,12 @@ class TrainResult:
 
 def _check_choices(config: Any) -> None:
     """Fails fast, before any data or compilation, on names that are not registered."""
-    from gapjax import models
-
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype={config.dtype!r} is not supported; choose one of: "
                          f"{', '.join(DTYPES)}")
     models.MODELS.get(config.model.name)
     pool = config.model.get("pool")
     if pool is not None:
-        from gapjax.pooling import POOLS
-
         POOLS.get(pool)
     OPTIMIZERS.get(config.optimizer.name)
     SCHEDULES.get(config.optimizer.get("schedule", "constant"))
@@ -89,28 +86,13 @@ def _check_choices(config: Any) -> None:
             raise ValueError(f"config.{key}={config[key]!r} must be a positive integer")
 
 
-def build_model(config: Any, num_classes: int, axis_name: str | None) -> Any:
-    """``gapjax.models.get(config.model.name, num_classes, dtype, axis_name, **config.model)``."""
-    from gapjax import models
-
-    kwargs = {key: value for key, value in config.model.items() if key != "name"}
-    kwargs = {key: tuple(v) if isinstance(v, list) else v for key, v in kwargs.items()}
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    return models.get(config.model.name, num_classes=num_classes, dtype=dtype,
-                      axis_name=axis_name, **kwargs)
-
-
-def _sample_inputs(data: Any, info: Any, config: Any, batch_size: int) -> Any:
+def _sample_inputs(data: Any, info: Any, task: Any, config: Any, batch_size: int) -> Any:
     """Model inputs from the first evaluation batch, to initialise shapes (no training data
     is consumed, so a fresh and a resumed run see the same training batches)."""
     iterator = data.make_iterator(config.dataset, info.eval_split, batch_size=batch_size,
                                   seed=config.seed, train=False, process_index=0,
                                   process_count=1)
-    batch = next(iter(iterator))
-    inputs = data.model_inputs(info, batch)
-    if info.task != "graph":
-        inputs = jax.tree.map(lambda x: np.asarray(x)[:1], inputs)
-    return inputs
+    return task.init_inputs(next(iter(iterator)))
 
 
 def _config_json(config: Any) -> dict[str, Any]:
@@ -142,35 +124,6 @@ class _SigtermFlag:
 
 
 # --------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Average precision of one class: ``scores [n]``, binary ``labels [n]``.
-
-    The mean of the precision at the rank of each positive (ties broken by order); NaN
-    when there is no positive.
-    """
-    positives = labels > 0.5
-    if not positives.any():
-        return float("nan")
-    order = np.argsort(-scores, kind="stable")
-    hits = positives[order].astype(np.float64)
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float((precision * hits).sum() / hits.sum())
-
-
-def multilabel_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """``eval/map`` (mean over classes with a positive) and ``eval/ap_<k>`` per class."""
-    per_class = [average_precision(logits[:, k], labels[:, k]) for k in range(labels.shape[1])]
-    metrics = {f"eval/ap_{k}": ap for k, ap in enumerate(per_class)}
-    finite = [ap for ap in per_class if np.isfinite(ap)]
-    metrics["eval/map"] = float(np.mean(finite)) if finite else float("nan")
-    return metrics
-
-
-# --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
 
@@ -187,26 +140,23 @@ class _Run:
         self.data = data
         self.info = data.dataset_info(config.dataset)
         self.parallel = DataParallel(config.parallel)
-        if self.info.task == "graph" and (config.parallel == "pmap"
-                                          or jax.process_count() > 1):
+        self.task = tasks.get(self.info.task, num_classes=self.info.num_classes,
+                              label_smoothing=float(config.optimizer.get("label_smoothing", 0)))
+        if not self.task.rows_split and (config.parallel == "pmap" or jax.process_count() > 1):
             raise ValueError(
                 f"config.parallel={config.parallel!r} with {jax.process_count()} process(es): "
-                "graph batches cannot be split per device or per process; use "
+                f"{self.info.task} batches cannot be split per device or per process; use "
                 "parallel='jit' in a single process"
             )
         self.local_batch_size = self.parallel.local_batch_size(int(config.batch_size))
         self.is_chief = jax.process_index() == 0
-        self.model = build_model(config, self.info.num_classes, self.parallel.axis_name)
+        self.model = models.from_config(config, self.info.num_classes, self.parallel.axis_name)
         self.tx = make_optimizer(config.optimizer, int(config.total_steps))
         self.schedule = make_schedule(config.optimizer, int(config.total_steps))
-        self.inputs_fn = functools.partial(data.model_inputs, self.info)
         self.train_step = self.parallel.compile_train_step(functools.partial(
-            train_step, model=self.model, tx=self.tx, task=self.info.task,
-            inputs_fn=self.inputs_fn,
-            label_smoothing=float(config.optimizer.get("label_smoothing", 0.0)),
-            seed=int(config.seed)))
+            train_step, model=self.model, tx=self.tx, task=self.task, seed=int(config.seed)))
         self.eval_step = self.parallel.compile_eval_step(functools.partial(
-            eval_step, model=self.model, task=self.info.task, inputs_fn=self.inputs_fn))
+            eval_step, model=self.model, task=self.task))
         self.checkpointer = Checkpointer(
             workdir / CHECKPOINT_DIR, checkpoint_every=int(config.checkpoint_every),
             keep=int(config.get("keep_checkpoints", 3)))
@@ -218,7 +168,8 @@ class _Run:
             process_count=jax.process_count())
 
     def initial_state(self) -> TrainState:
-        sample = _sample_inputs(self.data, self.info, self.config, self.local_batch_size)
+        sample = _sample_inputs(self.data, self.info, self.task, self.config,
+                                self.local_batch_size)
         model, tx, seed = self.model, self.tx, int(self.config.seed)
         return self.parallel.init(lambda: create_train_state(model, tx, sample, seed))
 
@@ -231,32 +182,27 @@ class _Run:
         """Evaluation metrics (``eval/...``) of ``canonical_state`` on the eval split."""
         config, info = self.config, self.info
         variables = self.parallel.to_step_form(canonical_state.variables())
-        sums = self.parallel.replicate(zero_eval_sums())
+        sums = self.parallel.replicate(zero_eval_sums(self.task))
         iterator = self.data.make_iterator(
             config.dataset, info.eval_split, batch_size=self.local_batch_size,
             seed=int(config.seed), train=False, process_index=jax.process_index(),
             process_count=jax.process_count())
         localization = None
         if config.eval.get("localization", False):
-            from gapjax.wsol import LocalizationEvaluator
-
-            localization = LocalizationEvaluator(self.model, config.eval.get("cam_method",
+            localization = wsol.LocalizationEvaluator(self.model, config.eval.get("cam_method",
                                                                              "auto"))
         collected: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         canonical_variables = canonical_state.variables()
         for batch in iterator:
             sums, logits = self.eval_step(variables, self.parallel.global_batch(batch), sums)
-            if info.task == "multilabel":
+            if self.task.keeps_outputs:
                 collected.append((self.parallel.local_rows(logits), np.asarray(batch["label"]),
                                   np.asarray(batch["weight"])))
             if localization is not None:
                 localization.update(canonical_variables, batch)
         totals = self.parallel.fetch(sums)
-        weight = max(float(totals["weight_sum"]), 1.0)
-        metrics = {"eval/loss": float(totals["loss_sum"]) / weight,
-                   "eval/accuracy": float(totals["correct_sum"]) / weight}
-        if info.task != "multilabel" and info.num_classes >= 10:
-            metrics["eval/top5_accuracy"] = float(totals["top5_sum"]) / weight
+        weight = max(float(totals.pop("weight")), 1.0)
+        metrics = {f"eval/{key}": float(value) / weight for key, value in totals.items()}
         if collected:
             logits, labels, weights = (np.concatenate(parts) for parts in zip(*collected))
             if jax.process_count() > 1:
@@ -266,7 +212,8 @@ class _Run:
                     np.asarray(multihost_utils.process_allgather(a, tiled=True))
                     for a in (logits, labels, weights))
             real = weights > 0
-            metrics.update(multilabel_metrics(logits[real], labels[real]))
+            metrics.update({f"eval/{key}": value for key, value in
+                            self.task.summarize(logits[real], labels[real]).items()})
         if localization is not None:
             metrics.update({key if key.startswith("eval/") else f"eval/{key}": float(value)
                             for key, value in localization.result().items()})
@@ -326,8 +273,7 @@ def run(config: Any, workdir: str | Path, *, eval_only: bool = False) -> TrainRe
                                    workdir)
             if start_step:
                 progress.message(f"resuming from step {start_step} ({checkpointer.directory})")
-            latest = _train(job, state, train_iterator, start_step, writer, progress)
-            state = latest.pop("_state")
+            state, latest = _train(job, state, train_iterator, start_step, writer, progress)
             # A resumed run logged only its own steps: take earlier values from the file.
             logged = {}
             for record in read_metrics(workdir) if job.is_chief else []:
@@ -342,8 +288,8 @@ def run(config: Any, workdir: str | Path, *, eval_only: bool = False) -> TrainRe
 
 
 def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer: Any,
-           progress: Progress) -> dict[str, Any]:
-    """Steps ``start_step + 1 .. total_steps``; returns the latest metrics and ``_state``."""
+           progress: Progress) -> tuple[TrainState, dict[str, Any]]:
+    """Steps ``start_step + 1 .. total_steps``; returns the state and the latest metrics."""
     config, parallel, checkpointer = job.config, job.parallel, job.checkpointer
     total_steps = int(config.total_steps)
     log_every, eval_every = int(config.log_every), int(config.eval_every)
@@ -406,14 +352,11 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
     latest = {"step": step, **latest}
     if step >= total_steps or start_step >= total_steps:
         progress.message(_summary(step, latest, time.perf_counter() - started, job.workdir))
-    latest["_state"] = parallel.to_canonical(step_state)
-    return latest
+    return parallel.to_canonical(step_state), latest
 
 
 def _gradflow(job: _Run, state: TrainState, batch: dict[str, Any]) -> dict[str, float]:
-    from gapjax.gradflow import training_diagnostics
-
-    values = training_diagnostics(job.model, state.variables(), batch, job.info.task)
+    values = gradflow.training_diagnostics(job.model, state.variables(), batch, job.info.task)
     return {f"train/grad_{key}": float(value) for key, value in values.items()}
 
 

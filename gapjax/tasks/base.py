@@ -1,0 +1,96 @@
+"""The task interface and the ``TASKS`` registry.
+
+A task says what a model learns from a batch: which part of the batch the model reads
+(``model_inputs``), the per-example loss, the per-example metrics the steps sum over the
+evaluation split, and what evaluation adds from every example's logits (mean average
+precision, say). The training loop and the step functions call these methods and never
+ask which task they run, so a new task is one new module registering a ``Task`` subclass.
+
+Every dataset names its task (``DatasetSpec.task``, ``DatasetInfo.task``); the loop builds
+``TASKS.get(info.task)(num_classes=info.num_classes, label_smoothing=...)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+
+from gapjax.registry import Registry
+
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task(abc.ABC):
+    """A learning task: loss, metrics and evaluation of one kind of labels.
+
+    Task objects are frozen (hashable) and hold only Python values, so the jitted steps
+    close over them.
+
+    Attributes:
+      num_classes: ``K``, the width of the logits.
+      label_smoothing: ``s`` of the training loss, for tasks that smooth labels (0 = off).
+
+    Class attributes:
+      rows_split: True when a batch is a stack of independent rows, which the input
+        pipeline may split over processes and devices; False for packed batches (graphs).
+      keeps_outputs: True when ``summarize`` needs every evaluation example's logits and
+        labels (the loop then gathers them on the host).
+    """
+
+    num_classes: int
+    label_smoothing: float = 0.0
+
+    rows_split: ClassVar[bool] = True
+    keeps_outputs: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"config.optimizer.label_smoothing={self.label_smoothing!r} must "
+                             "lie in [0, 1)")
+
+    def model_inputs(self, batch: Batch) -> Any:
+        """What the model's ``__call__`` takes from ``batch``: ``image [b, H, W, C]``
+        (jit-safe indexing)."""
+        return batch["image"]
+
+    def init_inputs(self, batch: Batch) -> Any:
+        """The smallest model input to initialise parameter shapes from: one row."""
+        return jax.tree.map(lambda x: np.asarray(x)[:1], self.model_inputs(batch))
+
+    @abc.abstractmethod
+    def losses(self, logits: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
+        """Per-example loss ``[b]`` (float32) of ``logits [b, K]``; ``train`` applies the
+        training-only terms (label smoothing), so evaluation reports the plain loss."""
+
+    @abc.abstractmethod
+    def correct(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        """Per-example accuracy ``[b]`` in [0, 1] (``train/accuracy``, ``eval/accuracy``)."""
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The keys of ``example_metrics``: each is logged as ``eval/<key>``, the weighted
+        mean over the evaluation split."""
+        return ("loss", "accuracy")
+
+    def example_metrics(self, logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+        """Per-example evaluation values ``{name: [b]}`` for every ``metric_names`` key."""
+        return {"loss": self.losses(logits, labels), "accuracy": self.correct(logits, labels)}
+
+    def summarize(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """Metrics of the whole evaluation split from every real example's ``logits [N, K]``
+        and ``labels`` (NumPy, on the host); called when ``keeps_outputs``."""
+        del logits, labels
+        return {}
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+
+def get(name: str, **options: Any) -> Task:
+    """The task registered as ``name`` built with ``options`` (``num_classes``, ...)."""
+    return TASKS.get(name)(**options)
