@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> str:
     import argparse
 
     from gapjax import data, wsol
-    from gapjax.train.loop import build_model
+    from gapjax.models import from_config as build_model
 
     parser = argparse.ArgumentParser(
         prog="python -m gapjax.cam",
