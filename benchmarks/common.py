@@ -158,7 +158,9 @@ def import_train_step_modules() -> tuple[Any, Any, Any]:
 # Reading results back: pooling targets, HBM bandwidth, the gpu.sh summary
 # --------------------------------------------------------------------------------------
 
-#: Pools that must run within ``POOL_TARGET`` of the ``x.sum()`` yardstick.
+#: Pools that must run within ``POOL_TARGET`` of the ``x.sum()`` yardstick on an
+#: accelerator (GPU, TPU); on a CPU the ratios are reported as information only (users
+#: train on accelerators; XLA's CPU reductions are not what they run).
 PARAMETER_FREE_POOLS = ("gap", "gmp", "gsp", "avgmax", "catavgmax")
 POOL_TARGET = 1.2
 GAP_BANDWIDTH_TARGET = 0.8
@@ -182,11 +184,12 @@ def peak_hbm_gbps(device_kind: str) -> float | None:
 
 
 def pooling_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Targets from ``benchmarks/pooling.py`` records: each parameter-free pool's forward
-    pass within 1.2x of ``x.sum()`` per shape, and on a known GPU, GAP's achieved bandwidth
-    (largest shape) at >= 80% of the HBM peak."""
+    """Targets from ``benchmarks/pooling.py`` records, on accelerators only: each
+    parameter-free pool's forward pass within 1.2x of ``x.sum()`` per shape, and on a known
+    GPU, GAP's achieved bandwidth (largest shape) at >= 80% of the HBM peak."""
     targets = []
-    forward = [r for r in records if r.get("pass") == "forward"]
+    forward = [r for r in records if r.get("pass") == "forward"
+               and r.get("platform", "cpu") != "cpu"]
     for record in forward:
         if record.get("pool") in PARAMETER_FREE_POOLS:
             shape = "x".join(map(str, record["shape"]))

@@ -80,9 +80,10 @@ def test_uniform_weights_reproduce_a_tiny_models_gap_logits():
     images = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
     # Jitted: op-by-op execution of init would compile every primitive on its own.
     variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(images)
-    logits, state = jax.jit(lambda v, x: model.apply(v, x, train=False,
-                                                     mutable=["intermediates"]))(variables, images)
-    features = np.asarray(state["intermediates"]["features"][0])
+    logits, features = jax.jit(lambda v, x: (
+        model.apply(v, x, train=False),
+        model.apply(v, x, train=False, method="forward_features")))(variables, images)
+    features = np.asarray(features)
     kernel, bias = weighted_pooling.classifier_parameters(variables)
     exactness = weighted_pooling.uniform_equals_gap(features, kernel, bias, np.asarray(logits))
     assert exactness["max_abs_diff_vs_gap"] <= 1e-6

@@ -26,8 +26,8 @@ def _graphs(seed: int, count: int = 4):
     return graphs
 
 
-def _model(readout: str = "sum", **kwargs):
-    return models.get("gin", num_classes=3, num_layers=1, hidden=8, readout=readout, **kwargs)
+def _model(pool: str = "sum", **kwargs):
+    return models.get("gin", num_classes=3, num_layers=1, hidden=8, pool=pool, **kwargs)
 
 
 def _init(model, batch):
@@ -100,8 +100,9 @@ def test_max_readout_of_an_empty_graph_gives_finite_logits_and_gradients():
     variables = _init(model, batch)
 
     def embedding_of_empty_graph(params):
-        _, state = model.apply({**variables, "params": params}, batch, mutable=["intermediates"])
-        return state["intermediates"]["graph_embedding"][0][1]
+        features = model.apply({**variables, "params": params}, batch, method="forward_features")
+        return graph.readout("max", features.node_features, features.node_graph,
+                             features.graph_mask.shape[0], mask=features.node_mask)[1]
 
     embedding = jax.jit(embedding_of_empty_graph)(variables["params"])
     np.testing.assert_array_equal(embedding, 0.0)
@@ -122,13 +123,15 @@ def test_integer_colours_are_one_hot_encoded():
 
 def test_bad_options_raise_clear_errors():
     batch = jax.tree_util.tree_map(jnp.asarray, graph.batch_graphs(_graphs(5, 1), 16, 32, 2))
-    cases = [({"readout": "attention"}, "readout='attention'.*choose one of: sum, mean, max"),
-             ({"aggregator": "gem"}, "aggregator='gem'.*choose one of: sum, mean, max"),
-             ({"pool": "max"}, "pool='max' differs from readout='sum'"),
-             ({"head": "fc"}, "head='fc'.*choose one of: gap")]
+    cases = [({"pool": "avg"}, "unknown pool 'avg'; choose one of: .*attention"),
+             ({"aggregator": "catavgmax"}, "aggregator='catavgmax' changes the node width"),
+             ({"norm": "layer"}, "norm='layer' is not valid; choose one of: 'batch', 'none'"),
+             ({"pool": "gem", "pool_kwargs": {"p": 2}}, "pool 'gem' has no option 'p'")]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             _model(**kwargs).init(jax.random.key(0), batch)
+    with pytest.raises(ValueError, match="model 'gin' has no option 'readout'"):
+        _model(readout="sum")
     colours = batch.replace(node_features=jnp.zeros(16, jnp.int32))
     with pytest.raises(ValueError, match="num_colors"):
         _model().init(jax.random.key(0), colours)
@@ -203,12 +206,11 @@ def _load_config_module():
 
 def test_config_builds_gin_with_the_chosen_readout_and_task():
     config = _load_config_module().get_config("mean,proportion")
-    assert (config.model.readout, config.dataset.task) == ("mean", "proportion")
-    assert "pool" not in config.model
+    assert (config.model.pool, config.dataset.task) == ("mean", "proportion")
     kwargs = {key: value for key, value in config.model.items() if key != "name"}
     model = models.get(config.model.name, num_classes=2, dtype=jnp.float32, axis_name=None,
                        **kwargs)
-    assert model.readout == "mean" and model.num_layers == config.model.num_layers
+    assert model.pool == "mean" and model.num_layers == config.model.num_layers
     spec = graph_tasks.SPEC
     assert spec.name == config.dataset.name and spec.task == "graph"
     assert spec.builder_config(config.dataset).task == "proportion"

@@ -168,15 +168,17 @@ def test_gap_head_is_pool_then_classifier_in_float32():
     np.testing.assert_allclose(logits, pooled @ kernel + bias, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("pool", ["attention", "weighted"])
-def test_gap_head_sows_pool_weights(pool):
+@pytest.mark.parametrize("pool", ["attention", "weighted", "gap", "gmp", "avgmax", "gsp"])
+def test_gap_head_contributions_sum_to_the_logits(pool):
     features = _normal(2, 4, 3, 8)
     head = GAPHead(num_classes=3, pool=pool)
     variables = _init(head, features)
-    _, state = _apply(head, variables, features, mutable="intermediates")
-    (weights,) = state["intermediates"]["pool_weights"]
-    assert weights.shape == (2, 4, 3)
-    np.testing.assert_allclose(weights.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    logits = _apply(head, variables, features)
+    contributions = _apply(head, variables, features, output="contributions")
+    assert contributions.shape == (2, 4, 3, 3)
+    bias = variables["params"]["classifier"]["bias"]
+    np.testing.assert_allclose(contributions.sum(axis=(1, 2)) + bias, logits, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_fc_head_grid_fixes_the_parameter_count_and_flatten_head_checks_size():

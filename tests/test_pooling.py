@@ -44,7 +44,7 @@ def numpy_reference(name: str, x: np.ndarray) -> np.ndarray:
 def all_pools(x: jax.Array, aux: jax.Array) -> dict[str, jax.Array]:
     """Every pure pool on ``x [B, *S, C]``; ``aux [B, *S]`` gives weights and scores."""
     return {
-        **{name: pooling.FUNCTIONS[name](x) for name in PARAMETER_FREE},
+        **{name: POOLS.get(name).function(x) for name in PARAMETER_FREE},
         "gem": pooling.gem(x, 3.0),
         "lse": pooling.lse(x, 2.0),
         "weighted": pooling.weighted(x, jnp.abs(aux)),
@@ -185,8 +185,7 @@ def test_avgmax_catavgmax_and_gsp_definitions():
         out = run(lambda x, m: {n: pooling.pool(n, x, m) for n in PARAMETER_FREE}, x, m)
         gap, gmp = out["gap"], out["gmp"]
         np.testing.assert_allclose(out["avgmax"], (gap + gmp) / 2, rtol=1e-6, atol=1e-7)
-        # The max half is exact; the mean half may differ in summation order (on CPU it
-        # comes from the fused one-pass kernel, gapjax.native).
+        # The max half is exact; the mean half may differ in summation order.
         np.testing.assert_array_equal(out["catavgmax"][:, 6:], gmp)
         np.testing.assert_allclose(out["catavgmax"][:, :6], gap, rtol=1e-6, atol=1e-7)
         counts = 20.0 if m is None else np.asarray(m).sum(axis=(1, 2))[:, None]
@@ -363,7 +362,7 @@ def test_empty_batches_sets_and_channels_pool_to_zeros(shape, masked):
     mask = jnp.ones(shape[:-1], bool) if masked else None
     aux = jnp.ones(shape[:-1], jnp.float32)
     outs = run(lambda x, m, aux: all_pools(x, aux) if m is None else {
-        **{name: pooling.FUNCTIONS[name](x, m) for name in PARAMETER_FREE},
+        **{name: POOLS.get(name).function(x, m) for name in PARAMETER_FREE},
         "gem": pooling.gem(x, 3.0, m), "lse": pooling.lse(x, 2.0, m),
         "weighted": pooling.weighted(x, aux, m), "attention": pooling.attention(x, aux, m),
     }, x, mask, aux)
@@ -445,10 +444,12 @@ def test_unknown_pool_name_is_a_one_line_error_listing_choices():
         assert "did you mean 'gap'?" in message
 
 
-def test_pool_by_name_refuses_pools_that_need_parameters_and_stray_arguments():
+def test_pool_by_name_calls_the_pure_function_or_the_module_at_init():
     x = jnp.ones((1, 2, 3))
-    with pytest.raises(ValueError, match="'attention' has learned parameters or needs weights"):
-        pooling.pool("attention", x)
+    attention = pooling.make_pool("attention")
+    np.testing.assert_array_equal(
+        pooling.pool("attention", x),
+        attention.apply(attention.init(jax.random.key(0), x), x))
     with pytest.raises(ValueError, match=r"unexpected keyword arguments \['p'\]"):
         pooling.pool("gap", x, p=3.0)
     by_name, direct = run(

@@ -139,7 +139,7 @@ def predict(
 
     Returns NumPy arrays: ``logits [N, K]``, ``label [N]`` (or ``[N, K]``), and with
     ``with_features`` the pre-pool feature maps ``features [N, h, w, C]`` taken from the
-    same forward pass through the models' feature switch (``mutable=["intermediates"]``).
+    same forward pass (the model contract: ``forward_features`` then ``forward_head``).
     """
     from gapjax.data import dataset_info, make_iterator, model_inputs
 
@@ -150,8 +150,8 @@ def predict(
         inputs = model_inputs(info, batch)
         if not with_features:
             return model.apply(variables, inputs, train=False), None
-        logits, state = model.apply(variables, inputs, train=False, mutable=["intermediates"])
-        return logits, state["intermediates"]["features"][0]
+        features = model.apply(variables, inputs, train=False, method="forward_features")
+        return model.apply(variables, features, train=False, method="forward_head"), features
 
     iterator = make_iterator(dataset_config, split, batch_size=batch_size, seed=0, train=False,
                              process_index=0, process_count=1)

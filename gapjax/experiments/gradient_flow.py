@@ -131,10 +131,9 @@ def final_diagnostics(result: Any, config: ml_collections.ConfigDict,
     rates = np.array([m["collision_rate"] for m in measured])
     values["collision_triples"] = float(triples.sum())
     values["collision_rate"] = float((rates * triples).sum() / max(triples.sum(), 1.0))
-    _, state = jax.eval_shape(
-        lambda v, x: result.model.apply(v, x, train=False, mutable=["intermediates"]),
+    features = jax.eval_shape(
+        lambda v, x: result.model.apply(v, x, train=False, method="forward_features"),
         result.variables, batch["image"][:1])
-    features = state["intermediates"]["features"][0]
     values["positions"] = int(features.shape[1] * features.shape[2])
     return values
 

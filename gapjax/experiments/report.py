@@ -153,7 +153,8 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
     return common.section(
         TITLES["benchmarks"],
         claim=("Parameter-free pools run within 1.2x of the memory-bound yardstick "
-               "(x.sum()); CAM maps cost <= 10% of a forward pass."),
+               "(x.sum()) on an accelerator (on a CPU the ratios are information only); "
+               "CAM maps cost <= 10% of a forward pass."),
         method=("benchmarks/pooling.py ([256, 14, 14, 1024] float32 and [256, 7, 7, 2048] "
                 "bfloat16) and benchmarks/cam_cost.py"
                 + (" with --quick (small shapes)" if quick else "")

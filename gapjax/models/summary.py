@@ -69,12 +69,9 @@ def summary(
     head_params = count_params(params.get(HEAD_KEY, {}))
     total = count_params(params)
 
-    def forward(variables: Any, images: jax.Array) -> tuple[jax.Array, Any]:
-        return model.apply(variables, images, train=False, mutable=["intermediates"])
-
-    _, state = jax.eval_shape(forward, variables, inputs)
-    features = state["intermediates"].get("features")
-    feature_shape = tuple(features[0].shape) if features else None
+    features = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, method="forward_features"), variables, inputs)
+    feature_shape = tuple(features.shape)
 
     flop_count = None
     if flops:
