@@ -37,6 +37,7 @@ transform).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -72,9 +73,14 @@ class Transform:
 
     ``torch_shape(leaf_shapes)`` is the torch shape the leaves need, ``to_flax(tensor,
     leaf_shapes) -> tuple of leaves`` and ``to_torch(leaves) -> tensor`` convert values.
+    ``adapt(tensor, leaf_shapes)`` runs first on load and may resize a file's tensor to the
+    model (a ViT's position embeddings at another image size); default: unchanged.
     """
 
     name = "identity"
+
+    def adapt(self, tensor: np.ndarray, shapes: Sequence[Shape]) -> np.ndarray:
+        return tensor
 
     def torch_shape(self, shapes: Sequence[Shape]) -> Shape:
         return tuple(shapes[0])
@@ -357,6 +363,67 @@ LAYOUTS.add("vgg", Layout(
 
 
 # --------------------------------------------------------------------------------------
+# ViT (timm naming): vit_ti16 / vit_s16 / vit_b16 / vit_l16 <-> timm vit_*_patch16_*
+# --------------------------------------------------------------------------------------
+# gapjax names follow timm's module for module (blocks_3/attn/qkv <-> blocks.3.attn.qkv);
+# the head is gathered under ``head``: head/classifier <-> head, head/fc_norm <-> fc_norm,
+# head/pool (the MAP pool) <-> attn_pool. Learned position embeddings saved at another
+# image size are resampled on load (class-token row kept, patch rows resized on their
+# square grid, bicubic with antialiasing, as timm's resample_abs_pos_embed).
+
+_VIT_RENAMES = (
+    (r"^blocks_(\d+)", r"blocks.\1"),
+    (r"^patch_embed$", "patch_embed/proj"),
+    (r"^head/classifier$", "head"),
+    (r"^head/fc_norm$", "fc_norm"),
+    (r"^head/pool", "attn_pool"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResamplePosEmbed(Transform):
+    """A ViT's learned ``pos_embed [1, P + n * n, C]``: identical when the file's grid is
+    the model's; otherwise the ``num_prefix_tokens`` rows are kept and the patch rows
+    resampled from the file's square grid to the model's
+    (``gapjax.models.vit.resample_pos_embed``)."""
+
+    num_prefix_tokens: int
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"pos_embed(prefix={self.num_prefix_tokens})"
+
+    def adapt(self, tensor, shapes):
+        from gapjax.models.vit import resample_pos_embed
+
+        want = tuple(shapes[0])
+        if tensor.ndim != 3 or tensor.shape == want or tensor.shape[-1] != want[-1]:
+            return tensor  # equal, or a mismatch the shape check reports
+        patches = want[1] - self.num_prefix_tokens
+        side = math.isqrt(patches)
+        if side * side != patches:
+            raise ValueError(f"pos_embed: resampling needs a square patch grid; the model has "
+                             f"{patches} patches (image_size not square)")
+        logger.warning("pos_embed: resampling %d position embeddings to %d (a %dx%d grid)",
+                       tensor.shape[1] - self.num_prefix_tokens, patches, side, side)
+        return resample_pos_embed(tensor, (side, side),
+                                  num_prefix_tokens=self.num_prefix_tokens)
+
+
+def _vit_tensors(shapes: Mapping[str, Shape]) -> list[TorchTensor]:
+    prefix = 1 if "params/cls_token" in shapes else 0
+    rows = Layout(source="timm", renames=_VIT_RENAMES).tensors(shapes)
+    return [dataclasses.replace(row, transform=ResamplePosEmbed(prefix))
+            if row.leaves == ("params/pos_embed",) else row for row in rows]
+
+
+LAYOUTS.add("vit_", Layout(
+    source="timm", tensors_fn=_vit_tensors,
+    torch_models="timm.create_model('vit_{tiny,small,base,large}_patch16_224', "
+                 "global_pool='token'|'avg'|'map', class_token=..., img_size=...)"))
+
+
+# --------------------------------------------------------------------------------------
 # Reading and writing files
 # --------------------------------------------------------------------------------------
 
@@ -488,10 +555,15 @@ def _build(name: str, num_classes: int, model_kwargs: Mapping[str, Any]) -> Any:
 
 def _sample_images(model: Any) -> jax.ShapeDtypeStruct:
     size = 32 if getattr(model, "stem", "imagenet") == "cifar" else 224
-    return jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    image_size = getattr(model, "image_size", None)  # models built for one size (ViT)
+    height, width = (size, size) if image_size is None else (
+        (image_size, image_size) if isinstance(image_size, int) else tuple(image_size))
+    return jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
 
 
+@functools.lru_cache(maxsize=8)
 def _abstract_variables(model: Any) -> dict[str, Any]:
+    """The model's variable shapes (traced once per model configuration)."""
     return jax.eval_shape(model.init, jax.random.key(0), _sample_images(model))
 
 
@@ -503,12 +575,10 @@ def _is_head(row: TorchTensor) -> bool:
     return any(leaf.split("/")[1:2] == ["head"] for leaf in row.leaves)
 
 
-def _file_num_classes(name: str, state: Mapping[str, np.ndarray],
-                      model_kwargs: Mapping[str, Any]) -> int | None:
+def _file_num_classes(name: str, rows: Sequence[TorchTensor],
+                      state: Mapping[str, np.ndarray]) -> int | None:
     """The class count a file was trained for (its classifier bias), if it has one."""
-    model = _build(name, 1000, model_kwargs)
-    shapes = flatten_shapes(_abstract_variables(model))
-    for row in _checked_tensors(name, shapes):
+    for row in rows:
         if row.leaves == ("params/head/classifier/bias",) and row.key in state:
             return int(state[row.key].shape[0])
     return None
@@ -580,8 +650,8 @@ def variables_from_state_dict(
         )
     flat: dict[str, Any] = {}
     for row in used:
-        tensor = np.asarray(state[row.key])
         leaf_shapes = [shapes[leaf] for leaf in row.leaves]
+        tensor = row.transform.adapt(np.asarray(state[row.key]), leaf_shapes)
         want = row.transform.torch_shape(leaf_shapes)
         if tuple(tensor.shape) != tuple(want):
             raise ValueError(
@@ -624,12 +694,15 @@ def load(
     logits the torch model gives for the same NCHW images.
     """
     state = read_state_dict(path)
-    file_classes = _file_num_classes(name, state, model_kwargs)
+    model = _build(name, 1000 if num_classes is None else num_classes, model_kwargs)
+    rows = _checked_tensors(name, flatten_shapes(_abstract_variables(model)))
+    file_classes = _file_num_classes(name, rows, state)
     classes = num_classes if num_classes is not None else file_classes
     if classes is None:
         raise ValueError(f"{path}: no classifier found to infer num_classes from; pass "
                          "num_classes=K (the classifier is then re-initialised)")
-    model = _build(name, classes, model_kwargs)
+    if int(classes) != model.num_classes:
+        model = _build(name, classes, model_kwargs)
     skip = None
     if reinit_head:
         skip = "head"
