@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from gapjax import data
+from gapjax import data, tasks
 from gapjax.data import canvas, cluttered_digits, digits, pipeline
 
 
@@ -242,7 +242,8 @@ def test_processes_split_the_global_batches_of_one_process(digits_config, proces
 def test_model_inputs_inside_jit(digits_config):
     info = data.dataset_info(digits_config)
     batch = next(data.make_iterator(digits_config, "test", batch_size=4, seed=0, train=False))
-    inputs = jax.jit(lambda b: data.model_inputs(info, b))(batch)
+    task = tasks.get(info.task, num_classes=info.num_classes)
+    inputs = jax.jit(task.model_inputs)(batch)
     np.testing.assert_array_equal(np.asarray(inputs), batch["image"])
 
 
@@ -357,7 +358,7 @@ def test_pipeline_uses_the_spec_hooks_of_graph_tasks(data_dir):
     assert (info.task, info.num_classes, info.input_shape) == ("graph", 2, (3,))
     batch = next(data.make_iterator(config, "train", batch_size=4, seed=0, train=True))
     np.testing.assert_array_equal(batch["weight"], np.ones(4, np.float32))
-    graphs = data.model_inputs(info, batch)
+    graphs = tasks.get(info.task, num_classes=info.num_classes).model_inputs(batch)
     assert isinstance(graphs, GraphBatch)
     assert graphs.node_features.shape[-1] == 3
     evaluation = list(data.make_iterator(config, "test", batch_size=4, seed=0, train=False))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gapjax import graph, models
+from gapjax import graph, models, tasks
 from gapjax.data import graph_tasks
 from gapjax.experiments import readouts
 
@@ -126,7 +126,7 @@ def test_bad_options_raise_clear_errors():
     cases = [({"pool": "avg"}, "unknown pool 'avg'; choose one of: .*attention"),
              ({"aggregator": "catavgmax"}, "aggregator='catavgmax' changes the node width"),
              ({"norm": "layer"}, "norm='layer' is not valid; choose one of: 'batch', 'none'"),
-             ({"pool": "gem", "pool_kwargs": {"p": 2}}, "pool 'gem' has no option 'p'")]
+             ({"pool": "gem", "pool_kwargs": {"q": 2}}, "pool 'gem' has no option 'q'")]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             _model(**kwargs).init(jax.random.key(0), batch)
@@ -187,7 +187,7 @@ def test_builder_writes_the_splits_and_the_pipeline_hooks_batch_them(tmp_path):
     assert batch["node_features"].shape == (4 * graph_tasks.MAX_NODES, 3)
     np.testing.assert_array_equal(batch["weight"], [1, 1, 1, 0])
     assert batch["label"][0] == first["label"]
-    graphs = graph_tasks.SPEC.model_inputs(batch)
+    graphs = tasks.get(graph_tasks.SPEC.task, num_classes=2).model_inputs(batch)
     assert isinstance(graphs, graph.GraphBatch) and graphs.graph_budget == 4
     with pytest.raises(ValueError, match=r"config.dataset.task='colour'.*presence, proportion"):
         graph_tasks.builder_config({"task": "colour"})

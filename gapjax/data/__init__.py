@@ -8,9 +8,9 @@ read from their files (``wsol_cub``, ``wsol_ilsvrc``, ``wsol_openimages``, ``wso
 ``gapjax.data.wsol_benchmarks``). Any other
 ``config.dataset.name`` is read as a prepared TFDS dataset.
 
-Public API: ``dataset_info(config.dataset)``, ``make_iterator(config.dataset, split, *,
-batch_size, seed, train, process_index=0, process_count=1)`` and ``model_inputs(info,
-batch)``; see ``gapjax.data.pipeline``.
+Public API: ``dataset_info(config.dataset)`` and ``make_iterator(config.dataset, split, *,
+batch_size, seed, train, process_index=0, process_count=1)``; see ``gapjax.data.pipeline``.
+What a model reads from a batch is its task's ``model_inputs`` (``gapjax.tasks``).
 """
 
 from gapjax.data import (
@@ -26,7 +26,6 @@ from gapjax.data.pipeline import (
     data_dir,
     dataset_info,
     make_iterator,
-    model_inputs,
     stack_and_pad,
 )
 from gapjax.data.spec import DATASETS, DatasetSpec, register
@@ -42,7 +41,6 @@ __all__ = [
     "digits",
     "graph_tasks",
     "make_iterator",
-    "model_inputs",
     "multilabel_digits",
     "register",
     "stack_and_pad",

@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from gapjax.data.spec import DatasetSpec, register
-from gapjax.graph import GraphBatch, batch_graphs
+from gapjax.graph import batch_graphs
 
 NAME = "gapjax_graph_tasks"
 TASKS = ("presence", "proportion", "count")
@@ -302,11 +302,6 @@ def collate(examples: list[Mapping[str, Any]], batch_size: int) -> dict[str, np.
     return batch
 
 
-def model_inputs(batch: Mapping[str, Any]) -> GraphBatch:
-    """Batch dict -> the ``GraphBatch`` that ``gin`` takes (jit-safe)."""
-    return GraphBatch.from_dict(batch)
-
-
 SPEC = register(
     DatasetSpec(
         name=NAME,
@@ -317,7 +312,6 @@ SPEC = register(
         builder_config=builder_config,
         preprocess=preprocess,
         collate=collate,
-        model_inputs=model_inputs,
     )
 )
 
@@ -335,7 +329,6 @@ __all__ = [
     "collate",
     "fig3_examples",
     "generate_example",
-    "model_inputs",
     "preprocess",
     "random_structure",
     "sample_colour_counts",

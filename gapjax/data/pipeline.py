@@ -1,8 +1,8 @@
 """The input pipeline: TFDS ArrayRecord data sources read with grain.
 
-``dataset_info(config.dataset)`` describes a dataset, ``make_iterator(config.dataset,
-split, ...)`` yields dict batches of NumPy arrays for this process, and
-``model_inputs(info, batch)`` picks what the model's ``__call__`` takes.
+``dataset_info(config.dataset)`` describes a dataset and ``make_iterator(config.dataset,
+split, ...)`` yields dict batches of NumPy arrays for this process (what the model reads
+from a batch is the task's ``model_inputs``, see ``gapjax.tasks``).
 
 Datasets are either embedded (``DATASETS``: built by this project from local data on
 first use, under a file lock so that concurrent processes build once) or any other TFDS
@@ -72,7 +72,7 @@ class DatasetInfo:
 
     Attributes:
       name: ``config.dataset.name``.
-      task: ``"classification"``, ``"multilabel"`` or ``"graph"``.
+      task: a ``gapjax.tasks.TASKS`` name, e.g. ``"classification"``.
       num_classes: number of classes (labels for multilabel).
       input_shape: one model input without the batch axis, e.g. ``(16, 16, 1)``; for
         graphs the node feature shape.
@@ -101,7 +101,7 @@ class _Dataset:
     eval_split: str
     preprocess: Callable[[Example, np.random.Generator | None], Example]
     collate: Callable[[list[Example], int], Batch]
-    graph_input_shape: tuple[int, ...] | None
+    input_shape: tuple[int, ...] | None  # the spec's, for examples without an "image"
 
 
 # --------------------------------------------------------------------------------------
@@ -125,13 +125,11 @@ def dataset_info(dataset_config: Any) -> DatasetInfo:
     dataset = _resolve(dataset_config)
     splits = (dataset.train_split, dataset.eval_split)
     num_examples = {split: len(_source(dataset, split)) for split in splits}
-    if dataset.graph_input_shape is not None:
-        input_shape = dataset.graph_input_shape
-    else:
-        # The stored image size need not be the model's (digits are upsampled; imagenet is
-        # cropped), so ask the preprocessing itself.
-        first = dataset.preprocess(_source(dataset, dataset.eval_split)[0], None)
-        input_shape = tuple(int(d) for d in np.shape(first["image"]))
+    # The stored image size need not be the model's (digits are upsampled; imagenet is
+    # cropped), so ask the preprocessing itself.
+    first = dataset.preprocess(_source(dataset, dataset.eval_split)[0], None)
+    input_shape = (tuple(int(d) for d in np.shape(first["image"])) if "image" in first
+                   else dataset.input_shape)
     return DatasetInfo(
         name=dataset.name,
         task=dataset.task,
@@ -191,16 +189,6 @@ def make_iterator(
         num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES
     )
     return iter(stream.to_iter_dataset(read_options))
-
-
-def model_inputs(info: DatasetInfo, batch: dict[str, Any]) -> Any:
-    """What the model's ``__call__`` takes from ``batch``: the images, or a ``GraphBatch``.
-
-    Pure indexing, so it works on traced arrays inside ``jit``.
-    """
-    if info.name in DATASETS:
-        return DATASETS.get(info.name).model_inputs(batch)
-    return batch["image"]
 
 
 def stack_and_pad(examples: Sequence[Example], batch_size: int) -> Batch:
@@ -397,7 +385,7 @@ def _embedded(spec: DatasetSpec, config: Any, directory: str) -> _Dataset:
         eval_split=spec.eval_split,
         preprocess=spec.preprocess or _generic_image_preprocess(spec.name, None, False),
         collate=spec.collate or stack_and_pad,
-        graph_input_shape=tuple(spec.input_shape) if spec.task == "graph" else None,
+        input_shape=tuple(spec.input_shape),
     )
 
 
@@ -527,7 +515,7 @@ def _prepared(name: Any, dataset_config: Any, directory: str) -> _Dataset:
         eval_split=eval_split,
         preprocess=preprocess,
         collate=stack_and_pad,
-        graph_input_shape=None,
+        input_shape=None,
     )
 
 

@@ -14,12 +14,7 @@ from typing import Any
 import numpy as np
 
 from gapjax.registry import Registry
-
-TASKS = ("classification", "multilabel", "graph")
-
-
-def _image_inputs(batch: dict[str, Any]) -> Any:
-    return batch["image"]
+from gapjax.tasks import TASKS
 
 
 def _no_builder_config(dataset_config: Any) -> Any:
@@ -34,7 +29,8 @@ class DatasetSpec:
     Attributes:
       name: registry name, equal to the TFDS builder's name.
       builder_class: the ``tfds.core.GeneratorBasedBuilder`` subclass that writes it.
-      task: ``"classification"``, ``"multilabel"`` or ``"graph"``.
+      task: a ``gapjax.tasks.TASKS`` name (``"classification"``, ``"multilabel"``,
+        ``"graph"``, or a fork's): the task owns the loss, metrics and model inputs.
       num_classes: number of classes (labels for multilabel).
       input_shape: per-example model input shape, e.g. ``(8, 8, 1)``; for graphs the node
         feature shape ``(F,)``.
@@ -47,7 +43,6 @@ class DatasetSpec:
       collate: ``(examples: list[dict], batch_size: int) -> dict`` builds a static-shape
         batch with a ``weight`` key from at most ``batch_size`` examples (padding rows get
         weight 0). None = stack and zero-pad.
-      model_inputs: ``batch -> model input`` (jit-safe). Default ``batch["image"]``.
     """
 
     name: str
@@ -60,11 +55,11 @@ class DatasetSpec:
     builder_config: Callable[[Any], Any] = _no_builder_config
     preprocess: Callable[[dict[str, Any], np.random.Generator | None], dict[str, Any]] | None = None
     collate: Callable[[list[dict[str, Any]], int], dict[str, Any]] | None = None
-    model_inputs: Callable[[dict[str, Any]], Any] = _image_inputs
 
     def __post_init__(self):
         if self.task not in TASKS:
-            raise ValueError(f"DatasetSpec.task must be one of {TASKS}; got {self.task!r}")
+            raise ValueError(f"DatasetSpec.task={self.task!r} is not a registered task; "
+                             f"choose one of: {', '.join(TASKS.names())}")
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")

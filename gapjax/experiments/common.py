@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from gapjax import tasks
+
 # --------------------------------------------------------------------------------------
 # Configs and training runs
 # --------------------------------------------------------------------------------------
@@ -141,13 +143,14 @@ def predict(
     ``with_features`` the pre-pool feature maps ``features [N, h, w, C]`` taken from the
     same forward pass (the model contract: ``forward_features`` then ``forward_head``).
     """
-    from gapjax.data import dataset_info, make_iterator, model_inputs
+    from gapjax.data import dataset_info, make_iterator
 
     info = dataset_info(dataset_config)
+    task = tasks.get(info.task, num_classes=info.num_classes)
 
     @jax.jit
     def forward(batch):
-        inputs = model_inputs(info, batch)
+        inputs = task.model_inputs(batch)
         if not with_features:
             return model.apply(variables, inputs, train=False), None
         features = model.apply(variables, inputs, train=False, method="forward_features")

@@ -20,9 +20,10 @@ one-hot colours of each pair's neighbourhoods with sum / mean / max (and passes 
 through a randomly initialised GIN layer) and reports whether the two members differ.
 
 Two training loops train the same model on the same data. The quick mode uses a small
-jitted loop of its own over the dataset's pipeline hooks (``preprocess``, ``collate``,
-``model_inputs``), in which the 27 short runs share one compiled step per readout and
-every readout sees the same batches: about 1 minute of CPU time, against about 5 through
+jitted loop of its own over the dataset's pipeline hooks (``preprocess``, ``collate``) and
+the graph task's inputs, loss and accuracy, in which the 27 short runs share one compiled
+step per readout and every readout sees the same batches: about 1 minute of CPU time,
+against about 5 through
 ``gapjax.train.run``, where each run compiles its own step and writes checkpoints. The
 full mode (or ``--loop shared``) trains every cell with ``gapjax.train.run``, exactly as
 ``train.py --config configs/graph_readout.py`` does.
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gapjax import tasks
 from gapjax.graph import GraphBatch, batch_graphs, readout
 from gapjax.models import gnn
 
@@ -117,11 +119,10 @@ def evaluation_batches(examples: list, batch_size: int) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 
-def _weighted_loss_and_correct(logits, labels, weights):
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+def _weighted_loss_and_correct(task, logits, labels, weights):
     total = jnp.maximum(weights.sum(), 1.0)
-    return (losses * weights).sum() / total, (correct * weights).sum()
+    return ((task.losses(logits, labels, train=True) * weights).sum() / total,
+            (task.correct(logits, labels) * weights).sum())
 
 
 class ReadoutTrainer:
@@ -135,15 +136,16 @@ class ReadoutTrainer:
         self.optimizer = optax.adamw(optax.cosine_decay_schedule(LEARNING_RATE, steps),
                                      weight_decay=WEIGHT_DECAY)
         self.steps = steps
-        self.model_inputs = graph_tasks.model_inputs
+        self.task = tasks.get(graph_tasks.SPEC.task, num_classes=graph_tasks.SPEC.num_classes)
 
     @functools.partial(jax.jit, static_argnums=0)
     def _train_step(self, params, batch_stats, opt_state, batch):
         def loss_fn(params):
             logits, updates = self.model.apply(
-                {"params": params, "batch_stats": batch_stats}, self.model_inputs(batch),
+                {"params": params, "batch_stats": batch_stats}, self.task.model_inputs(batch),
                 train=True, mutable=["batch_stats"])
-            loss, _ = _weighted_loss_and_correct(logits, batch["label"], batch["weight"])
+            loss, _ = _weighted_loss_and_correct(self.task, logits, batch["label"],
+                                                 batch["weight"])
             return loss, updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -152,13 +154,13 @@ class ReadoutTrainer:
 
     @functools.partial(jax.jit, static_argnums=0)
     def _eval_step(self, variables, batch):
-        logits = self.model.apply(variables, self.model_inputs(batch), train=False)
-        return _weighted_loss_and_correct(logits, batch["label"], batch["weight"])[1]
+        logits = self.model.apply(variables, self.task.model_inputs(batch), train=False)
+        return _weighted_loss_and_correct(self.task, logits, batch["label"], batch["weight"])[1]
 
     def fit(self, batches: list[dict], seed: int) -> dict[str, Any]:
         """Trains from scratch (initialisation from ``seed``), one step per batch; returns
         the variables."""
-        variables = self.model.init(jax.random.key(seed), self.model_inputs(batches[0]))
+        variables = self.model.init(jax.random.key(seed), self.task.model_inputs(batches[0]))
         params, batch_stats = variables["params"], variables["batch_stats"]
         opt_state = self.optimizer.init(params)
         for batch in batches:
