@@ -29,13 +29,11 @@ from orbax.checkpoint import checkpoint_managers as policies
 def _grain_args() -> tuple[type, type, tuple[type, ...]] | None:
     """Grain's Orbax args (save, restore) and its iterator types, if grain is installed."""
     try:
-        import grain.python as grain_python
-        from grain._src.python import data_loader
-        from grain._src.python.dataset import dataset
+        import grain
     except ImportError:
         return None
-    return (grain_python.PyGrainCheckpointSave, grain_python.PyGrainCheckpointRestore,
-            (data_loader.DataLoaderIterator, dataset.DatasetIterator))
+    return (grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore,
+            (grain.DataLoaderIterator, grain.DatasetIterator))
 
 
 @dataclasses.dataclass
