@@ -55,7 +55,7 @@ def readout(
         ``[0, num_graphs)`` are dropped.
       num_graphs: static number of output rows.
       mask: optional ``[N]`` bool, True for real nodes; masked nodes change nothing.
-      **pool_kwargs: the pool's options (``init_p`` of ``gem``, ``init_r`` of ``lse``, ...).
+      **pool_kwargs: the pool's options (``p`` of ``gem``, ``r`` of ``lse``, ...).
 
     Returns:
       ``[num_graphs, width]`` (``width = pool.output_width(C)``), float32 accumulation; a

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gapjax.registry import Registry, build_with_options
 
@@ -238,7 +239,7 @@ def check_positive(field: str, value: Any) -> None:
     """
     if isinstance(value, jax.core.Tracer):
         return
-    values = jnp.asarray(value)
+    values = np.asarray(value)
     if values.size and not bool((values > 0).all()):
         shown = values.tolist() if values.ndim else values.item()
         raise ValueError(f"{field}={shown!r} is not valid; it must be > 0 (valid range: (0, inf))")
@@ -649,7 +650,7 @@ class _LearnedExponent(Pool):
                  floor: float) -> Array:
         """The exponent ``[]`` or ``[C]``; a learned one is kept above ``floor`` (a step
         through 0 would blow up ``1 / p``)."""
-        check_positive(f"{type(self).__name__}.init_{name}", init)
+        check_positive(f"{type(self).__name__}.{name}", init)
         shape = (channels,) if self.per_channel else ()
         if not learn:
             return jnp.full(shape, init, jnp.float32)
@@ -659,16 +660,17 @@ class _LearnedExponent(Pool):
 
 @POOLS.register("gem")
 class GeMPool(_LearnedExponent):
-    """GeM pooling with a learnable exponent ``p`` (``init_p``; scalar, or per channel)."""
+    """GeM pooling with exponent ``p`` (its initial value when ``learn_p``; scalar, or per
+    channel with ``per_channel``)."""
 
     function: ClassVar = staticmethod(gem)
-    init_p: float = 3.0
+    p: float = 3.0
     learn_p: bool = True
     eps: float = 1e-6
     min_p: float = 1e-3
 
     def _p(self, channels: int) -> Array:
-        return self.exponent(channels, "p", self.init_p, self.learn_p, self.min_p)
+        return self.exponent(channels, "p", self.p, self.learn_p, self.min_p)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         return gem(x, self._p(jnp.shape(x)[-1]), mask, self.eps)
@@ -682,15 +684,16 @@ class GeMPool(_LearnedExponent):
 
 @POOLS.register("lse")
 class LSEPool(_LearnedExponent):
-    """Log-sum-exp pooling with a learnable positive sharpness ``r`` (``init_r``)."""
+    """Log-sum-exp pooling with positive sharpness ``r`` (its initial value when
+    ``learn_r``)."""
 
     function: ClassVar = staticmethod(lse)
-    init_r: float = 10.0
+    r: float = 10.0
     learn_r: bool = True
     min_r: float = 1e-4
 
     def _r(self, channels: int) -> Array:
-        return self.exponent(channels, "r", self.init_r, self.learn_r, self.min_r)
+        return self.exponent(channels, "r", self.r, self.learn_r, self.min_r)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         return lse(x, self._r(jnp.shape(x)[-1]), mask)

@@ -56,10 +56,10 @@ def test_gem_and_lse_take_their_parameters():
     x = jnp.abs(jnp.asarray(np.random.default_rng(0).normal(size=(6, 2)), jnp.float32))
     index = jnp.array([0, 0, 0, 1, 1, 1])
     for name, option, value in (("gem", "p", 7.5), ("lse", "r", 0.3)):
-        got = graph.readout(name, x, index, 2, **{f"init_{option}": value})
+        got = graph.readout(name, x, index, 2, **{option: value})
         want = dense_pool(name, x.reshape(2, 3, 2), **{option: value})
         np.testing.assert_allclose(got, want, rtol=1e-5)
-    np.testing.assert_allclose(graph.readout("gem", x, index, 2, init_p=1.0),
+    np.testing.assert_allclose(graph.readout("gem", x, index, 2, p=1.0),
                                graph.readout("mean", x, index, 2), rtol=1e-5)
 
 
@@ -117,8 +117,8 @@ def test_bad_names_and_shapes_raise_clear_errors():
     x, index = jnp.ones((3, 2)), jnp.zeros(3, int)
     with pytest.raises(KeyError, match=r"choose one of: .*gap"):
         graph.readout("avg", x, index, 1)
-    with pytest.raises(ValueError, match=r"pool 'gem' has no option 'p'.*init_p"):
-        graph.readout("gem", x, index, 1, p=2.0)
+    with pytest.raises(ValueError, match=r"pool 'gem' has no option 'q'.*learn_p"):
+        graph.readout("gem", x, index, 1, q=2.0)
     with pytest.raises(ValueError, match=r"x of shape \[nodes, channels\]"):
         graph.readout("sum", jnp.ones(3), index, 1)
     with pytest.raises(ValueError, match=r"segment_ids must have shape \[nodes\]"):

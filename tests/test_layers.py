@@ -43,7 +43,7 @@ def _normal(*shape, seed: int = 0, scale: float = 1.0):
 
 
 def _apply(module, variables, *args, **kwargs):
-    static = tuple(key for key in ("return_gates", "train", "mutable") if key in kwargs)
+    static = tuple(key for key in ("return_gates", "train", "mutable", "output") if key in kwargs)
     return jax.jit(module.apply, static_argnames=static)(variables, *args, **kwargs)
 
 

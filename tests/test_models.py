@@ -210,24 +210,74 @@ def test_every_model_shapes_and_training_step(name):
 
 
 # --------------------------------------------------------------------------------------
-# Feature switch, heads and pools
+# The model contract, heads and pools
 # --------------------------------------------------------------------------------------
 
 
-def test_features_give_the_logits_as_a_sum_of_location_contributions():
-    model = get("cnn", num_classes=4, widths=(8, 16), strides=(1, 2))
-    images = _images(3, 8, 8, 1)
+@pytest.mark.parametrize("name", ["cnn", "resnet18", "seresnet18", "vgg11_bn"])
+def test_contract_features_head_and_maps_give_the_logits(name):
+    model = get(name, num_classes=4, stem="cifar", head="gap", **TINY[_family(name)])
+    images = _images(3, 16, 16, 1 if name == "cnn" else 3)
     variables = _numpy_variables(model, images)
-    logits, state = jax.jit(
-        lambda v, x: model.apply(v, x, mutable=["intermediates"])
-    )(variables, images)
-    (features,) = state["intermediates"]["features"]
-    assert features.shape == (3, 4, 4, 16)
-    classifier = variables["params"]["head"]["classifier"]
-    maps = jnp.einsum("bhwc,ck->bhwk", features, classifier["kernel"])
-    np.testing.assert_allclose(
-        maps.mean(axis=(1, 2)) + classifier["bias"], logits, rtol=1e-5, atol=1e-5
-    )
+
+    @jax.jit
+    def contract(v, x):
+        features = model.apply(v, x, method="forward_features")
+        return (model.apply(v, x), features, model.apply(v, features, method="forward_head"),
+                model.apply(v, features, method="head_class_maps"),
+                model.apply(v, features, method="head_contributions"))
+
+    logits, features, head_logits, maps, contributions = contract(variables, images)
+    assert model.map_kinds == ("cam", "contribution")
+    np.testing.assert_array_equal(head_logits, logits)  # one forward pass, two calls
+    bias = variables["params"]["head"]["classifier"]["bias"]
+    np.testing.assert_allclose(maps.mean(axis=(1, 2)) + bias, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(contributions.sum(axis=(1, 2)) + bias, logits, rtol=1e-5,
+                               atol=1e-5)
+    expected = jnp.einsum("bhwc,ck->bhwk", features,
+                          variables["params"]["head"]["classifier"]["kernel"])
+    np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool, kinds", [("gmp", ("contribution",)), ("gem", ()),
+                                         ("attention", ("contribution",))])
+def test_map_kinds_follow_the_pool_declaration(pool, kinds):
+    model = get("cnn", num_classes=3, widths=(4, 8), strides=(1, 2), pool=pool)
+    assert model.map_kinds == kinds
+    assert get("vgg11", num_classes=3).map_kinds == ()  # the FC head: Grad-CAM only
+    images = _images(2, 8, 8, 1)
+    variables = _numpy_variables(model, images)
+    features = model.apply(variables, images, method="forward_features")
+    if kinds:
+        maps = model.apply(variables, features, method="head_contributions")
+        bias = variables["params"]["head"]["classifier"]["bias"]
+        np.testing.assert_allclose(maps.sum(axis=(1, 2)) + bias, model.apply(variables, images),
+                                   rtol=1e-5, atol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="grad_cam"):
+            model.apply(variables, features, method="head_contributions")
+
+
+def test_pool_kwargs_reach_the_head_pool():
+    model = get("cnn", num_classes=3, widths=(4, 8), strides=(1, 2), pool="gem",
+                pool_kwargs={"p": 5.0, "per_channel": True})
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    assert shapes["params"]["head"]["pool"]["p"].shape == (8,)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    np.testing.assert_array_equal(variables["params"]["head"]["pool"]["p"], 5.0)
+    with pytest.raises(ValueError, match=r"pool 'gem' has no option 'q'.*learn_p, min_p, p"):
+        get("cnn", num_classes=3, pool="gem", pool_kwargs={"q": 1}).init(
+            jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+def test_num_classes_and_pool_exponents_are_checked_where_given():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=rf"num_classes={bad!r} is not valid.*>= 1"):
+            get("cnn", num_classes=bad)
+    for pool, option in (("gem", "p"), ("lse", "r")):
+        model = get("cnn", num_classes=3, widths=(4,), pool=pool, pool_kwargs={option: 0.0})
+        with pytest.raises(ValueError, match=rf"{option}=0.0 is not valid.*> 0"):
+            model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
 
 
 @pytest.mark.parametrize("pool, width", [("gem", 16), ("catavgmax", 32), ("attention", 16)])

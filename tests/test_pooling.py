@@ -94,8 +94,8 @@ def test_parameter_free_modules_equal_their_functions():
 
 def test_modules_with_parameters_start_as_their_pure_functions():
     x = jnp.asarray(RNG.uniform(0.1, 2.0, (2, 6, 3)), jnp.float32)
-    gem_module = pooling.GeMPool(init_p=4.0, per_channel=True)
-    lse_module = pooling.LSEPool(init_r=5.0, learn_r=False)
+    gem_module = pooling.GeMPool(p=4.0, per_channel=True)
+    lse_module = pooling.LSEPool(r=5.0, learn_r=False)
     weighted_module = pooling.WeightedPool()
     gem_variables = jax.jit(gem_module.init)(jax.random.PRNGKey(0), x)
     weighted_variables = jax.jit(weighted_module.init)(jax.random.PRNGKey(0), x)

@@ -5,7 +5,7 @@ in ``dataset.name``, ``model.name``, the step counts and the optimizer, and may 
 of its own (``dataset.task`` for graphs, ...). Every key of ``config.model`` other than
 ``name`` is passed to ``gapjax.models.get`` as a keyword, so ``config.model`` holds only
 keys its model takes. Every model takes ``model.pool`` (the head's pool; a graph model's
-readout) and ``model.pool_kwargs`` (the pool's options, ``--config.model.pool_kwargs.init_p=4``);
+readout) and ``model.pool_kwargs`` (the pool's options, ``--config.model.pool_kwargs.p=4``);
 image configs add ``model.head``.
 """
 
@@ -78,3 +78,44 @@ def set_epochs(
     config.checkpoint_every = checkpoint_every * steps_per_epoch
     config.optimizer.warmup_steps = warmup * steps_per_epoch
     return steps_per_epoch
+
+
+#: Config sections whose keys are open-ended: a pool's options depend on the pool chosen,
+#: so ``--config.model.pool_kwargs.<option>=<value>`` may name a key the config file never
+#: set (ml_collections only overrides existing keys). The pool checks the option names.
+OPEN_SECTIONS = ("model.pool_kwargs",)
+
+
+def split_open_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Takes ``--config.<open section>.<key>=<value>`` flags out of ``argv``.
+
+    Returns the remaining arguments and ``{"model.pool_kwargs.p": "5", ...}`` (raw strings,
+    applied by ``apply_open_overrides`` once the config is loaded).
+    """
+    remaining, overrides = [], {}
+    prefixes = tuple(f"--config.{section}." for section in OPEN_SECTIONS)
+    for argument in argv:
+        if argument.startswith(prefixes) and "=" in argument:
+            path, value = argument[len("--config."):].split("=", 1)
+            overrides[path] = value
+        else:
+            remaining.append(argument)
+    return remaining, overrides
+
+
+def apply_open_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+    """Sets the open-section overrides on ``config``; values are Python literals
+    (``5``, ``2.5``, ``True``, ``(1, 2)``) or else strings."""
+    import ast
+
+    for path, raw in overrides.items():
+        *sections, key = path.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        with node.unlocked():
+            node[key] = value
