@@ -1,4 +1,11 @@
-"""Class activation maps: exact additivity, Grad-CAM, targets, resizing, normalisation."""
+"""Class activation maps: exact additivity, the gradient / perturbation family, targets,
+smoothing, resizing, normalisation, errors.
+
+The model here is a tiny classifier written against the model contract directly
+(forward_features / forward_head / head_class_maps / head_contributions / map_kinds), so
+these tests pin what gapjax.cam asks of a model; tests/test_cam_reference.py checks the
+maps of a real ResNet against pytorch-grad-cam.
+"""
 
 from __future__ import annotations
 
@@ -15,54 +22,85 @@ from hypothesis import strategies as st
 from gapjax import cam, pooling
 
 NUM_CLASSES = 3
+GRADIENT_METHODS = ("grad_cam", "hires_cam", "grad_cam_pp", "xgrad_cam", "layer_cam")
 
 
 class TinyHead(nn.Module):
-    """A GAP-style head as the models build it: pool, then Dense ``classifier``."""
+    """Pool + Dense ``classifier``, with the contract's exact maps."""
 
-    pool: str = "gap"
+    pool_name: str = "gap"
+    flatten: bool = False
     num_classes: int = NUM_CLASSES
 
-    @nn.compact
+    def setup(self):
+        self.pool = None if self.flatten else pooling.POOLS.get(self.pool_name)()
+        self.classifier = nn.Dense(self.num_classes)
+
+    @property
+    def weighting(self):
+        return None if self.flatten else pooling.POOLS.get(self.pool_name).weighting
+
     def __call__(self, features):
-        if self.pool in ("weighted", "attention"):
-            pooled, weights = pooling.POOLS.get(self.pool)(name="pool")(
-                features, return_weights=True
-            )
-            self.sow("intermediates", "pool_weights", weights)
-        else:
-            pooled = pooling.POOLS.get(self.pool)(name="pool")(features)
-        return nn.Dense(self.num_classes, name="classifier")(pooled)
+        if self.flatten:
+            return self.classifier(features.reshape(features.shape[0], -1))
+        return self.classifier(self.pool(features))
 
+    def _kernel(self):
+        return self.classifier.variables["params"]["kernel"]
 
-class TinyFCHead(nn.Module):
-    num_classes: int = NUM_CLASSES
+    def class_maps(self, features):
+        return jnp.einsum("bhwc,ck->bhwk", features, self._kernel())
 
-    @nn.compact
-    def __call__(self, features):
-        flat = features.reshape(features.shape[0], -1)
-        return nn.Dense(self.num_classes, name="classifier")(flat)
+    def contributions(self, features):
+        if self.weighting is None:
+            raise ValueError(f"pool {self.pool_name!r} declares no weights")
+        _, weights = self.pool(features, return_weights=True)
+        if weights.ndim == features.ndim - 1:
+            weights = weights[..., None]
+        return jnp.einsum("bhwc,ck->bhwk", weights * features, self._kernel())
 
 
 class TinyNet(nn.Module):
-    """Conv trunk with the feature switch (docs/ARCHITECTURE.md), stride 2."""
+    """Stride-2 conv trunk + ``head``, following the model contract."""
 
     pool: str = "gap"
-    head: str = "gap"
+    head_kind: str = "gap"
     channels: int = 5
+    num_classes: int = NUM_CLASSES
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        features = nn.relu(nn.Conv(self.channels, (3, 3), strides=2, name="conv")(x))
-        self.sow("intermediates", "features", features)
-        head = TinyHead(self.pool, name="head") if self.head == "gap" else TinyFCHead(name="head")
-        return head(features)
+    def setup(self):
+        self.conv = nn.Conv(self.channels, (3, 3), strides=2)
+        self.head = TinyHead(self.pool, flatten=self.head_kind == "fc",
+                             num_classes=self.num_classes)
+
+    @property
+    def map_kinds(self):
+        if self.head_kind == "fc":
+            return ()
+        weighting = pooling.POOLS.get(self.pool).weighting
+        return {"uniform": ("cam", "contribution"), "position": ("contribution",),
+                "channel": ("contribution",)}.get(weighting, ())
+
+    def __call__(self, x, train=False):
+        return self.forward_head(self.forward_features(x, train), train)
+
+    def forward_features(self, x, train=False):
+        return nn.relu(self.conv(x))
+
+    def forward_head(self, features, train=False):
+        return self.head(features)
+
+    def head_class_maps(self, features):
+        return self.head.class_maps(features)
+
+    def head_contributions(self, features):
+        return self.head.contributions(features)
 
 
 @functools.cache
 def _model(pool="gap", head="gap", shape=(3, 12, 20, 2)):
     """A small model, its variables and non-square images (built once per argument set)."""
-    model = TinyNet(pool=pool, head=head)
+    model = TinyNet(pool=pool, head_kind=head)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=shape), jnp.float32)
     # Random values in the initialised structure, drawn with NumPy: no RNG kernels to
@@ -76,11 +114,12 @@ def _model(pool="gap", head="gap", shape=(3, 12, 20, 2)):
     return model, variables, images
 
 
-def _features_and_logits(model, variables, images):
-    logits, state = jax.jit(
-        functools.partial(model.apply, mutable=["intermediates"])
-    )(variables, images)
-    return state["intermediates"], logits
+def _features(model, variables, images):
+    return jax.jit(functools.partial(model.apply, method="forward_features"))(variables, images)
+
+
+def _classifier(variables):
+    return variables["params"]["head"]["classifier"]
 
 
 @functools.cache
@@ -90,6 +129,9 @@ def _map_fn(model, method="auto", **options):
 
 def _maps(model, variables, images, targets=None, method="auto", **options):
     return _map_fn(model, method, **options)(variables, images, targets)
+
+
+RAW = {"resize": None, "normalize": False}
 
 
 # ----------------------------------------------------------------------------- additivity
@@ -112,15 +154,14 @@ def test_cam_mean_plus_bias_is_gap_logits(shape, seed):
 
 def test_cam_of_a_model_adds_up_to_its_logits_on_non_square_maps():
     model, variables, images = _model("gap")
-    intermediates, logits = _features_and_logits(model, variables, images)
-    features = intermediates["features"][0]
-    assert features.shape[1:3] == (6, 10)
-    maps = cam.class_activation_map(features, **variables["params"]["head"]["classifier"])
-    bias = variables["params"]["head"]["classifier"]["bias"]
-    np.testing.assert_allclose(maps.mean(axis=(1, 2)) + bias, logits, atol=1e-5)
+    out = _maps(model, variables, images, jnp.array([0, 1, 2]), method="cam", **RAW)
+    assert out.maps.shape == (3, 6, 10)
+    bias = _classifier(variables)["bias"]
+    picked = np.asarray(out.logits)[np.arange(3), [0, 1, 2]]
+    np.testing.assert_allclose(out.maps.mean(axis=(1, 2)) + bias[:3], picked, atol=1e-5)
 
 
-@pytest.mark.parametrize("pool", ["weighted", "attention"])
+@pytest.mark.parametrize("pool", ["weighted", "attention", "gmp"])
 def test_contribution_maps_sum_to_logit_minus_bias(pool):
     model, variables, images = _model(pool)
     if pool == "weighted":  # non-uniform learned weights, so the check is not just GAP's
@@ -128,12 +169,13 @@ def test_contribution_maps_sum_to_logit_minus_bias(pool):
         bumpy = np.random.default_rng(7).normal(size=logits_param.shape).astype(np.float32)
         variables = {"params": {**variables["params"], "head": {
             **variables["params"]["head"], "pool": {"logits": bumpy}}}}
-    intermediates, logits = _features_and_logits(model, variables, images)
-    weights = intermediates["head"]["pool_weights"][0]
-    assert float(jnp.std(weights)) > 1e-3
-    classifier = variables["params"]["head"]["classifier"]
-    maps = cam.contribution_map(intermediates["features"][0], weights, **classifier)
-    np.testing.assert_allclose(maps.sum(axis=(1, 2)) + classifier["bias"], logits, atol=1e-5)
+    targets = jnp.array([[0, 1, 2]] * 3)  # every class of every image at once
+    out = _maps(model, variables, images, targets, method="contribution", **RAW)
+    assert out.maps.shape == (3, 3, 6, 10)
+    np.testing.assert_allclose(out.maps.sum(axis=(2, 3)) + _classifier(variables)["bias"],
+                               out.logits, atol=1e-5)
+    expected = "grad_cam" if pool == "gmp" else "contribution"
+    assert cam.resolve_method(model) == expected
 
 
 def test_gmp_map_sums_to_logits_and_lives_on_arg_max_positions():
@@ -149,30 +191,49 @@ def test_gmp_map_sums_to_logits_and_lives_on_arg_max_positions():
         assert set(np.flatnonzero(nonzero[b])) <= set(flat[b].argmax(axis=0))
 
 
-# ----------------------------------------------------------------------------- Grad-CAM
+# ----------------------------------------------------------------------------- gradients
 
 
-def test_grad_cam_is_cam_over_positions_for_gap_and_linear_head():
+def test_gradient_methods_have_their_closed_forms_for_a_gap_linear_head():
+    """For logits = mean_i(A_i) W + b the gradient is W_k / N at every position, so each
+    method has a closed form in A and W."""
     model, variables, images = _model("gap")
-    options = {"resize": None, "normalize": False}
     targets = jnp.array([0, 2, 1])
-    exact = _maps(model, variables, images, targets, method="cam", **options)
-    raw = _maps(model, variables, images, targets, "grad_cam", relu=False, **options)
-    positions = exact.maps.shape[1] * exact.maps.shape[2]
-    np.testing.assert_allclose(raw.maps * positions, exact.maps, rtol=1e-4, atol=1e-5)
-    assert float(jnp.abs(exact.maps).max()) > 1e-3
-    relu = _maps(model, variables, images, targets, "grad_cam", **options)
-    np.testing.assert_allclose(relu.maps * positions, jax.nn.relu(exact.maps), atol=1e-5)
-    np.testing.assert_allclose(raw.logits, exact.logits, atol=1e-6)
+    features = np.asarray(_features(model, variables, images), np.float64)
+    kernel = np.asarray(_classifier(variables)["kernel"], np.float64)
+    positions = features.shape[1] * features.shape[2]
+    w = kernel[:, np.asarray(targets)].T[:, None, None, :] / positions  # [B, 1, 1, C]
+    total = features.sum(axis=(1, 2), keepdims=True)
+    pp_weights = np.maximum(w, 0) * positions * w**2 / (2 * w**2 + total * w**3 + 1e-6)
+    expected = {
+        "grad_cam": (w * features).sum(-1),
+        "hires_cam": (w * features).sum(-1),
+        "xgrad_cam": (w * features).sum(-1),  # sum_i A_i / sum_j A_j = 1
+        "layer_cam": (np.maximum(w, 0) * features).sum(-1),
+        "grad_cam_pp": (pp_weights * features).sum(-1),
+    }
+    exact = _maps(model, variables, images, targets, method="cam", **RAW).maps
+    np.testing.assert_allclose(exact / positions, expected["grad_cam"], rtol=1e-4, atol=1e-6)
+    for method, reference in expected.items():
+        raw = _maps(model, variables, images, targets, method, relu=False, **RAW)
+        np.testing.assert_allclose(raw.maps, reference, rtol=1e-4, atol=1e-6, err_msg=method)
+        relu = _maps(model, variables, images, targets, method, **RAW)
+        np.testing.assert_allclose(relu.maps, np.maximum(reference, 0), rtol=1e-4, atol=1e-6)
+        assert float(np.abs(reference).max()) > 1e-3
+    # HiResCAM is a first-order Taylor split: its positions sum to logit - bias here.
+    hires = _maps(model, variables, images, targets, "hires_cam", relu=False, **RAW)
+    logits = np.asarray(hires.logits)[np.arange(3), np.asarray(targets)]
+    bias = np.asarray(_classifier(variables)["bias"])[np.asarray(targets)]
+    np.testing.assert_allclose(np.asarray(hires.maps).sum(axis=(1, 2)), logits - bias,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_grad_cam_of_a_gem_head_matches_an_independent_gradient():
     model, variables, images = _model("gem")
     assert cam.resolve_method(model) == "grad_cam"
     targets = jnp.array([2, 0, 1])
-    out = _maps(model, variables, images, targets, resize=None, normalize=False)
-    intermediates, _ = _features_and_logits(model, variables, images)
-    features = intermediates["features"][0]
+    out = _maps(model, variables, images, targets, **RAW)
+    features = _features(model, variables, images)
     head = variables["params"]["head"]
 
     def target_logit(x, b):
@@ -190,7 +251,8 @@ def test_grad_cam_of_a_gem_head_matches_an_independent_gradient():
 
 def test_grad_cam_pure_function_and_fc_head():
     model, variables, images = _model(head="fc")
-    assert cam.available_methods(model) == ("grad_cam",)
+    assert cam.available_methods(model) == cam.METHODS[3:]
+    assert cam.resolve_method(model) == "grad_cam"
     out = _maps(model, variables, images)
     assert out.maps.shape == images.shape[:3]
     assert np.isfinite(np.asarray(out.maps)).all()
@@ -208,10 +270,99 @@ def test_grad_cam_pure_function_and_fc_head():
     assert logits.shape == (2, 4)
 
 
+# ----------------------------------------------------------------------------- perturbation
+
+
+def test_ablation_cam_has_its_closed_form_for_a_gap_linear_head():
+    """Zeroing channel c lowers logit k by W_ck mean_i(A_ic): weights are that over s_k."""
+    model, variables, images = _model("gap")
+    targets = jnp.array([1, 0, 2])
+    out = _maps(model, variables, images, targets, "ablation_cam", relu=False,
+                channel_chunk=2, **RAW)  # 5 channels + reference in 3 chunks of 2
+    features = np.asarray(_features(model, variables, images), np.float64)
+    kernel = np.asarray(_classifier(variables)["kernel"], np.float64)
+    scores = np.asarray(out.logits, np.float64)[np.arange(3), np.asarray(targets)]
+    drop = kernel[:, np.asarray(targets)].T * features.mean(axis=(1, 2))  # [B, C]
+    weights = drop / scores[:, None]
+    np.testing.assert_allclose(out.maps, (weights[:, None, None] * features).sum(-1),
+                               rtol=2e-4, atol=1e-5)
+
+
+def test_score_cam_weights_match_a_channel_by_channel_loop():
+    model, variables, images = _model("gap", shape=(2, 8, 6, 2))
+    features = np.asarray(_features(model, variables, images))  # [2, 4, 3, 5]
+    targets = np.array([[2, 0], [1, 1]])
+    out = _maps(model, variables, images, jnp.asarray(targets), "score_cam", relu=False,
+                channel_chunk=3, **RAW)
+    forward = jax.jit(lambda x: model.apply(variables, x))
+    rows = np.asarray(cam.methods.align_corners_matrix(4, 8))
+    cols = np.asarray(cam.methods.align_corners_matrix(3, 6))
+    np.testing.assert_allclose(rows.sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose(rows[[0, -1]], np.eye(4)[[0, -1]], atol=1e-6)  # corners
+    for b in range(2):
+        scores = []
+        for c in range(features.shape[-1]):
+            up = rows @ features[b, :, :, c] @ cols.T
+            mask = (up - up.min()) / (up.max() - up.min() + 1e-8)
+            scores.append(np.asarray(forward(images[b:b + 1] * mask[None, :, :, None]))[0])
+        scores = np.stack(scores)  # [C, K]
+        for t in range(2):
+            picked = scores[:, targets[b, t]]
+            weights = np.exp(picked - picked.max()) / np.exp(picked - picked.max()).sum()
+            expected = (weights * features[b]).sum(-1)
+            np.testing.assert_allclose(out.maps[b, t], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_eigen_cam_recovers_a_rank_one_pattern_with_a_fixed_sign():
+    rng = np.random.default_rng(2)
+    pattern = rng.normal(size=(2, 4, 5))
+    direction = np.abs(rng.normal(size=(2, 6))) + 0.1
+    features = pattern[..., None] * direction[:, None, None, :] + 3.0
+    maps = np.asarray(jax.jit(cam.eigen_cam_map)(features.astype(np.float32)))
+    centred = pattern - pattern.mean(axis=(1, 2), keepdims=True)
+    for b in range(2):
+        scale = np.linalg.norm(direction[b])
+        # positive direction: the projection agrees in sign with the channel sum
+        np.testing.assert_allclose(maps[b], centred[b] * scale, rtol=1e-4, atol=1e-4)
+        flipped = np.asarray(cam.eigen_cam_map(-features[b:b + 1].astype(np.float32)))[0]
+        np.testing.assert_allclose(flipped, -centred[b] * scale, rtol=1e-4, atol=1e-4)
+
+
+def test_eigen_smoothing_of_rank_one_terms_keeps_the_map_and_is_refused_for_cam():
+    rng = np.random.default_rng(4)
+    pattern = rng.normal(size=(1, 2, 3, 4))
+    terms = pattern[..., None] * np.array([1.0, 2.0, 0.5])  # [1, 2, 3, 4, 3]
+    smooth = np.asarray(cam.reduce_terms(terms.astype(np.float32), 2, eigen_smooth=True))
+    plain = terms.sum(-1)
+    centred = plain - plain.mean(axis=(2, 3), keepdims=True)
+    np.testing.assert_allclose(smooth, centred / 3.5 * np.linalg.norm([1, 2, 0.5]),
+                               rtol=1e-4, atol=1e-5)
+    model, variables, images = _model("gap")
+    with pytest.raises(ValueError, match="eigen_smooth applies to methods with channel terms"):
+        cam.compute_maps(model, variables, images, method="cam", eigen_smooth=True)
+    out = _maps(model, variables, images, method="grad_cam", eigen_smooth=True)
+    assert out.maps.shape == (3, 12, 20) and np.isfinite(np.asarray(out.maps)).all()
+
+
+def test_augmentation_smoothing_is_flip_equivariant_and_keeps_the_plain_logits():
+    model, variables, images = _model("gap", shape=(2, 12, 20, 2))
+    targets = jnp.array([1, 2])
+    smooth = _maps(model, variables, images, targets, "grad_cam", aug_smooth=True)
+    mirrored = _maps(model, variables, jnp.flip(images, 2), targets, "grad_cam",
+                     aug_smooth=True)
+    np.testing.assert_allclose(mirrored.maps, np.flip(np.asarray(smooth.maps), -1), atol=1e-5)
+    plain = _maps(model, variables, images, targets, "grad_cam")
+    np.testing.assert_allclose(smooth.logits, plain.logits, atol=1e-6)
+    assert float(np.abs(np.asarray(smooth.maps) - np.asarray(plain.maps)).max()) > 1e-3
+    assert float(smooth.maps.min()) == 0.0 and float(smooth.maps.max()) == 1.0
+    predicted = _maps(model, variables, images, None, "grad_cam", aug_smooth=True)
+    np.testing.assert_array_equal(predicted.targets, jnp.argmax(plain.logits, -1))
+
+
 # ----------------------------------------------------------------------------- targets
 
 
-@pytest.mark.parametrize("method", ["cam", "contribution", "grad_cam"])
+@pytest.mark.parametrize("method", ["cam", "grad_cam_pp", "ablation_cam", "eigen_cam"])
 def test_batch_of_different_targets_equals_one_image_at_a_time(method):
     model, variables, images = _model("gap")
     targets = jnp.array([2, 0, 1])
@@ -222,16 +373,40 @@ def test_batch_of_different_targets_equals_one_image_at_a_time(method):
                  for k in range(NUM_CLASSES)]
     for b in range(3):
         np.testing.assert_allclose(batched.maps[b], per_class[int(targets[b])][b], atol=1e-6)
-    assert float(jnp.abs(per_class[0][1] - per_class[1][1]).max()) > 1e-3
+    # several targets per image in one call: [B, T] maps equal the single-target ones
+    many = _maps(model, variables, images, jnp.array([[0, 1, 2]] * 3), method=method)
+    assert many.maps.shape == (3, 3, 12, 20)
+    for k in range(NUM_CLASSES):
+        np.testing.assert_allclose(many.maps[:, k], per_class[k], atol=1e-6)
+    differs = float(jnp.abs(per_class[0][1] - per_class[1][1]).max()) > 1e-3
+    assert differs == (method != "eigen_cam")  # Eigen-CAM is class-agnostic
 
 
-def test_select_targets_picks_each_images_class():
+def test_select_targets_picks_each_images_class_and_checks_the_range():
     maps = jnp.arange(2 * 2 * 3 * 4, dtype=jnp.float32).reshape(2, 2, 3, 4)
     chosen = cam.select_targets(maps, jnp.array([3, 0]))
     np.testing.assert_array_equal(chosen[0], maps[0, ..., 3])
     np.testing.assert_array_equal(chosen[1], maps[1, ..., 0])
+    both = cam.select_targets(maps, jnp.array([[3, 1], [0, 2]]))
+    np.testing.assert_array_equal(both[1, 1], maps[1, ..., 2])
     with pytest.raises(ValueError, match="targets must have shape"):
         cam.select_targets(maps, jnp.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"^targets holds class index 4, outside the valid "
+                       r"range \[0, 4\)"):
+        cam.select_targets(maps, np.array([4, 0]))
+    with pytest.raises(ValueError, match=r"class index -1, outside the valid range \[0, 4\)"):
+        cam.select_targets(maps, [0, -1])
+    model, variables, images = _model("gap")
+    with pytest.raises(ValueError, match=r"class index 3, outside the valid range \[0, 3\)"):
+        _maps(model, variables, images, np.array([0, 3, 1]), method="grad_cam")
+
+
+def test_one_compilation_per_shape():
+    model, variables, images = _model("gap")
+    map_fn = cam.make_map_fn(model, "xgrad_cam")
+    for shift in (0.0, 1.0, 2.0):
+        map_fn(variables, images + shift, jnp.array([0, 1, 2]))
+    assert map_fn.jitted._cache_size() == 1
 
 
 # ----------------------------------------------------------------------------- resize, norm
@@ -264,31 +439,46 @@ def test_normalize_maps_constant_and_non_finite_give_zeros_never_nan():
     assert np.isfinite(np.asarray(gradient)).all()
 
 
-def test_constant_features_give_zero_maps_for_every_method():
-    model, variables, images = _model("gap")
-    images = jnp.zeros_like(images)  # conv of zeros is its bias: a constant feature map
-    for method in ("cam", "grad_cam"):
-        maps = np.asarray(_maps(model, variables, images, method=method).maps)
-        assert np.isfinite(maps).all() and np.abs(maps).max() == 0
+def test_constant_features_give_finite_zero_maps_for_every_method():
+    model, variables, images = _model("gap", shape=(1, 6, 6, 2))
+    # A zero conv kernel makes the features the constant relu(bias) at every position.
+    params = variables["params"]
+    variables = {"params": {**params, "conv": {
+        "kernel": jnp.zeros_like(params["conv"]["kernel"]),
+        "bias": jnp.abs(params["conv"]["bias"]) + 0.1}}}
+    # the methods that divide (by sums, spreads or scores) and the exact map
+    for method in ("cam", "grad_cam_pp", "xgrad_cam", "eigen_cam", "score_cam",
+                   "ablation_cam"):
+        maps = np.asarray(_maps(model, variables, images, method=method, resize=None).maps)
+        assert np.isfinite(maps).all() and np.abs(maps).max() == 0, method
 
 
 # ----------------------------------------------------------------------------- errors
 
 
-def test_clear_errors_for_bad_methods_and_shapes():
-    model, _, _ = _model("gem")
+def test_clear_errors_for_bad_methods_models_and_shapes():
+    model = TinyNet(pool="gem")
     with pytest.raises(ValueError, match="'nope' is not one of"):
         cam.resolve_method(model, "nope")
     with pytest.raises(ValueError, match=r"'cam' does not apply.*pool='gem'.*grad_cam"):
         cam.resolve_method(model, "cam")
-    assert cam.resolve_method(TinyNet(pool="gmp")) == "grad_cam"
-    assert cam.resolve_method(TinyNet(pool="gmp"), "gmp") == "gmp"
+    assert cam.resolve_method(TinyNet(pool="gmp"), "contribution") == "contribution"
+
+    class NoContract(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(2)(x.mean((1, 2)))
+
+    with pytest.raises(ValueError, match=r"follows the model contract.*NoContract does not"):
+        cam.resolve_method(NoContract())
     with pytest.raises(ValueError, match="kernel must have shape"):
         cam.class_activation_map(jnp.zeros((1, 2, 2, 3)), jnp.zeros((4, 2)))
     with pytest.raises(ValueError, match="weights must have shape"):
         cam.contribution_map(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 4)), jnp.zeros((3, 2)))
     with pytest.raises(ValueError, match="resize method 'area'"):
         cam.resize_maps(jnp.zeros((1, 2, 2)), (4, 4), "area")
+    with pytest.raises(ValueError, match="gradients must have shape"):
+        cam.grad_cam_terms(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)))
 
 
 # ----------------------------------------------------------------------------- drawing

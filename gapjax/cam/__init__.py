@@ -1,29 +1,32 @@
-"""Class activation maps: where a classifier looked, from the feature map it pooled.
+"""Class activation maps: where a classifier looked, for every common method, batched.
 
 For a GAP head the class score is a spatial mean, ``logit_k = mean_i (W_k . x_i) + b_k``,
 so ``W_k . x_i`` is an exact per-location map whose mean is the logit (CAM). Every pool
-that is linear in ``x`` once its position weights are fixed splits the same way into
-contributions ``w_i (W_k . x_i)`` that *sum* to the logit (weighted and attention pools,
-and GMP with one-hot weights per channel). Heads without such a split (GeM, LSE, a
-flatten + dense head) get Grad-CAM, taken with ``jax.vjp`` at the feature layer.
+that is linear in ``x`` once its weights are fixed splits the same way into contributions
+that *sum* to the logit (weighted and attention pools, GMP's one-hot weights per channel).
+Other heads, and anyone who wants the maps people usually look at, get the gradient and
+perturbation family: Grad-CAM, HiResCAM, Grad-CAM++, XGrad-CAM, LayerCAM, Eigen-CAM,
+Score-CAM and Ablation-CAM (``gapjax.cam.methods``, one registry ``CAM_METHODS``), with
+test-time-augmentation and principal-component ("eigen") smoothing.
 
-Layout: features ``[B, h, w, C]`` (any number of spatial axes works for the pure maps),
-classifier kernel ``[C, K]``, maps ``[B, h, w, K]`` for all classes or ``[B, h, w]`` for one
-target class per image. Everything is batched, jit-able and float32.
+Models: only the classifier contract (docs/ARCHITECTURE.md) is used, with plain
+``model.apply`` calls: ``method="forward_features"`` (images -> features ``[B, h, w, C]``),
+``"forward_head"`` (features -> logits), ``"head_class_maps"`` / ``"head_contributions"``
+(features -> ``[B, h, w, K]``) and the ``model.map_kinds`` property. The trunk runs forward
+once; gradient methods add one backward pass through the head per target class.
 
-The one-call helper ``compute_maps(model, variables, images, targets=None, method="auto")``
-relies on the models' feature switch (docs/ARCHITECTURE.md): the classifier sows its
-pre-pool map as ``intermediates/features``, its head is the submodule ``head`` whose final
-Dense is ``classifier``, and weighted / attention heads sow ``pool_weights``. One forward
-pass gives logits, features and pool weights; Grad-CAM adds one backward pass through the
-head only.
+Layout: features ``[B, h, w, C]``, maps ``[B, h, w]`` for one target class per image
+(``targets [B]``) or ``[B, T, h, w]`` for ``T`` classes per image (``targets [B, T]``),
+float32. ``compute_maps`` is jit-able with the model and options static (``make_map_fn``).
 
-``python -m gapjax.cam --workdir DIR [--split test] [--num 16] [--out cams.png]`` draws
-images, heat-map overlays, predicted and true boxes from a trained run's latest checkpoint.
+Faithfulness metrics (deletion, insertion, ROAD, average drop / increase in confidence)
+are in ``gapjax.cam.faithfulness``; the overlay command line is ``gapjax.cam.cli``
+(``python -m gapjax.cam``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -32,14 +35,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gapjax.cam.methods import (
+    CAM_METHODS,
+    DEFAULT_CHANNEL_CHUNK,
+    CamMethod,
+    ablation_cam_weights,
+    eigen_cam_map,
+    grad_cam_pp_terms,
+    grad_cam_terms,
+    hires_cam_terms,
+    layer_cam_terms,
+    principal_projection,
+    reduce_terms,
+    score_cam_weights,
+    upsample_align_corners,
+    weighted_terms,
+    xgrad_cam_terms,
+)
 from gapjax.pooling import POOLS
 
 Array = jax.Array
 
-#: Map methods. ``auto`` picks the exact one a model's head allows, else Grad-CAM.
-METHODS = ("auto", "cam", "contribution", "gmp", "grad_cam")
+#: Every method name ``compute_maps`` takes: ``auto`` plus the registry, in its order.
+METHODS = ("auto", "cam", "contribution", "grad_cam", "hires_cam", "grad_cam_pp", "xgrad_cam",
+           "layer_cam", "eigen_cam", "score_cam", "ablation_cam")
+assert set(METHODS[1:]) == set(CAM_METHODS.names()), "METHODS and CAM_METHODS disagree"
 #: Interpolations accepted by ``resize_maps`` (``jax.image.resize`` names).
 RESIZE_METHODS = ("bilinear", "cubic", "nearest")
+#: Test-time augmentations of ``aug_smooth``: horizontal flip x brightness factor, the
+#: default of pytorch-grad-cam (ttach's HorizontalFlip and Multiply(0.9, 1, 1.1)).
+AUGMENTATION_FLIPS = (False, True)
+AUGMENTATION_FACTORS = (0.9, 1.0, 1.1)
 
 # Exact products: on accelerators the default matmul precision (bf16 passes) would break
 # the 1e-5 additivity that makes these maps trustworthy.
@@ -47,7 +73,7 @@ _EXACT = jax.lax.Precision.HIGHEST
 
 
 # --------------------------------------------------------------------------------------
-# Pure maps
+# Pure exact maps
 # --------------------------------------------------------------------------------------
 
 
@@ -151,9 +177,7 @@ def grad_cam_from_gradients(features: Array, gradients: Array, relu: bool = True
             f"gradients must have the shape of features {tuple(features.shape)}; "
             f"got {tuple(gradients.shape)}"
         )
-    spatial_axes = tuple(range(1, features.ndim - 1))
-    alpha = gradients.mean(axis=spatial_axes, keepdims=True)
-    maps = (features * alpha).sum(axis=-1)
+    maps = grad_cam_terms(features, gradients[:, None])[:, 0].sum(axis=-1)
     return jax.nn.relu(maps) if relu else maps
 
 
@@ -178,16 +202,58 @@ def grad_cam(
     return grad_cam_from_gradients(features, gradients, relu), logits
 
 
-def select_targets(maps: Array, targets: Array) -> Array:
-    """One class per image: ``maps [B, *S, K]``, ``targets [B]`` (int) -> ``[B, *S]``."""
-    maps, targets = jnp.asarray(maps), jnp.asarray(targets)
-    if targets.shape != (maps.shape[0],):
+# --------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------
+
+
+def check_target_range(targets: Any, num_classes: int, name: str = "targets") -> None:
+    """Raises one ValueError naming ``name`` and the valid range ``[0, num_classes)`` when a
+    concrete class index is out of range. Traced values (inside ``jax.jit``) cannot be read
+    and are not checked: there an out-of-range index selects nothing (its one-hot row and
+    gathered map are zero for the gradient methods, clamped for the exact ones)."""
+    if targets is None:
+        return
+    try:
+        values = np.asarray(targets)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return  # traced inside jit: nothing to read
+    if values.size == 0:
+        return
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{name} must be integer class indices; got dtype {values.dtype}")
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
         raise ValueError(
-            f"targets must have shape [batch] = [{maps.shape[0]}] (one class index per "
-            f"image); got {tuple(targets.shape)}"
+            f"{name} holds class index {bad}, outside the valid range [0, {num_classes}) "
+            f"of a {num_classes}-class model"
         )
-    index = targets.astype(jnp.int32).reshape((-1,) + (1,) * (maps.ndim - 1))
-    return jnp.take_along_axis(maps, index, axis=-1)[..., 0]
+
+
+def _target_matrix(targets: Array, batch: int) -> tuple[Array, bool]:
+    """``targets [B]`` or ``[B, T]`` -> (``[B, T]`` int32, whether the input was ``[B]``)."""
+    targets = jnp.asarray(targets)
+    if targets.ndim not in (1, 2) or targets.shape[0] != batch:
+        raise ValueError(
+            f"targets must have shape [batch] = [{batch}] (one class per image) or "
+            f"[batch, T] (T classes per image); got {tuple(targets.shape)}"
+        )
+    single = targets.ndim == 1
+    return (targets[:, None] if single else targets).astype(jnp.int32), single
+
+
+def select_targets(maps: Array, targets: Array) -> Array:
+    """Class maps per image: ``maps [B, *S, K]``, ``targets [B]`` -> ``[B, *S]``, or
+    ``targets [B, T]`` -> ``[B, T, *S]``. Concrete targets must lie in ``[0, K)``
+    (``check_target_range``)."""
+    maps = jnp.asarray(maps)
+    check_target_range(targets, maps.shape[-1])
+    matrix, single = _target_matrix(targets, maps.shape[0])
+    moved = jnp.moveaxis(maps, -1, 1)  # [B, K, *S]
+    index = matrix.reshape(matrix.shape + (1,) * (maps.ndim - 2))
+    chosen = jnp.take_along_axis(moved, index, axis=1, mode="clip")  # [B, T, *S]
+    return chosen[:, 0] if single else chosen
 
 
 def _targets_or_predictions(targets: Array | None, logits: Array) -> Array:
@@ -199,6 +265,7 @@ def _targets_or_predictions(targets: Array | None, logits: Array) -> Array:
             f"targets must have shape [batch] = [{logits.shape[0]}] (one class index per "
             f"image); got {tuple(targets.shape)}"
         )
+    check_target_range(targets, logits.shape[-1])
     return targets.astype(jnp.int32)
 
 
@@ -208,7 +275,7 @@ def _targets_or_predictions(targets: Array | None, logits: Array) -> Array:
 
 
 def resize_maps(maps: Array, size: tuple[int, int], method: str = "bilinear") -> Array:
-    """Resizes ``maps [B, h, w]`` to ``[B, H, W]`` with ``size = (H, W)`` (float32).
+    """Resizes ``maps [..., h, w]`` to ``[..., H, W]`` with ``size = (H, W)`` (float32).
 
     ``method`` is ``"bilinear"``, ``"cubic"`` or ``"nearest"`` (``jax.image.resize``,
     half-pixel centres, so a non-square map keeps its orientation and alignment).
@@ -216,20 +283,23 @@ def resize_maps(maps: Array, size: tuple[int, int], method: str = "bilinear") ->
     if method not in RESIZE_METHODS:
         raise ValueError(f"resize method {method!r} is not one of {RESIZE_METHODS}")
     maps = jnp.asarray(maps, jnp.float32)
-    if maps.ndim != 3:
-        raise ValueError(f"maps must have shape [batch, h, w]; got {tuple(maps.shape)}")
+    if maps.ndim < 3:
+        raise ValueError(f"maps must have shape [batch, (T,) h, w]; got {tuple(maps.shape)}")
     height, width = (int(s) for s in size)
-    return jax.image.resize(maps, (maps.shape[0], height, width), method=method)
+    return jax.image.resize(maps, (*maps.shape[:-2], height, width), method=method)
 
 
-def normalize_maps(maps: Array) -> Array:
-    """Per-image min-max scaling of ``maps [B, *S]`` to ``[0, 1]`` (float32).
+def normalize_maps(maps: Array, map_ndim: int | None = None) -> Array:
+    """Per-map min-max scaling of ``maps [*lead, *S]`` to ``[0, 1]`` (float32).
+
+    Each of the last ``map_ndim`` axes' maps is scaled on its own (default: all axes but
+    the first, i.e. one map per image of ``[B, *S]``).
 
     A constant map (nothing to localize) or one with a non-finite value becomes all zeros,
     never NaN, and so does its gradient.
     """
     maps = jnp.asarray(maps, jnp.float32)
-    axes = tuple(range(1, maps.ndim))
+    axes = tuple(range(1 if map_ndim is None else maps.ndim - map_ndim, maps.ndim))
     finite = jnp.isfinite(maps).all(axis=axes, keepdims=True)
     safe = jnp.where(finite, maps, 0.0)
     low = safe.min(axis=axes, keepdims=True)
@@ -249,10 +319,11 @@ def normalize_maps(maps: Array) -> Array:
 class CamOutput(NamedTuple):
     """What ``compute_maps`` returns (a pytree, so it passes through ``jax.jit``).
 
-    maps: ``[B, H, W]`` one map per image (input size when resized, in ``[0, 1]`` when
-      normalised, else feature size and raw scale).
-    logits: ``[B, K]`` from the same forward pass.
-    targets: ``[B]`` int32 class each map is for.
+    maps: ``[B, H, W]`` one map per image, or ``[B, T, H, W]`` for ``targets [B, T]``
+      (input size when resized, in ``[0, 1]`` when normalised, else feature size and raw
+      scale).
+    logits: ``[B, K]`` of the (unaugmented) images.
+    targets: ``[B]`` or ``[B, T]`` int32 classes the maps are for.
     """
 
     maps: Array
@@ -260,110 +331,118 @@ class CamOutput(NamedTuple):
     targets: Array
 
 
-def _model_pool(model: nn.Module) -> str | None:
-    pool = getattr(model, "pool", None)
-    return POOLS.canonical(pool) if isinstance(pool, str) and pool in POOLS else None
+def _map_kinds(model: nn.Module) -> tuple[str, ...]:
+    kinds = getattr(model, "map_kinds", None)
+    if kinds is None or not hasattr(model, "forward_features"):
+        raise ValueError(
+            f"gapjax.cam needs a classifier that follows the model contract "
+            f"(forward_features, forward_head, head_class_maps, head_contributions, "
+            f"map_kinds; docs/ARCHITECTURE.md); {type(model).__name__} does not"
+        )
+    return tuple(kinds)
 
 
 def available_methods(model: nn.Module) -> tuple[str, ...]:
-    """The concrete map methods ``model``'s head supports (Grad-CAM always)."""
-    head, pool = getattr(model, "head", None), _model_pool(model)
-    methods = []
-    if head == "gap":
-        if pool == "gap":
-            methods += ["cam", "contribution"]
-        elif pool in ("weighted", "attention"):
-            methods += ["contribution"]
-        elif pool == "gmp":
-            methods += ["gmp"]
-    return (*methods, "grad_cam")
+    """The concrete methods ``model`` supports: its exact map kinds, then every general one."""
+    kinds = _map_kinds(model)
+    return tuple(name for name in METHODS[1:]
+                 if CAM_METHODS.get(name).exact_kind in (None, *kinds))
+
+
+def _pool_weighting(model: nn.Module) -> str | None:
+    pool = getattr(model, "pool", None)
+    if not isinstance(pool, str) or pool not in POOLS:
+        return None
+    return getattr(POOLS.get(pool), "weighting", None)
 
 
 def resolve_method(model: nn.Module, method: str = "auto") -> str:
-    """The concrete method for ``model``: ``auto`` -> exact CAM for a GAP head, contribution
-    maps for weighted / attention heads, Grad-CAM for everything else.
+    """The concrete method for ``model``: ``auto`` -> exact CAM for a uniform (GAP) pool,
+    contribution maps for position-weighted pools (weighted, attention), Grad-CAM otherwise
+    (GMP's exact map marks only arg-max positions, too sparse to localize with).
 
-    Raises ValueError naming the method and the model's valid choices when a requested
-    exact method does not apply to its head.
+    Raises ValueError naming the method and the valid choices when ``method`` is unknown or
+    is an exact kind the model's head does not support.
     """
     if method not in METHODS:
         raise ValueError(f"cam method {method!r} is not one of {METHODS}")
     available = available_methods(model)
     if method == "auto":
-        # GMP's exact map marks only arg-max positions, too sparse to localize with.
-        return available[0] if available[0] in ("cam", "contribution") else "grad_cam"
+        if "cam" in available:
+            return "cam"
+        if "contribution" in available and _pool_weighting(model) == "position":
+            return "contribution"
+        return "grad_cam"
     if method not in available:
         raise ValueError(
-            f"cam method {method!r} does not apply to a model with head="
-            f"{getattr(model, 'head', None)!r} and pool={getattr(model, 'pool', None)!r}; "
+            f"cam method {method!r} does not apply to {type(model).__name__} with pool="
+            f"{getattr(model, 'pool', None)!r} (map_kinds={_map_kinds(model)}); "
             f"choose one of: {', '.join(('auto', *available))}"
         )
     return method
 
 
-def _find_sown(tree: Any, name: str, under: str | None = None) -> Array | None:
-    """The first value sown as ``name`` (inside a module called ``under``, if given)."""
-    if not isinstance(tree, Mapping):
-        return None
-    if under is None and name in tree:
-        value = tree[name]
-        return value[0] if isinstance(value, tuple | list) else value
-    for key, child in tree.items():
-        found = _find_sown(child, name, None if key == under else under)
-        if found is not None:
-            return found
-    return None
+def _raw_maps(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: Array,
+    targets: Array | None,
+    spec: CamMethod,
+    relu: bool,
+    eigen_smooth: bool,
+    channel_chunk: int,
+) -> tuple[Array, Array, Array]:
+    """``(maps [B, T, h, w], logits [B, K], targets [B, T])`` at feature resolution."""
+    features = model.apply(variables, images, train=False, method="forward_features")
 
+    def head_fn(x: Array) -> Array:
+        return model.apply(variables, x, train=False, method="forward_head")
 
-def _sown_features(intermediates: Any) -> Array:
-    features = _find_sown(intermediates, "features")
-    if features is None:
-        raise ValueError(
-            "the model sowed no 'features' in the 'intermediates' collection; CAM needs the "
-            "feature switch self.sow('intermediates', 'features', f) (docs/ARCHITECTURE.md)"
-        )
-    return features
-
-
-def _classifier_params(variables: Mapping[str, Any]) -> tuple[Array, Array | None]:
-    try:
-        dense = variables["params"]["head"]["classifier"]
-    except KeyError as missing:
-        raise ValueError(
-            "exact CAM needs the classifier at variables['params']['head']['classifier'] "
-            f"(missing key {missing}); use method='grad_cam' for other heads"
-        ) from None
-    return dense["kernel"], dense.get("bias")
-
-
-def _forward(model, variables, images, feature_shift=None):
-    """``model.apply`` in eval mode with the feature switch on.
-
-    ``feature_shift`` (the features' shape) is added to the input of the submodule named
-    ``head`` (the sown features); differentiating with respect to it gives the gradient at
-    the feature layer while the trunk runs forward once and is never differentiated.
-    """
-
-    def shift_head_input(next_fun, args, kwargs, context):
-        if context.module.name != "head" or context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        head_input, *rest = args
-        if head_input.shape != feature_shift.shape:
-            raise ValueError(
-                f"the head's input {tuple(head_input.shape)} is not the sown feature map "
-                f"{tuple(feature_shift.shape)}; Grad-CAM needs the head to take the features"
-            )
-        return next_fun(head_input + feature_shift.astype(head_input.dtype), *rest, **kwargs)
-
-    def run():
-        return model.apply(variables, images, train=False, mutable=["intermediates"])
-
-    if feature_shift is None:
-        logits, state = run()
+    if spec.needs == "gradients":
+        logits, pullback = jax.vjp(head_fn, features)
     else:
-        with nn.intercept_methods(shift_head_input):
-            logits, state = run()
-    return logits.astype(jnp.float32), state["intermediates"]
+        logits = head_fn(features)
+    logits = jnp.asarray(logits, jnp.float32)
+    if targets is None:
+        targets = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)
+    spatial_ndim = features.ndim - 2
+
+    if spec.needs == "exact":
+        entry = {"cam": "head_class_maps", "contribution": "head_contributions"}[spec.exact_kind]
+        class_maps = model.apply(variables, features, method=entry)  # [B, *S, K]
+        maps = jnp.moveaxis(jnp.asarray(class_maps, jnp.float32), -1, 1)
+        maps = jnp.take_along_axis(
+            maps, targets.reshape(targets.shape + (1,) * spatial_ndim), axis=1, mode="clip")
+    elif spec.needs == "features":
+        maps = jnp.broadcast_to(eigen_cam_map(features)[:, None],
+                                (features.shape[0], targets.shape[1], *features.shape[1:-1]))
+    else:
+        if spec.needs == "gradients":
+            cotangents = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+            (gradients,) = jax.vmap(pullback, in_axes=1, out_axes=1)(cotangents)
+            terms = spec.terms(features, gradients)
+        elif spec.needs == "head":
+            terms = weighted_terms(
+                features, ablation_cam_weights(features, targets, head_fn, channel_chunk))
+        else:  # "model"
+
+            def model_fn(x: Array) -> Array:
+                return model.apply(variables, x, train=False)
+
+            terms = weighted_terms(features, score_cam_weights(
+                features, images, targets, model_fn, channel_chunk))
+        maps = reduce_terms(terms, spatial_ndim, eigen_smooth)
+    if spec.rectified and relu:
+        maps = jax.nn.relu(maps)
+    return maps, logits, targets
+
+
+def _finish(maps: Array, size: tuple[int, int], resize: str | None, normalize: bool) -> Array:
+    if resize is not None:
+        maps = resize_maps(maps, size, resize)
+    if normalize:
+        maps = normalize_maps(maps, map_ndim=2)
+    return maps
 
 
 def compute_maps(
@@ -375,65 +454,90 @@ def compute_maps(
     resize: str | None = "bilinear",
     normalize: bool = True,
     relu: bool = True,
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
+    channel_chunk: int = DEFAULT_CHANNEL_CHUNK,
 ) -> CamOutput:
-    """Maps for ``images [B, H, W, C]``: one forward pass of ``model`` (eval mode).
+    """Maps of ``model`` (eval mode) for ``images [B, H, W, C]``.
 
     Args:
-      model, variables: a classifier following the feature switch of docs/ARCHITECTURE.md.
-      targets: ``[B]`` class per image; None = each image's predicted class.
-      method: ``"auto"`` (exact CAM for GAP heads, contribution maps for weighted /
-        attention heads, Grad-CAM otherwise) or one of ``available_methods(model)``.
+      model, variables: a classifier following the model contract.
+      targets: ``[B]`` class per image, ``[B, T]`` several classes per image, or None for
+        each image's predicted class. Concrete indices are checked against ``[0, K)``.
+      method: ``"auto"`` (see ``resolve_method``) or a ``METHODS`` name.
       resize: interpolation to the input size (``RESIZE_METHODS``) or None to keep the
         feature-map size.
-      normalize: per-image min-max to ``[0, 1]`` (constant maps -> zeros).
-      relu: Grad-CAM's ReLU (ignored by the exact methods).
+      normalize: per-map min-max to ``[0, 1]`` (constant maps -> zeros, never NaN).
+      relu: the ReLU every non-exact method ends with (as pytorch-grad-cam); ``False``
+        keeps the signed map. The exact ``cam`` / ``contribution`` maps are never rectified.
+      aug_smooth: test-time augmentation smoothing: the maps of the horizontally flipped and
+        brightness-scaled (0.9, 1, 1.1) images, flipped back and averaged (each normalised
+        first when ``normalize``), all six in one batched call. The targets are the
+        unaugmented images' (predicted when None).
+      eigen_smooth: replace the channel sum of the channel terms by their first principal
+        component (not for ``cam`` / ``contribution``, whose maps come whole from the head).
+      channel_chunk: channels per batched model call in Score-CAM / Ablation-CAM.
 
-    Jit it with the model and the options static, e.g.
-    ``jax.jit(functools.partial(compute_maps, model, method="auto"))``.
+    Returns ``CamOutput(maps, logits, targets)``. Jit it with the model and options static,
+    e.g. ``make_map_fn(model, "grad_cam_pp")``: each method compiles once per shape.
     """
     method = resolve_method(model, method)
+    spec = CAM_METHODS.get(method)
+    if eigen_smooth and spec.needs == "exact":
+        raise ValueError(
+            f"eigen_smooth applies to methods with channel terms, not {method!r}; choose one "
+            f"of {tuple(n for n in METHODS[1:] if CAM_METHODS.get(n).needs != 'exact')}"
+        )
     images = jnp.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"images must have shape [batch, H, W, C]; got {tuple(images.shape)}")
-
-    if method == "grad_cam":
-        _, shapes = jax.eval_shape(lambda: _forward(model, variables, images))
-        feature_shape = _sown_features(shapes).shape
-        zero_shift = jnp.zeros(feature_shape, jnp.float32)
-        logits, pullback, intermediates = jax.vjp(
-            lambda shift: _forward(model, variables, images, shift), zero_shift, has_aux=True
-        )
-        targets = _targets_or_predictions(targets, logits)
-        (gradients,) = pullback(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype))
-        maps = grad_cam_from_gradients(_sown_features(intermediates), gradients, relu)
+    batch, size = images.shape[0], images.shape[1:3]
+    single = True
+    if targets is not None:
+        matrix, single = _target_matrix(targets, batch)
+        num_classes = getattr(model, "num_classes", None)
+        if isinstance(num_classes, int):
+            check_target_range(targets, num_classes)
     else:
-        logits, intermediates = _forward(model, variables, images)
-        targets = _targets_or_predictions(targets, logits)
-        features = _sown_features(intermediates)
-        kernel, bias = _classifier_params(variables)
-        if method == "cam":
-            all_maps = class_activation_map(features, kernel, bias)
-        elif method == "gmp":
-            all_maps = gmp_contribution_map(features, kernel, bias)
-        else:
-            weights = _find_sown(intermediates, "pool_weights", under="head")
-            if weights is None:  # a GAP head: uniform weights
-                weights = jnp.full(features.shape[:-1], 1.0 / np.prod(features.shape[1:-1]))
-            all_maps = contribution_map(features, weights, kernel, bias)
-        maps = select_targets(all_maps, targets)
+        matrix = None
+    run = functools.partial(_raw_maps, model, variables, spec=spec, relu=relu,
+                            eigen_smooth=eigen_smooth, channel_chunk=channel_chunk)
 
-    if resize is not None:
-        maps = resize_maps(maps, images.shape[1:3], resize)
-    if normalize:
-        maps = normalize_maps(maps)
-    return CamOutput(maps=maps, logits=logits, targets=targets)
+    if not aug_smooth:
+        maps, logits, matrix = run(images, matrix)
+        maps = _finish(maps, size, resize, normalize)
+    else:
+        flips, factors = AUGMENTATION_FLIPS, AUGMENTATION_FACTORS
+        if matrix is None:
+            plain = model.apply(variables, images, train=False)
+            matrix = jnp.argmax(plain, axis=-1)[:, None].astype(jnp.int32)
+        augmented = jnp.concatenate([
+            (jnp.flip(images, axis=2) if flip else images) * jnp.asarray(factor, images.dtype)
+            for flip in flips for factor in factors])
+        count = len(flips) * len(factors)
+        maps, logits, _ = run(augmented, jnp.tile(matrix, (count, 1)))
+        maps = maps.reshape(count, batch, *maps.shape[1:])
+        logits = logits.reshape(count, batch, -1)[flips.index(False) * len(factors)
+                                                  + factors.index(1.0)]
+        maps = _finish(maps.reshape(count * batch, *maps.shape[2:]), size, resize, normalize)
+        maps = maps.reshape(count, batch, *maps.shape[1:])
+        flipped = np.repeat(np.asarray(flips), len(factors))
+        maps = jnp.where(flipped.reshape(count, *(1,) * (maps.ndim - 1)),
+                         jnp.flip(maps, axis=-1), maps).mean(axis=0)
+        if normalize:
+            maps = normalize_maps(maps, map_ndim=2)
+    if single:
+        maps, matrix = maps[:, 0], matrix[:, 0]
+    return CamOutput(maps=maps, logits=logits, targets=matrix)
 
 
 def make_map_fn(model: nn.Module, method: str = "auto", **options: Any) -> Callable[..., CamOutput]:
     """A jitted ``fn(variables, images, targets=None) -> CamOutput`` for ``model``.
 
     ``options`` are ``compute_maps``'s keyword arguments (``resize``, ``normalize``,
-    ``relu``). The method is resolved now, so a bad choice fails before any tracing.
+    ``relu``, ``aug_smooth``, ``eigen_smooth``, ``channel_chunk``). The method is resolved
+    now, so a bad choice fails before any tracing. Concrete out-of-range targets are
+    rejected before the jitted call (inside it they cannot be read).
     """
     method = resolve_method(model, method)
 
@@ -441,7 +545,14 @@ def make_map_fn(model: nn.Module, method: str = "auto", **options: Any) -> Calla
     def map_fn(variables, images, targets=None):
         return compute_maps(model, variables, images, targets, method=method, **options)
 
-    return map_fn
+    def checked(variables, images, targets=None):
+        num_classes = getattr(model, "num_classes", None)
+        if targets is not None and isinstance(num_classes, int):
+            check_target_range(targets, num_classes)
+        return map_fn(variables, images, targets)
+
+    checked.jitted = map_fn  # the compiled function, e.g. for its cache size
+    return checked
 
 
 # --------------------------------------------------------------------------------------
@@ -457,3 +568,39 @@ def __getattr__(name: str) -> Any:
 
         return getattr(cli, name)
     raise AttributeError(f"module 'gapjax.cam' has no attribute {name!r}")
+
+
+__all__ = [
+    "AUGMENTATION_FACTORS",
+    "AUGMENTATION_FLIPS",
+    "CAM_METHODS",
+    "METHODS",
+    "RESIZE_METHODS",
+    "CamMethod",
+    "CamOutput",
+    "ablation_cam_weights",
+    "available_methods",
+    "check_target_range",
+    "class_activation_map",
+    "compute_maps",
+    "contribution_map",
+    "eigen_cam_map",
+    "gmp_contribution_map",
+    "grad_cam",
+    "grad_cam_from_gradients",
+    "grad_cam_pp_terms",
+    "grad_cam_terms",
+    "hires_cam_terms",
+    "layer_cam_terms",
+    "make_map_fn",
+    "normalize_maps",
+    "principal_projection",
+    "reduce_terms",
+    "resize_maps",
+    "resolve_method",
+    "score_cam_weights",
+    "select_targets",
+    "upsample_align_corners",
+    "weighted_terms",
+    "xgrad_cam_terms",
+]

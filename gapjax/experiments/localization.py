@@ -31,7 +31,7 @@ POOLS_COMPARED = ("gap", "gmp", "gem", "lse", "attention")
 #: Map methods scored per pool: the exact one first where there is one, then Grad-CAM.
 METHODS_PER_POOL = {
     "gap": ("cam", "grad_cam"),
-    "gmp": ("gmp", "grad_cam"),
+    "gmp": ("contribution", "grad_cam"),  # GMP's contributions: its arg-max map
     "gem": ("grad_cam",),
     "lse": ("grad_cam",),
     "attention": ("contribution", "grad_cam"),
