@@ -7,11 +7,13 @@ an equal share, so each label's gradient is spread and conflicts between labels 
 out. We measure this directly on a classifier, per label, in one jitted call.
 
 Per-label gradients. Let ``z [B, K]`` be the logits and ``L_k`` the loss of label ``k``
-averaged over the real examples of the batch (``weight > 0``):
+averaged over the real examples of the batch (``weight > 0``). The task
+(``gapjax.tasks``, a name or a task object) says how its loss splits over labels
+(``label_gradients``):
 
-* ``task="multilabel"``: ``L_k = mean_b BCE(sigmoid(z[b, k]), y[b, k])`` (sigmoid binary
+* ``"multilabel"``: ``L_k = mean_b BCE(sigmoid(z[b, k]), y[b, k])`` (sigmoid binary
   cross-entropy, the multi-label training loss); ``dL_k/dz[b, k] = sigmoid(z) - y``.
-* ``task="classification"``: the softmax cross-entropy does not split into per-label
+* ``"classification"``: the softmax cross-entropy does not split into per-label
   losses, so label ``k`` gets the share that flows through its own logit:
   ``dL/dz[b, k] = softmax(z)[b, k] - onehot(y)[b, k]``. These shares add up to the full
   gradient, exactly like the multi-label losses do.
@@ -71,10 +73,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Array = jax.Array
+from gapjax.tasks import TASKS, Task
 
-#: Tasks whose labels the diagnostics understand.
-TASKS = ("classification", "multilabel")
+Array = jax.Array
 
 #: Parameter scope of a classifier's head (the model contract, docs/ARCHITECTURE.md): its
 #: parameters are not part of the backbone whose gradient conflicts are measured.
@@ -289,8 +290,25 @@ def collision_statistics(
 # --------------------------------------------------------------------------------------
 
 
+def _measurable(task_class: type[Task]) -> bool:
+    return task_class.spatial_inputs and hasattr(task_class, "label_gradients")
+
+
+def _task(task: str | Task, num_labels: int = 0) -> Task:
+    """``task`` as a task object (a ``gapjax.tasks.TASKS`` name is built for ``num_labels``);
+    raises for a task without a spatial feature map or a per-label split of its loss."""
+    task_class = type(task) if isinstance(task, Task) else TASKS.get(task)
+    if not _measurable(task_class):
+        choices = [name for name in TASKS.names() if _measurable(TASKS.get(name))]
+        raise ValueError(
+            f"gradflow: task {task!r} is not supported (no spatial feature map or no per-label "
+            f"split of its loss); choose one of: {', '.join(choices)}"
+        )
+    return task if isinstance(task, Task) else task_class(num_classes=num_labels)
+
+
 def label_logit_gradients(
-    logits: Array, labels: Array, task: str, weights: Array | None = None
+    logits: Array, labels: Array, task: str | Task, weights: Array | None = None
 ) -> Array:
     """``dL_k / dz [B, K]``: each label's loss gradient with respect to its own logit.
 
@@ -298,45 +316,18 @@ def label_logit_gradients(
       logits: ``[B, K]``.
       labels: ``[B, K]`` multi-hot (``"multilabel"``) or ``[B]`` int class ids
         (``"classification"``).
-      task: ``"multilabel"`` (sigmoid BCE) or ``"classification"`` (softmax CE shares).
+      task: a ``gapjax.tasks`` name or object; its ``label_gradients`` split the loss.
       weights: ``[B]``; the per-label loss is the weighted mean over examples.
 
     Returns:
       ``[B, K]`` float32, including the ``weight / sum(weight)`` factor of the mean.
     """
-    _check_task(task)
-    logits = jnp.asarray(logits, jnp.float32)
-    if task == "multilabel":
-        targets = jnp.asarray(labels, jnp.float32)
-        if targets.shape != logits.shape:
-            raise ValueError(
-                f"multilabel labels must have shape [batch, labels] = {tuple(logits.shape)}; "
-                f"got {tuple(targets.shape)}"
-            )
-        residual = jax.nn.sigmoid(logits) - targets
-    else:
-        targets = jax.nn.one_hot(jnp.asarray(labels), logits.shape[-1], dtype=jnp.float32)
-        residual = jax.nn.softmax(logits, axis=-1) - targets
+    residual = _task(task, logits.shape[-1]).label_gradients(logits, labels)
     if weights is None:
         weights = jnp.ones(logits.shape[:1], jnp.float32)
     weights = jnp.asarray(weights, jnp.float32)
     scale = weights / jnp.maximum(weights.sum(), 1e-12)
     return residual * scale[:, None]
-
-
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(
-            f"gradflow: task {task!r} is not supported; choose one of: {', '.join(TASKS)} "
-            "(graph models have no spatial feature map)"
-        )
-
-
-def _positive_labels(labels: Array, task: str, num_labels: int) -> Array:
-    """``[B, K]`` bool from multi-hot or class-id labels."""
-    if task == "multilabel":
-        return jnp.asarray(labels) > 0
-    return jax.nn.one_hot(jnp.asarray(labels), num_labels) > 0
 
 
 def _backbone_and_head(variables: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -351,7 +342,7 @@ def per_label_gradients(
     variables: Mapping[str, Any],
     images: Array,
     labels: Array,
-    task: str,
+    task: str | Task,
     weights: Array | None = None,
 ) -> dict[str, Any]:
     """Gradients of each label's loss, for all labels at once (one vjp, vmapped over labels).
@@ -365,7 +356,7 @@ def per_label_gradients(
       variables: its variables (``params`` and e.g. ``batch_stats``).
       images: ``[B, H, W, C_in]``.
       labels: ``[B, K]`` multi-hot or ``[B]`` class ids, see ``label_logit_gradients``.
-      task: ``"multilabel"`` or ``"classification"``.
+      task: a ``gapjax.tasks`` name or object (``"multilabel"``, ``"classification"``).
       weights: ``[B]`` example weights (0 = padding).
 
     Returns:
@@ -373,7 +364,7 @@ def per_label_gradients(
       "backbone": pytree of [K, ...] per-label parameter gradients}``; the activation
       gradients have the activation dtype, the others float32.
     """
-    _check_task(task)
+    _task(task)
     variables = {key: value for key, value in variables.items() if key != "perturbations"}
     _, probe = jax.eval_shape(
         lambda v, x: model.apply(v, x, train=False, mutable=["perturbations"]), variables, images)
@@ -419,7 +410,7 @@ def gradient_diagnostics(
     variables: Mapping[str, Any],
     images: Array,
     labels: Array,
-    task: str,
+    task: str | Task,
     weights: Array | None = None,
     threshold: float = COVERAGE_THRESHOLD,
 ) -> dict[str, Array]:
@@ -445,7 +436,7 @@ def gradient_diagnostics(
     early = spread_statistics(folded(grads["early"]), label_weights, threshold)
     results.update({f"early_{key}": value for key, value in early.items()})
 
-    positives = _positive_labels(labels, task, num_labels)
+    positives = _task(task, num_labels).positive_labels(labels)
     real = jnp.asarray(example_weights) > 0
     present_in_batch = (positives & real[:, None]).any(axis=0)
     flat_backbone = jnp.concatenate(
@@ -459,7 +450,7 @@ def gradient_diagnostics(
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_diagnostics(model: nn.Module, task: str, threshold: float):
+def _jitted_diagnostics(model: nn.Module, task: str | Task, threshold: float):
     return jax.jit(functools.partial(gradient_diagnostics, model, task=task, threshold=threshold))
 
 
@@ -467,7 +458,7 @@ def training_diagnostics(
     model: nn.Module,
     variables: Mapping[str, Any],
     batch: Mapping[str, Any],
-    task: str,
+    task: str | Task,
     max_examples: int | None = DEFAULT_MAX_EXAMPLES,
     threshold: float = COVERAGE_THRESHOLD,
 ) -> dict[str, float]:
@@ -477,7 +468,7 @@ def training_diagnostics(
       model: the classifier (a Linen module; hashable, so the jitted function is cached).
       variables: its variables, unreplicated (one copy, on any device).
       batch: ``{"image": [b, H, W, C], "label": [b, K] or [b], "weight": [b] (optional)}``.
-      task: ``"multilabel"`` or ``"classification"``.
+      task: a ``gapjax.tasks`` name or object (``"multilabel"``, ``"classification"``).
       max_examples: look at the first this many examples only (None = all); the work is
         ``K`` backward passes over them.
       threshold: see ``gradient_diagnostics``.
@@ -487,7 +478,7 @@ def training_diagnostics(
       "conflict_mean", "conflict_negative", "collision_rate", "collision_triples"}`` floats;
       the loop logs them as ``train/grad_<key>``.
     """
-    _check_task(task)
+    _task(task)
     for key in ("image", "label"):
         if key not in batch:
             raise ValueError(
@@ -511,7 +502,6 @@ __all__ = [
     "COVERAGE_THRESHOLD",
     "HEAD_MODULE",
     "MAJORITY_SHARE",
-    "TASKS",
     "collision_statistics",
     "gradient_coverage",
     "gradient_diagnostics",

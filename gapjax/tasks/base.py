@@ -38,6 +38,8 @@ class Task(abc.ABC):
     Class attributes:
       rows_split: True when a batch is a stack of independent rows, which the input
         pipeline may split over processes and devices; False for packed batches (graphs).
+      spatial_inputs: True when the model reads images ``[b, H, W, C]`` and so has a
+        spatial feature map (what ``gapjax.gradflow`` measures).
       keeps_outputs: True when ``summarize`` needs every evaluation example's logits and
         labels (the loop then gathers them on the host).
     """
@@ -46,6 +48,7 @@ class Task(abc.ABC):
     label_smoothing: float = 0.0
 
     rows_split: ClassVar[bool] = True
+    spatial_inputs: ClassVar[bool] = True
     keeps_outputs: ClassVar[bool] = False
 
     def __post_init__(self):

@@ -50,3 +50,15 @@ class Classification(Task):
         if "top5_accuracy" in self.metric_names:
             metrics["top5_accuracy"] = top_k_correct(logits, labels, 5)
         return metrics
+
+    def label_gradients(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        """``[b, K]`` float32: each label's share of the loss gradient, the part that flows
+        through its own logit, ``softmax(z) - one_hot(y)`` (the shares add up to the whole
+        gradient: the softmax cross-entropy does not split into per-label losses)."""
+        logits = jnp.asarray(logits, jnp.float32)
+        return (jax.nn.softmax(logits, axis=-1)
+                - jax.nn.one_hot(jnp.asarray(labels), logits.shape[-1], dtype=jnp.float32))
+
+    def positive_labels(self, labels: jax.Array) -> jax.Array:
+        """``[b, K]`` bool: the true class."""
+        return jax.nn.one_hot(jnp.asarray(labels), self.num_classes) > 0

@@ -19,6 +19,7 @@ class GraphClassification(Classification):
     """
 
     rows_split = False
+    spatial_inputs = False
 
     def model_inputs(self, batch: Batch) -> GraphBatch:
         return GraphBatch.from_dict(batch)

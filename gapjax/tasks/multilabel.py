@@ -37,6 +37,20 @@ class MultiLabel(Task):
     def correct(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
         return ((logits > 0) == (labels > 0.5)).astype(jnp.float32).mean(axis=-1)
 
+    def label_gradients(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        """``[b, K]`` float32: the gradient of each label's own loss ``BCE(sigmoid(z_k),
+        y_k)`` with respect to its logit, ``sigmoid(z) - y``."""
+        logits = jnp.asarray(logits, jnp.float32)
+        targets = jnp.asarray(labels, jnp.float32)
+        if targets.shape != logits.shape:
+            raise ValueError(f"multilabel labels must have shape [batch, labels] = "
+                             f"{tuple(logits.shape)}; got {tuple(targets.shape)}")
+        return jax.nn.sigmoid(logits) - targets
+
+    def positive_labels(self, labels: jax.Array) -> jax.Array:
+        """``[b, K]`` bool: the labels present."""
+        return jnp.asarray(labels) > 0
+
     def summarize(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """``ap_<k>`` per label (NaN for a label without a positive) and ``map``."""
         from sklearn.metrics import average_precision_score
