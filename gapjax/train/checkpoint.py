@@ -12,18 +12,61 @@ Orbax writes into a temporary directory and renames it when complete, so a half-
 checkpoint (a run killed mid-save) is never listed, let alone restored. Which steps are
 saved is decided by Orbax policies: every ``checkpoint_every`` steps, and at a preemption
 sync point on multi-host jobs; the loop forces the final and the SIGTERM saves. The
-preservation policy keeps the latest ``keep`` checkpoints.
+preservation policy keeps the latest ``keep`` checkpoints; older ones are deleted only
+once a newer one is committed.
+
+Failures are loud and name the path:
+
+* a checkpoint that cannot be read (a truncated array file, garbage in a JSON item) is
+  skipped with a warning naming the file, and the newest intact one is restored; the
+  damaged ones are moved to ``DIR/damaged_checkpoints/`` so that the run can save those
+  steps again;
+* a save that fails in the background (disk full, permissions) is noticed at the next
+  step (``should_save``/``save``/``wait``), which raise ``CheckpointSaveError`` naming the
+  step directory and the errno; its temporary directory is removed, and the previous
+  checkpoint is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno as errno_lib
 import json
+import logging as python_logging
+import os
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or written (one line naming the path)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint whose arrays do not fit the model being restored (another
+    model config): no older checkpoint is tried, they would not fit either."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save failed (e.g. disk full); the previous checkpoint is kept.
+
+    Attributes:
+      path: the step directory that could not be written.
+      errno: the operating-system error number, when there is one.
+    """
+
+    def __init__(self, message: str, path: Path, errno: int | None):
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
 
 
 def _grain_args() -> tuple[type, type, tuple[type, ...]] | None:
@@ -34,6 +77,29 @@ def _grain_args() -> tuple[type, type, tuple[type, ...]] | None:
         return None
     return (grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore,
             (grain.DataLoaderIterator, grain.DatasetIterator))
+
+
+class _QuietOrbax(python_logging.Filter):
+    """Drops Orbax's own error logs (tracebacks of a failed background save or restore,
+    repeated by each thread that sees them): ``Checkpointer`` reports each failure once,
+    as one line naming the path."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return "orbax" not in record.pathname or record.levelno >= python_logging.CRITICAL
+
+
+_QUIET = _QuietOrbax()
+
+
+def _silence_orbax_errors() -> None:
+    from absl import logging as absl_logging
+
+    for logger in (absl_logging.get_absl_logger(), python_logging.getLogger()):
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
+    handler = absl_logging.get_absl_handler()
+    if _QUIET not in handler.filters:
+        handler.addFilter(_QUIET)
 
 
 @dataclasses.dataclass
@@ -58,6 +124,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, checkpoint_every: int, keep: int,
                  async_save: bool = True):
         self.directory = Path(directory).absolute()
+        _silence_orbax_errors()
         save_policy = policies.AnySavePolicy([
             policies.FixedIntervalPolicy(max(int(checkpoint_every), 1)),
             policies.PreemptionCheckpointingPolicy(),
@@ -69,8 +136,14 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as error:
+            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: "
+                                  f"{_describe(error)}") from None
         self._grain = _grain_args()
+        self._pending: int | None = None  # the step of a save not yet known to be committed
+        self._failed = False
 
     # ----------------------------------------------------------------------------------
 
@@ -79,7 +152,11 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def should_save(self, step: int) -> bool:
-        """Whether the policies ask for a checkpoint at ``step`` (interval or preemption)."""
+        """Whether the policies ask for a checkpoint at ``step`` (interval or preemption).
+
+        Called every step, so it is also where a failed background save surfaces
+        (``CheckpointSaveError``)."""
+        self.check()
         return self.manager.should_save(step)
 
     def reached_preemption(self, step: int) -> bool:
@@ -94,8 +171,11 @@ class Checkpointer:
         """Starts saving ``state`` (canonical form), the iterator position and ``meta``.
 
         Returns whether a save was started. The iterator state is captured before this
-        returns, so the loop may keep drawing batches while the state is written.
+        returns, so the loop may keep drawing batches while the state is written. A
+        previous save that failed raises ``CheckpointSaveError`` here.
         """
+        if self._pending is not None:
+            self.wait()  # Orbax would wait for it anyway; this names its step if it failed
         if self._is_grain(data_iterator):
             data_args = self._grain[0](data_iterator)
         else:
@@ -105,19 +185,102 @@ class Checkpointer:
             data=data_args,
             meta=ocp.args.JsonSave(meta),
         )
-        return self.manager.save(step, args=args, force=force)
+        try:
+            started = self.manager.save(step, args=args, force=force)
+        except Exception as error:
+            raise self._save_failed(step, error) from None
+        if started:
+            self._pending = step
+        return started
+
+    def check(self) -> None:
+        """Raises ``CheckpointSaveError`` if the last background save has failed by now
+        (no waiting: a save still in progress is checked at a later call)."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        """Blocks until any background save has been committed; raises
+        ``CheckpointSaveError`` (path, errno) if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_failed(step, error) from None
+        if step is not None and not (self.directory / str(step)).is_dir():
+            raise self._save_failed(step, None)
+
+    def _save_failed(self, step: int | None, error: BaseException | None
+                     ) -> CheckpointSaveError:
+        """Cleans up after a failed save of ``step`` and describes it in one line."""
+        self._failed = True
+        path = self.directory / str(step if step is not None else "?")
+        # No save is in flight any more: every temporary directory is a failed one.
+        for temporary in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(temporary, ignore_errors=True)
+        kept = [s for s in self._committed_steps() if step is None or s < step]
+        previous = (f"the previous checkpoint (step {kept[-1]}) is kept" if kept
+                    else "no earlier checkpoint exists")
+        number = _errno(error) if error is not None else None
+        reason = _describe(error) if error is not None else "the step was not committed"
+        return CheckpointSaveError(
+            f"saving checkpoint {path} failed: {reason}; stopped; {previous}. Free space or "
+            "fix the directory, then rerun the same command to resume", path, number)
+
+    def _committed_steps(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.is_dir() and p.name.isdigit())
+
+    # ----------------------------------------------------------------------------------
 
     def restore(self, abstract_state: Any, data_iterator: Any | None,
                 step: int | None = None) -> Restored:
-        """Restores ``step`` (default latest) onto the shardings in ``abstract_state``.
+        """Restores ``step`` (default: the newest intact one) onto ``abstract_state``.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set,
         which is what lets a checkpoint from 4 devices restore on 1 or 8. The data
         iterator, when given, is moved to the saved position in place.
+
+        Without ``step``, a newest checkpoint that cannot be read is skipped with a warning
+        naming the damaged file, and the next older one is tried; the damaged ones are
+        moved to ``damaged_checkpoints/`` next to the checkpoint directory once an older
+        one restores. If none restores, ``CheckpointError`` names the newest one's path.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step is not None:
+            try:
+                return self._restore(step, abstract_state, data_iterator)
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:
+                raise self._restore_failed(step, error) from None
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        failures: list[tuple[int, BaseException]] = []
+        for candidate in steps:
+            try:
+                restored = self._restore(candidate, abstract_state, data_iterator)
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:
+                failures.append((candidate, error))
+                if candidate != steps[-1]:
+                    print(f"warning: {self._restore_failed(candidate, error)}; trying the "
+                          "previous checkpoint", file=sys.stderr, flush=True)
+                continue
+            if failures:
+                self._set_aside([s for s, _ in failures], restored.step)
+            return restored
+        error = self._restore_failed(*failures[0])
+        if len(failures) > 1:
+            error = CheckpointError(f"{error} (the {len(failures) - 1} older checkpoint(s) "
+                                    "fail too)")
+        raise error from None
+
+    def _restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Restored:
+        self._check_shapes(step, abstract_state)
         items: dict[str, Any] = {
             "state": ocp.args.StandardRestore(abstract_state),
             "meta": ocp.args.JsonRestore(),
@@ -132,14 +295,99 @@ class Checkpointer:
             _set_iterator_state(data_iterator, restored["data"])
         return Restored(step=step, state=restored["state"], meta=dict(restored["meta"]))
 
-    def wait(self) -> None:
-        """Blocks until any background save has been committed."""
-        self.manager.wait_until_finished()
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        """Compares the saved arrays' shapes with ``abstract_state`` before reading any
+        data: a model that changed shape gets one line naming the first differing array
+        (Orbax would fail inside its asynchronous readers, with a page of tracebacks)."""
+        import jax
+
+        path = self.directory / str(step) / "state"
+        saved = ocp.StandardCheckpointer().metadata(path)
+        saved = getattr(saved, "item_metadata", saved)
+        expected = {_tokens(key): tuple(leaf.shape)
+                    for key, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        stored = {_tokens(key): tuple(getattr(leaf, "shape", ()) or ())
+                  for key, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        differ = [key for key in expected if key in stored and stored[key] != expected[key]]
+        missing = [key for key in expected if key not in stored]
+        extra = [key for key in stored if key not in expected]
+        if not (differ or missing or extra):
+            return
+        if differ:
+            key = differ[0]
+            first = (f"{'.'.join(key)} has shape {stored[key]} there, {expected[key]} in the "
+                     "model")
+        elif missing:
+            first = f"{'.'.join(missing[0])} is missing there"
+        else:
+            first = f"{'.'.join(extra[0])} is not in the model"
+        more = len(differ) + len(missing) + len(extra) - 1
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not fit the model: {first}"
+            + (f" (and {more} more difference(s))" if more else "")
+            + "; the model config differs from the one this checkpoint was trained with")
+
+    def _restore_failed(self, step: int, error: BaseException) -> CheckpointError:
+        step_dir = self.directory / str(step)
+        where = _damaged_file(step_dir, error)
+        return CheckpointError(f"cannot restore checkpoint {where}: {_describe(error)}")
+
+    def _set_aside(self, steps: list[int], restored: int) -> None:
+        """Moves the unreadable ``steps`` out of the checkpoint directory (so the run can
+        save those steps again) into ``damaged_checkpoints/`` (so nothing is deleted)."""
+        import jax
+
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("gapjax_restore_done")
+        if jax.process_index() == 0:
+            target = self.directory.parent / DAMAGED_DIR
+            target.mkdir(exist_ok=True)
+            for step in steps:
+                destination = target / str(step)
+                suffix = 1
+                while destination.exists():
+                    destination = target / f"{step}-{suffix}"
+                    suffix += 1
+                os.replace(self.directory / str(step), destination)
+                print(f"warning: restored step {restored}; moved the damaged checkpoint "
+                      f"{self.directory / str(step)} to {destination}", file=sys.stderr,
+                      flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("gapjax_damaged_moved")
+        self.manager.reload()
+
+    # ----------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending saves and releases the manager (a save that failed after
+        its error was reported is not reported again)."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                if not self._failed:
+                    raise
+
+
+def _tokens(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """A pytree key path as plain strings (dict keys, sequence indices, attribute names),
+    so that a ``TrainState`` and the nested dicts Orbax stores it as compare equal."""
+    tokens = []
+    for key in path:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(key, attribute):
+                tokens.append(str(getattr(key, attribute)))
+                break
+        else:
+            tokens.append(str(key))
+    return tuple(tokens)
 
 
 def _iterator_state(iterator: Any) -> Any:
@@ -155,3 +403,72 @@ def _set_iterator_state(iterator: Any, saved: Any) -> None:
         iterator.set_state(saved["bytes"].encode())
     else:
         iterator.set_state(saved)
+
+
+# --------------------------------------------------------------------------------------
+# Describing failures in one line
+# --------------------------------------------------------------------------------------
+
+_ERRNO_PATTERNS = (re.compile(r"\[Errno (\d+)\]"), re.compile(r"os_error_code='?(\d+)"))
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def _errno(error: BaseException) -> int | None:
+    """The errno of ``error`` or of an exception it was raised from, else one quoted in a
+    message (tensorstore reports ``os_error_code='28'``)."""
+    for link in _chain(error):
+        if isinstance(link, OSError) and link.errno is not None:
+            return link.errno
+    for link in _chain(error):
+        for pattern in _ERRNO_PATTERNS:
+            match = pattern.search(str(link))
+            if match:
+                return int(match.group(1))
+    return None
+
+
+def _describe(error: BaseException) -> str:
+    """The first line of ``error``'s message, with its errno named when there is one:
+    ``No space left on device [errno 28 ENOSPC]``."""
+    number = _errno(error)
+    if number is not None:
+        name = errno_lib.errorcode.get(number, "")
+        return f"{os.strerror(number)} [errno {number}{' ' + name if name else ''}]"
+    # The innermost exception says what went wrong; the outer ones wrap it in context
+    # (tensorstore specs, "Encountered error while reading array index").
+    for link in reversed(_chain(error)):
+        text = str(link).strip()
+        if text:
+            first = f"{type(link).__name__}: {text.splitlines()[0]}"
+            return first if len(first) <= 300 else first[:300] + "..."
+    return type(error).__name__
+
+
+_JSON_NAMES = ("metadata", "_CHECKPOINT_METADATA", "_METADATA", "_sharding")
+
+
+def _damaged_file(step_dir: Path, error: BaseException) -> Path:
+    """The file of ``step_dir`` that ``error`` is about: one it names, else the first JSON
+    file that does not parse, else ``step_dir`` itself."""
+    root = str(step_dir)
+    for link in _chain(error):
+        for match in re.finditer(re.escape(root) + r"[^\s\"',:]*", str(link)):
+            candidate = Path(match.group(0).rstrip("."))
+            if candidate != step_dir and candidate.exists():
+                return candidate
+    if step_dir.is_dir():
+        for path in sorted(step_dir.rglob("*")):
+            if path.is_file() and (path.suffix == ".json" or path.name in _JSON_NAMES
+                                   or path.parent.name == "array_metadatas"):
+                try:
+                    json.loads(path.read_text())
+                except (OSError, ValueError):
+                    return path
+    return step_dir

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from gapjax.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_sched
 from gapjax.train.parallel import DataParallel
 from gapjax.train.state import NO_BAD_STEP, TrainState, create_train_state, reset_sums
 from gapjax.train.steps import eval_step, train_step, zero_eval_sums
+from gapjax.train.workdir import StopSignals, open_workdir
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -99,28 +99,6 @@ def _config_json(config: Any) -> dict[str, Any]:
     import json
 
     return json.loads(config.to_json_best_effort())
-
-
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
-
-    def __init__(self):
-        self.raised = False
-        self._previous = None
-
-    def install(self) -> None:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        del signum, frame
-        self.raised = True
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 # --------------------------------------------------------------------------------------
@@ -233,7 +211,35 @@ def _raise_if_bad(bad_step: int, checkpointer: Checkpointer) -> None:
         )
 
 
-def run(config: Any, workdir: str | Path, *, eval_only: bool = False) -> TrainResult:
+def run(config: Any, workdir: str | Path, *, eval_only: bool = False, fresh: bool = False,
+        fork_from: str | Path | None = None) -> TrainResult:
+    """Trains (or resumes) the run described by ``config`` in ``workdir``.
+
+    The workdir is locked for the run and bound to its config (``workdir/config.json``):
+    a rerun resumes from the newest intact checkpoint, and refuses a config that changes
+    the run's meaning (one line naming each changed key) unless ``fresh`` (delete the
+    run's files and start over there) or ``fork_from=OLD`` (branch: ``workdir`` is a new
+    directory seeded with OLD's checkpoints). ``eval_only`` evaluates the run as trained
+    and appends its ``eval/*`` record (nothing when ``config`` differs in meaning). See
+    ``gapjax.train.workdir``.
+    """
+    sync = None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        sync = multihost_utils.sync_global_devices
+    with open_workdir(workdir, _config_json(config), eval_only=eval_only, fresh=fresh,
+                      fork_from=fork_from, chief=jax.process_index() == 0,
+                      sync=sync) as bound:
+        if bound.refused:  # --eval_only under another config: evaluate the recorded one
+            import ml_collections
+
+            config = ml_collections.ConfigDict(bound.recorded)
+        return _run(config, bound.workdir, eval_only=eval_only,
+                    append=bound.append_metrics)
+
+
+def _run(config: Any, workdir: str | Path, *, eval_only: bool, append: bool) -> TrainResult:
     """Trains (or resumes) the run described by ``config`` in ``workdir``.
 
     Rerunning with the same ``workdir`` resumes from the latest checkpoint; a finished run
@@ -267,7 +273,8 @@ def run(config: Any, workdir: str | Path, *, eval_only: bool = False) -> TrainRe
         try:
             if eval_only:
                 latest = job.evaluate(state)
-                writer.write(start_step, latest)
+                if append:
+                    writer.write(start_step, latest)
                 progress.message(_summary(start_step, latest, 0.0, workdir))
                 return TrainResult(job.model, state.variables(), {"step": start_step, **latest},
                                    workdir)
@@ -295,7 +302,7 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
     log_every, eval_every = int(config.log_every), int(config.eval_every)
     gradflow_every = int(config.get("gradflow_every", 0) or 0)
     multi_process = jax.process_count() > 1
-    sigterm = _SigtermFlag()
+    sigterm = StopSignals()
     if not multi_process:  # multi-host jobs use the distributed runtime's preemption notice
         sigterm.install()
     latest: dict[str, float] = {}
@@ -343,7 +350,8 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
                                   job.meta(step), force=True)
             if preempted:
                 checkpointer.wait()
-                progress.message(f"preempted (SIGTERM): saved a checkpoint at step {step}; "
+                progress.message(f"stopped ({sigterm.name or 'preemption'}): saved a "
+                                 f"checkpoint at step {step}; "
                                  "rerun the same command to resume")
                 break
         checkpointer.wait()
@@ -356,7 +364,7 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
 
 
 def _gradflow(job: _Run, state: TrainState, batch: dict[str, Any]) -> dict[str, float]:
-    values = gradflow.training_diagnostics(job.model, state.variables(), batch, job.task)
+    values = gradflow.training_diagnostics(job.model, state.variables(), batch, job.info.task)
     return {f"train/grad_{key}": float(value) for key, value in values.items()}
 
 
