@@ -28,6 +28,7 @@ readouts and CAM.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -537,15 +538,16 @@ class Pool(nn.Module):
         return self(sets, member)
 
 
-def _weights_result(pooled: Array, weights: Array, return_weights: bool):
-    return (pooled, weights) if return_weights else pooled
+def _weights_result(pooled: Array, weights: Callable[[], Array], return_weights: bool):
+    """``pooled``, or ``(pooled, weights())`` when asked (weights are computed only then)."""
+    return (pooled, weights()) if return_weights else pooled
 
 
 def _uniform_weights(x: Array, mask: Array | None) -> Array:
     """GAP's weights ``[B, *S]``: ``1 / N`` at the real positions (float32)."""
     real = jnp.ones(x.shape[:-1], bool) if mask is None else jnp.asarray(mask, bool)
     counts = real.reshape(real.shape[0], -1).sum(axis=1, dtype=jnp.float32)
-    shape = (-1,) + (1,) * (real.ndim - 1)
+    shape = (real.shape[0],) + (1,) * (real.ndim - 1)
     return jnp.where(real, 1.0 / jnp.maximum(counts, 1.0).reshape(shape), 0.0)
 
 
@@ -567,7 +569,7 @@ class GlobalAvgPool(Pool):
     function: ClassVar = staticmethod(gap)
 
     def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
-        return _weights_result(gap(x, mask), _uniform_weights(jnp.asarray(x), mask),
+        return _weights_result(gap(x, mask), lambda: _uniform_weights(jnp.asarray(x), mask),
                                return_weights)
 
     def segment(self, x, segment_ids, num_segments, mask=None):
@@ -582,7 +584,7 @@ class GlobalMaxPool(Pool):
     function: ClassVar = staticmethod(gmp)
 
     def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
-        return _weights_result(gmp(x, mask), _peak_weights(jnp.asarray(x), mask),
+        return _weights_result(gmp(x, mask), lambda: _peak_weights(jnp.asarray(x), mask),
                                return_weights)
 
     def segment(self, x, segment_ids, num_segments, mask=None):
@@ -598,9 +600,8 @@ class GlobalSumPool(Pool):
 
     def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
         x = jnp.asarray(x)
-        ones = jnp.ones(x.shape[:-1], jnp.float32) if mask is None else \
-            jnp.asarray(mask, jnp.float32)
-        return _weights_result(gsp(x, mask), ones, return_weights)
+        return _weights_result(gsp(x, mask), lambda: jnp.ones(x.shape[:-1], jnp.float32) if
+                               mask is None else jnp.asarray(mask, jnp.float32), return_weights)
 
     def segment(self, x, segment_ids, num_segments, mask=None):
         return Segments(x, segment_ids, num_segments, mask).sum().astype(_result_dtype(x))
@@ -615,8 +616,8 @@ class AvgMaxPool(Pool):
 
     def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
         x = jnp.asarray(x)
-        weights = 0.5 * (_uniform_weights(x, mask)[..., None] + _peak_weights(x, mask))
-        return _weights_result(avgmax(x, mask), weights, return_weights)
+        return _weights_result(avgmax(x, mask), lambda: 0.5 * (
+            _uniform_weights(x, mask)[..., None] + _peak_weights(x, mask)), return_weights)
 
     def segment(self, x, segment_ids, num_segments, mask=None):
         sets = Segments(x, segment_ids, num_segments, mask)
@@ -794,8 +795,6 @@ def pool(name: str, x: Array, mask: Array | None = None, **kwargs: Any) -> Array
     """
     pool_class = POOLS.get(name)
     if pool_class.function is not None:
-        import inspect
-
         accepted = [p for p in inspect.signature(pool_class.function).parameters
                     if p not in ("x", "mask")]
         unexpected = sorted(set(kwargs) - set(accepted))

@@ -500,3 +500,26 @@ def test_weights_and_scores_of_the_wrong_shape_are_clear_errors():
         pooling.weighted(x, jnp.ones((2, 4, 3)))
     with pytest.raises(ValueError, match=r"attention scores must have shape"):
         pooling.attention(x, jnp.ones((2, 12)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_declared_weights_reproduce_every_weighted_pool(seed):
+    """Every registered pool that declares a weighting returns weights with
+    ``pooled == sum_i w_i x_i`` (per channel for "channel"), padding included."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(3, 4, 5, 6)), jnp.float32)
+    mask = jnp.asarray(rng.random((3, 4, 5)) < 0.6).at[:, 0, 0].set(True)
+    declared = [name for name in POOLS.names() if POOLS.get(name).weighting is not None]
+    assert {"gap", "gmp", "gsp", "avgmax", "weighted", "attention"} <= set(declared)
+    for name in declared:
+        module = pooling.make_pool(name)
+        variables = module.init(jax.random.key(0), x, mask)
+        pooled, weights = module.apply(variables, x, mask, return_weights=True)
+        if POOLS.get(name).weighting == "channel":
+            assert weights.shape == x.shape
+            rebuilt = (weights * x).sum(axis=(1, 2))
+        else:
+            assert weights.shape == x.shape[:-1]
+            rebuilt = (weights[..., None] * x).sum(axis=(1, 2))
+        np.testing.assert_array_equal(np.asarray(weights)[~np.asarray(mask)], 0.0)
+        np.testing.assert_allclose(pooled, rebuilt, rtol=1e-5, atol=1e-5, err_msg=name)
