@@ -114,6 +114,11 @@ class ResNet(Classifier):
       fc_widths: hidden widths of ``head="fc"``; the default ``()`` is one Dense on the
         flattened final map, the exact counterpart of GAP + Dense (it has ``h * w`` times
         the head parameters: 49x at 224x224).
+      stage_strides: stride of each stage's first block; None = ``(1, 2, 2, 2)``. WSOL's
+        ResNet-50 uses ``(1, 2, 2, 1)`` (14x14 at 224) or, with its larger final feature
+        map, ``(1, 2, 1, 1)`` (28x28).
+      adl_blocks: blocks (``"layer3_0"``, ...) followed by an ADL layer
+        (``gapjax.wsol_methods.ADL``, with ``adl_drop_rate`` and ``adl_threshold``).
     """
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -125,6 +130,10 @@ class ResNet(Classifier):
     se_pool: str = "gap"
     se_gate: str = "sigmoid"
     zero_init_residual: bool = False
+    stage_strides: Sequence[int] | None = None
+    adl_blocks: Sequence[str] = ()
+    adl_drop_rate: float = 0.75
+    adl_threshold: float = 0.9
 
     def backbone(self, x: Array, train: bool) -> Array:
         check_choice("stem", self.stem, STEMS)
@@ -151,11 +160,12 @@ class ResNet(Classifier):
                 pool=self.se_pool, gate=self.se_gate, dtype=dtype, name=name,
             )
 
+        strides = self.stage_strides or [1] + [2] * (len(self.stage_sizes) - 1)
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
                 x = ResidualBlock(
                     width=self.base_width * 2**stage,
-                    stride=2 if stage > 0 and index == 0 else 1,
+                    stride=strides[stage] if index == 0 else 1,
                     block=self.block,
                     norm=norm,
                     attention=attention,
@@ -163,6 +173,11 @@ class ResNet(Classifier):
                     dtype=dtype,
                     name=f"layer{stage + 1}_{index}",
                 )(x)
+                if f"layer{stage + 1}_{index}" in self.adl_blocks:
+                    from gapjax.wsol_methods import ADL
+
+                    x = ADL(self.adl_drop_rate, self.adl_threshold,
+                            name=f"layer{stage + 1}_{index}_adl")(x, train)
         return x
 
 

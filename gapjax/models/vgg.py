@@ -52,6 +52,14 @@ class VGG(Classifier):
       fc_widths: hidden widths of the FC head, ``(4096, 4096)`` by default.
       fc_grid: grid the FC head pools to before flattening; ``"auto"`` = ``(7, 7)`` with
         the imagenet stem and None (flatten as is) with the cifar stem.
+      pool_after: the blocks (1-5) followed by a max pool; None = all five (the cifar
+        stem: the first four). WSOL's VGG-16 CAM: ``(1, 2, 3, 4)`` (14x14 at 224), with its
+        larger final feature map ``(1, 2, 3)`` (28x28).
+      extra_convs: widths of 3x3 convolutions + ReLU after the blocks (``conv6_1``, ...);
+        CAM's VGG-16 has ``(1024,)``.
+      adl_blocks: ADL layers (``gapjax.wsol_methods.ADL``) after block ``"block{b}"``'s
+        convolutions or after its pool ``"pool{b}"``, with ``adl_drop_rate`` and
+        ``adl_threshold``.
     """
 
     depth: int = 16
@@ -60,6 +68,18 @@ class VGG(Classifier):
     head: str = "fc"
     fc_widths: tuple[int, ...] = (4096, 4096)
     fc_grid: Any = AUTO
+    pool_after: Any = None
+    extra_convs: tuple[int, ...] = ()
+    adl_blocks: tuple[str, ...] = ()
+    adl_drop_rate: float = 0.75
+    adl_threshold: float = 0.9
+
+    def _adl(self, x: Array, point: str, train: bool) -> Array:
+        if point not in self.adl_blocks:
+            return x
+        from gapjax.wsol_methods import ADL
+
+        return ADL(self.adl_drop_rate, self.adl_threshold, name=f"{point}_adl")(x, train)
 
     def resolved_fc_grid(self) -> tuple[int, int] | None:
         if self.fc_grid == AUTO:
@@ -86,9 +106,19 @@ class VGG(Classifier):
                 if self.batch_norm:
                     x = self.norm_layer(train, f"bn{block_index + 1}_{conv_index + 1}")(x)
                 x = nn.relu(x)
+            x = self._adl(x, f"block{block_index + 1}", train)
             last = block_index == len(blocks) - 1
-            if not (last and self.stem == "cifar"):
+            pooled = (not (last and self.stem == "cifar") if self.pool_after is None
+                      else block_index + 1 in tuple(self.pool_after))
+            if pooled:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = self._adl(x, f"pool{block_index + 1}", train)
+        for index, width in enumerate(self.extra_convs):
+            x = nn.relu(nn.Conv(
+                width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.compute_dtype,
+                kernel_init=conv_kernel_init, bias_init=nn.initializers.zeros,
+                name=f"conv{len(blocks) + 1}_{index + 1}",
+            )(x))
         return x
 
 
