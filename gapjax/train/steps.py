@@ -41,7 +41,8 @@ def train_step(
     """One optimizer update on ``batch``; returns the new state (metrics summed on device).
 
     The loss is ``sum_i w_i l_i / sum_i w_i`` over the global batch, ``l_i`` the task's
-    training loss. Under pmap each device differentiates its share ``sum_local /
+    training loss (with ``label_mix [b]`` and ``mix [b]`` in the batch, as CutMix batches
+    have, ``mix * l(label) + (1 - mix) * l(label_mix)``). Under pmap each device differentiates its share ``sum_local /
     sum_global`` and the gradients are psum-ed, which is the same quantity. Dropout keys
     derive from ``(seed, step)``, so a resumed run draws the same masks as an
     uninterrupted one.
@@ -62,6 +63,9 @@ def train_step(
         logits, new_state = model.apply(variables, inputs, train=True, mutable=mutable,
                                         rngs={"dropout": dropout_key})
         losses = task.losses(logits, batch["label"], train=True)
+        if "label_mix" in batch:  # mixed inputs (CutMix): the share-weighted sum of losses
+            mixed = task.losses(logits, batch["label_mix"], train=True)
+            losses = batch["mix"] * losses + (1.0 - batch["mix"]) * mixed
         loss = (losses * weight).sum() / total_weight
         return loss, (logits, new_state)
 
