@@ -42,8 +42,9 @@ def train_step(
 
     The loss is ``sum_i w_i l_i / sum_i w_i`` over the global batch, ``l_i`` the task's
     training loss (with ``label_mix [b]`` and ``mix [b]`` in the batch, as CutMix batches
-    have, ``mix * l(label) + (1 - mix) * l(label_mix)``). Under pmap each device differentiates its share ``sum_local /
-    sum_global`` and the gradients are psum-ed, which is the same quantity. Dropout keys
+    have, ``mix * l(label) + (1 - mix) * l(label_mix)``). Under pmap each device
+    differentiates its share ``sum_local / sum_global`` and the gradients are psum-ed,
+    which is the same quantity. Dropout keys
     derive from ``(seed, step)``, so a resumed run draws the same masks as an
     uninterrupted one.
     """
