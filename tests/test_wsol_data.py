@@ -148,3 +148,20 @@ def test_tfds_caltech_birds_route():
         train = next(iter(data.make_iterator(config, "train", batch_size=2, seed=0,
                                              train=True)))
         assert set(train) == {"image", "label", "weight"}
+
+
+def test_training_methods_in_the_pipeline(box_tree):
+    root, _ = box_tree
+    has = _config("wsol_cub", root, wsol_method="has", has_grid_size=8)
+    batch = next(iter(data.make_iterator(has, "train", batch_size=4, seed=0, train=True)))
+    patches = batch["image"].reshape(4, 4, 8, 4, 8, 3)
+    hidden = ~patches.any(axis=(2, 4, 5))  # whole 8x8 patches at 0 (the mean colour)
+    assert 0.2 < hidden.mean() < 0.8
+    cutmix = _config("wsol_cub", root, wsol_method="cutmix")
+    batches = data.make_iterator(cutmix, "train", batch_size=4, seed=0, train=True)
+    batch = next(iter(batches))
+    assert set(batch) == {"image", "label", "label_mix", "mix", "weight"}
+    assert np.all((batch["mix"] > 0) & (batch["mix"] <= 1)) and len(set(batch["mix"])) == 1
+    assert sorted(batch["label_mix"]) == sorted(batch["label"])  # a permutation of the batch
+    with pytest.raises(ValueError, match="wsol_method='spg' is not one of"):
+        data.dataset_info(_config("wsol_cub", root, wsol_method="spg"))

@@ -25,7 +25,12 @@ Datasets (``config.dataset.name``): ``wsol_cub`` (200 classes), ``wsol_ilsvrc`` 
 * ``image_size`` (224) and ``resize_size`` (256): the reference's transforms, training
   resizes to ``resize_size`` squared, takes a random ``image_size`` crop and flips;
   evaluation resizes to ``image_size`` squared (the aspect ratio is not kept). Both resize
-  with PIL's bilinear filter, as torchvision does on PIL images.
+  with PIL's bilinear filter, as torchvision does on PIL images;
+* ``wsol_method``: ``"has"`` hides patches of training images (``has_grid_size``,
+  ``has_drop_rate``), ``"cutmix"`` mixes training batches (``cutmix_beta``,
+  ``cutmix_prob``; batches then carry ``label_mix`` and ``mix``, which the train step
+  turns into the CutMix loss); other methods change the model, not the data
+  (``gapjax.wsol_methods``; defaults are the reference's).
 
 Examples (evaluation splits): ``image [S, S, 3]`` float32 (ImageNet mean / std), ``label``,
 ``bbox [M, 4]`` normalised ``(ymin, xmin, ymax, xmax)`` padded with -1 to the split's most
@@ -213,6 +218,11 @@ class BenchmarkConfig:
     mask_root: str
     image_size: int
     resize_size: int
+    method: str = "cam"
+    has_grid_size: int = 4
+    has_drop_rate: float = 0.5
+    cutmix_beta: float = 1.0
+    cutmix_prob: float = 1.0
 
 
 class MetadataSource(Sequence):
@@ -247,6 +257,8 @@ class MetadataSource(Sequence):
             "resize_size_": config.resize_size,
             "train_": self.train,
         }
+        if self.train and config.method in ("has", "cutmix"):
+            example["method_"] = config
         if meta.sizes is not None:
             example["size_wh"] = meta.sizes[index]
         if not self.train and meta.boxes is not None:
@@ -297,7 +309,8 @@ def _preprocess(example: dict[str, Any], rng: np.random.Generator | None) -> dic
         pixels = pixels[top:top + size, left:left + size]
         if rng.random() < 0.5:
             pixels = pixels[:, ::-1]
-        return {"image": _normalise(pixels), "label": np.asarray(example["label"], np.int32)}
+        out = {"image": _normalise(pixels), "label": np.asarray(example["label"], np.int32)}
+        return _training_method(out, example.get("method_"), rng)
     out = {"image": _normalise(resize_rgb(image, size, size)),
            "label": np.asarray(example["label"], np.int32)}
     if example["train_"]:
@@ -316,6 +329,51 @@ def _preprocess(example: dict[str, Any], rng: np.random.Generator | None) -> dic
         out["segmentation"] = reference_mask(example["mask_root"], mask_paths, ignore_path,
                                              size)
     return out
+
+
+def _training_method(example: dict[str, Any], method: BenchmarkConfig | None,
+                     rng: np.random.Generator) -> dict[str, Any]:
+    """Hide-and-Seek on the example, or the per-example draws CutMix's collate uses."""
+    from gapjax import wsol_methods
+
+    if method is None:
+        return example
+    if method.method == "has":
+        grid = wsol_methods.patch_grid(*example["image"].shape[:2], method.has_grid_size)
+        example["image"] = wsol_methods.hide_and_seek(
+            example["image"], rng.random(grid), method.has_grid_size, method.has_drop_rate)
+    elif method.method == "cutmix":
+        beta = method.cutmix_beta
+        lam = rng.beta(beta, beta) if beta > 0 else 1.0
+        apply = float(beta > 0 and method.cutmix_prob > rng.random())
+        example["cutmix_draws"] = np.array([apply, lam, rng.random(), rng.random(),
+                                            rng.random()], np.float64)
+    return example
+
+
+def _collate(examples: list[dict[str, Any]], batch_size: int) -> dict[str, np.ndarray]:
+    """Stack and pad; a CutMix training batch is mixed with its first example's draws
+    (apply, lam, box centre) and the partner order of every example's last draw."""
+    from gapjax import wsol_methods
+    from gapjax.data.pipeline import stack_and_pad
+
+    batch = stack_and_pad(examples, batch_size)
+    draws = batch.pop("cutmix_draws", None)
+    if draws is None:
+        return batch
+    labels = batch["label"]
+    if draws[0, 0] > 0:
+        height, width = batch["image"].shape[1:3]
+        permutation = np.argsort(draws[:, 4], kind="stable")
+        images, partners, share = wsol_methods.cutmix(
+            batch["image"], labels, permutation, draws[0, 1], int(draws[0, 2] * height),
+            int(draws[0, 3] * width))
+        batch["image"] = np.ascontiguousarray(images, np.float32)
+    else:
+        partners, share = labels, np.ones(labels.shape, np.float32)
+    batch["label_mix"] = np.asarray(partners, np.int32)
+    batch["mix"] = np.asarray(share, np.float32)
+    return batch
 
 
 def _required(dataset_config: Any, key: str, name: str) -> str:
@@ -338,9 +396,24 @@ def builder_config(name: str):
         if not 0 < image_size <= resize_size:
             raise ValueError(f"config.dataset.image_size={image_size} must be positive and "
                              f"at most config.dataset.resize_size={resize_size}")
-        key = f"{name}|{metadata_root}|{image_root}|{mask_root}|{image_size}|{resize_size}"
+        from gapjax import wsol_methods
+
+        method = str(dataset_config.get("wsol_method") or "cam")
+        if method not in wsol_methods.METHODS:
+            raise ValueError(f"config.dataset.wsol_method={method!r} is not one of: "
+                             f"{', '.join(wsol_methods.METHODS)}")
+        options = {
+            "has_grid_size": int(dataset_config.get("has_grid_size",
+                                                    wsol_methods.HAS_GRID_SIZE)),
+            "has_drop_rate": float(dataset_config.get("has_drop_rate",
+                                                      wsol_methods.HAS_DROP_RATE)),
+            "cutmix_beta": float(dataset_config.get("cutmix_beta", wsol_methods.CUTMIX_BETA)),
+            "cutmix_prob": float(dataset_config.get("cutmix_prob", wsol_methods.CUTMIX_PROB)),
+        }
+        key = (f"{name}|{metadata_root}|{image_root}|{mask_root}|{image_size}|{resize_size}|"
+               f"{method}|{sorted(options.items())}")
         return BenchmarkConfig(key, name, metadata_root, image_root, mask_root, image_size,
-                               resize_size)
+                               resize_size, method, **options)
 
     return make
 
@@ -356,6 +429,7 @@ SPECS = {
         eval_split="train_fullsup",
         builder_config=builder_config(name),
         preprocess=_preprocess,
+        collate=_collate,
     ))
     for name, (_, classes, _) in BENCHMARKS.items()
 }
