@@ -156,19 +156,26 @@ class _Run:
                 "device_count": self.parallel.device_count,
                 "process_count": jax.process_count(), "parallel": self.config.parallel}
 
-    def evaluate(self, canonical_state: TrainState) -> dict[str, float]:
-        """Evaluation metrics (``eval/...``) of ``canonical_state`` on the eval split."""
+    def evaluate(self, canonical_state: TrainState, split: str | None = None,
+                 prefix: str = "eval", loc_threshold: float | None = None) -> dict[str, float]:
+        """Evaluation metrics (``<prefix>/...``) of ``canonical_state`` on ``split`` (default
+        the eval split). Localization uses ``config.eval.wsol_protocol`` and
+        ``loc_threshold`` (None: calibrated on this split); its overlay grid, when
+        ``config.eval.overlay_images`` > 0, is left in ``self.overlay``."""
         config, info = self.config, self.info
         variables = self.parallel.to_step_form(canonical_state.variables())
         sums = self.parallel.replicate(zero_eval_sums(self.task))
         iterator = self.data.make_iterator(
-            config.dataset, info.eval_split, batch_size=self.local_batch_size,
+            config.dataset, split or info.eval_split, batch_size=self.local_batch_size,
             seed=int(config.seed), train=False, process_index=jax.process_index(),
             process_count=jax.process_count())
-        localization = None
+        localization = self.overlay = None
         if config.eval.get("localization", False):
-            localization = wsol.LocalizationEvaluator(self.model, config.eval.get("cam_method",
-                                                                             "auto"))
+            localization = wsol.LocalizationEvaluator(
+                self.model, config.eval.get("cam_method", "auto"),
+                protocol=config.eval.get("wsol_protocol", "gapjax"),
+                loc_threshold=loc_threshold,
+                overlay_images=int(config.eval.get("overlay_images", 0) or 0))
         collected: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         canonical_variables = canonical_state.variables()
         for batch in iterator:
@@ -195,7 +202,8 @@ class _Run:
         if localization is not None:
             metrics.update({key if key.startswith("eval/") else f"eval/{key}": float(value)
                             for key, value in localization.result().items()})
-        return metrics
+            self.overlay = localization.overlay()
+        return {f"{prefix}/{key[len('eval/'):]}": value for key, value in metrics.items()}
 
 
 def _raise_if_bad(bad_step: int, checkpointer: Checkpointer) -> None:
@@ -336,6 +344,14 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
                              progress.examples_per_second(step))
             if step % eval_every == 0 or step == total_steps:
                 eval_metrics = job.evaluate(parallel.to_canonical(step_state))
+                if job.overlay is not None:
+                    writer.write_image(step, "eval/cam_overlay", job.overlay)
+                final_split = config.eval.get("final_split")
+                if step == total_steps and final_split:  # e.g. WSOL's test split, with the
+                    # map threshold calibrated on the eval split (train-fullsup)
+                    eval_metrics.update(job.evaluate(
+                        parallel.to_canonical(step_state), final_split, "test",
+                        eval_metrics.get("eval/loc_threshold")))
                 record.update(eval_metrics)
                 progress.log(step, eval_metrics)
             if record:

@@ -25,6 +25,7 @@ from gapjax.train.defaults import PROGRESS_MODES
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+IMAGES_DIR = "images"
 
 
 class MetricsFileError(ValueError):
@@ -134,6 +135,21 @@ class MetricWriter:
                     self._tensorboard.add_scalar(key, float(value), int(step))
             self._tensorboard.flush()
 
+    def write_image(self, step: int, tag: str, image: Any) -> Path:
+        """An ``uint8 [H, W, 3]`` picture: ``DIR/images/<tag>_<step>.png`` and, with
+        TensorBoard, an image summary ``tag`` at ``step``. Returns the PNG's path."""
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(image, np.uint8)
+        path = self.path.parent / IMAGES_DIR / f"{tag.replace('/', '_')}_{int(step):08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        if self._tensorboard is not None:
+            self._tensorboard.add_image(tag, pixels, int(step), dataformats="HWC")
+            self._tensorboard.flush()
+        return path
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -147,6 +163,9 @@ class NullWriter:
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         del step, metrics
+
+    def write_image(self, step: int, tag: str, image: Any) -> None:
+        del step, tag, image
 
     def close(self) -> None:
         pass
