@@ -611,29 +611,62 @@ def _sample(keys: Sequence[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def variables_from_state_dict(
+def _resolve_skip(rows: Sequence[TorchTensor], shapes: Mapping[str, Shape],
+                  state: Mapping[str, np.ndarray]) -> str | None:
+    """``skip_head="auto"``: None when the file's head fits the model's, ``"classifier"``
+    when only the classifier differs (another class count), else ``"head"``. The file's
+    head tensors are those under the torch modules that hold the model's head."""
+
+    def fits(row: TorchTensor) -> bool:
+        if row.key not in state:
+            return False
+        want = row.transform.torch_shape([shapes[leaf] for leaf in row.leaves])
+        adapted = row.transform.adapt(np.asarray(state[row.key]),
+                                      [shapes[leaf] for leaf in row.leaves])
+        return tuple(adapted.shape) == tuple(want)
+
+    head_rows = [row for row in rows if _is_head(row)]
+    roots = {row.key.split(".")[0] for row in head_rows}
+    expected = {row.key for row in rows}
+    extra = [key for key in state if key.split(".")[0] in roots and key not in expected]
+    if not extra and all(fits(row) for row in head_rows):
+        return None
+    if not extra and all(fits(row) for row in head_rows if not _is_classifier(row)):
+        return "classifier"
+    return "head"
+
+
+def load_leaves(
     name: str,
     model: Any,
     state: Mapping[str, np.ndarray],
     *,
     skip_head: str | None = None,
-    seed: int = 0,
     source: str = "the file",
-) -> dict[str, Any]:
-    """gapjax variables of ``model`` (registered as ``name``) from a torch state dict.
+    shapes: Mapping[str, Shape] | None = None,
+) -> tuple[dict[str, np.ndarray], list[str], str | None]:
+    """The gapjax leaves of ``model`` held by a torch ``state`` dict, checked strictly.
 
-    ``skip_head``: None (load everything), ``"classifier"`` or ``"head"`` (re-initialise
-    those leaves with ``seed`` and drop the file's tensors for them). Raises ValueError on
-    missing or unexpected keys and on any shape mismatch, naming keys and shapes.
+    ``skip_head``: None (load everything), ``"classifier"`` or ``"head"`` (leave those
+    leaves out and ignore the file's tensors for them), or ``"auto"`` (the least of these
+    that fits the file). Returns ``(flat leaves {"params/..": array}, skipped leaf paths,
+    the resolved skip_head)``. ``shapes`` (``flatten_shapes`` of the model's variables)
+    defaults to the model traced at 224x224 (32x32 for the cifar stem). Raises ValueError
+    on missing or unexpected keys and on any shape mismatch, naming keys and shapes.
     """
-    abstract = _abstract_variables(model)
-    shapes = flatten_shapes(abstract)
+    if shapes is None:
+        shapes = flatten_shapes(_abstract_variables(model))
     rows = _checked_tensors(name, shapes)
+    if skip_head == "auto":
+        skip_head = _resolve_skip(rows, shapes, state)
     skipped = {
         None: lambda row: False, "classifier": _is_classifier, "head": _is_head,
     }[skip_head]
     used = [row for row in rows if not skipped(row)]
     dropped = {row.key for row in rows if skipped(row)}
+    if skip_head == "head":  # the file's own head, whatever its shape
+        roots = {row.key.split(".")[0] for row in rows if _is_head(row)}
+        dropped |= {key for key in state if key.split(".")[0] in roots}
     expected = {row.key for row in used}
     missing = expected - set(state)
     unexpected = set(state) - expected - dropped
@@ -648,7 +681,7 @@ def variables_from_state_dict(
             f"{source} does not hold a {name} in {layout.source}'s naming: keys "
             + "; ".join(parts)
         )
-    flat: dict[str, Any] = {}
+    flat: dict[str, np.ndarray] = {}
     for row in used:
         leaf_shapes = [shapes[leaf] for leaf in row.leaves]
         tensor = row.transform.adapt(np.asarray(state[row.key]), leaf_shapes)
@@ -660,12 +693,29 @@ def variables_from_state_dict(
             )
         for leaf, value in zip(row.leaves, row.transform.to_flax(tensor, leaf_shapes)):
             flat[leaf] = np.ascontiguousarray(value, dtype=np.float32)
-    if skip_head is not None:
-        fresh = _initial_head(model, abstract, seed)
-        for row in rows:
-            if skipped(row):
-                for leaf in row.leaves:
-                    flat[leaf] = fresh[leaf]
+    skipped_leaves = [leaf for row in rows if skipped(row) for leaf in row.leaves]
+    return flat, skipped_leaves, skip_head
+
+
+def variables_from_state_dict(
+    name: str,
+    model: Any,
+    state: Mapping[str, np.ndarray],
+    *,
+    skip_head: str | None = None,
+    seed: int = 0,
+    source: str = "the file",
+) -> dict[str, Any]:
+    """gapjax variables of ``model`` (registered as ``name``) from a torch state dict.
+
+    ``skip_head`` as in ``load_leaves``; skipped leaves are freshly initialised with
+    ``seed``. Raises ValueError on missing or unexpected keys and on any shape mismatch.
+    """
+    flat, skipped, _ = load_leaves(name, model, state, skip_head=skip_head, source=source)
+    if skipped:
+        fresh = _initial_head(model, _abstract_variables(model), seed)
+        for leaf in skipped:
+            flat[leaf] = fresh[leaf]
     return jax.tree.map(jnp.asarray, _unflatten(flat))
 
 
@@ -729,7 +779,7 @@ def state_dict_from_variables(name: str, variables: Mapping[str, Any]) -> dict[s
     state = {}
     for row in _checked_tensors(name, shapes):
         tensor = row.transform.to_torch([flat_values[leaf] for leaf in row.leaves])
-        state[row.key] = np.ascontiguousarray(tensor)
+        state[row.key] = np.array(tensor, order="C")  # keeps 0-d counters 0-d
     return state
 
 
@@ -763,6 +813,7 @@ __all__ = [
     "describe",
     "layout_for",
     "load",
+    "load_leaves",
     "names",
     "read_state_dict",
     "save",

@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"
     config.progress = "auto"
     config.gradflow_every = 0
+    # Fine-tuning: a weight file (.safetensors / .pth in config.model.name's torch naming)
+    # or a gapjax workdir to start from; "" starts from scratch (gapjax.train.init_from).
+    config.init_from = ""
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = ""
@@ -59,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.step_factor = 0.1
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.999
+    # Learning-rate multiplier of the new layers: the head (which init_from re-initialises
+    # when the class count differs); 1 = one rate for all.
+    config.optimizer.head_lr_multiplier = 1.0
 
     config.eval = ml_collections.ConfigDict()
     config.eval.localization = False

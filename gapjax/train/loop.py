@@ -272,6 +272,10 @@ def _run(config: Any, workdir: str | Path, *, eval_only: bool, append: bool) -> 
             raise TrainingError(
                 f"--eval_only: no checkpoint in {checkpointer.directory}; train first with "
                 "the same --workdir")
+        elif config.get("init_from"):  # fine-tuning: only a fresh run reads the weights
+            from gapjax.train.init_from import initialize
+
+            state = initialize(state, job.model, job.tx, config)
 
         writer = (MetricWriter(workdir, resume_step=start_step) if job.is_chief
                   else NullWriter())

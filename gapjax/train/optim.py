@@ -3,8 +3,10 @@
 ``make_optimizer(config.optimizer, total_steps)`` returns an ``optax.GradientTransformation``:
 optional global-norm clipping, then the named optimizer driven by the named schedule,
 with weight decay on kernels only (biases and normalisation scales are excluded by their
-rank). Forks add entries with ``@OPTIMIZERS.register("mine")`` or
-``@SCHEDULES.register("mine")``.
+rank), and ``head_lr_multiplier`` (default 1) scaling the learning rate of the new layers
+of a fine-tuning run: the parameters under the model's ``head`` (``head_modules``), which
+``config.init_from`` re-initialises when the class count differs. Forks add entries with
+``@OPTIMIZERS.register("mine")`` or ``@SCHEDULES.register("mine")``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from gapjax.registry import Registry
@@ -111,13 +114,60 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda leaf: getattr(leaf, "ndim", 0) >= 2, params)
 
 
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+
+
+def new_layer_mask(params: Any, modules: tuple[str, ...] = ("head",)) -> Any:
+    """True for the parameters of the new layers of a fine-tuning run: those whose path
+    starts with one of ``modules`` (module paths such as ``"head"`` or
+    ``"head/classifier"``), e.g. ``params["head"]["classifier"]["kernel"]``."""
+    prefixes = [tuple(module.split("/")) for module in modules]
+
+    def is_new(path, leaf):
+        del leaf
+        names = _path_names(path)
+        return any(names[:len(prefix)] == prefix for prefix in prefixes)
+
+    return jax.tree_util.tree_map_with_path(is_new, params)
+
+
+def scale_by_mask(multiplier: float, mask: Any | Callable[[Any], Any]
+                  ) -> optax.GradientTransformation:
+    """Multiplies the updates where ``mask`` (a tree of bools, or a function of the
+    params) is True by ``multiplier``; stateless. Chained after an optimizer whose update
+    is ``-learning_rate * direction`` (SGD with momentum, AdamW, weight decay included),
+    this is exactly a learning rate ``multiplier`` times larger for those parameters."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        flags = mask(updates) if callable(mask) else mask
+        factor = jnp.float32(multiplier)
+        scaled = jax.tree.map(lambda u, new: u * factor.astype(u.dtype) if new else u,
+                              updates, flags)
+        return scaled, state
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(options: Any, total_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping (``grad_clip`` > 0), then the named optimizer with its schedule
-    and weight decay on kernels only."""
+    and weight decay on kernels only, then (``head_lr_multiplier`` != 1) the head's
+    learning-rate multiplier (``head_modules``, default ``("head",)``)."""
     build = OPTIMIZERS.get(_get(options, "name", "sgd"))
     schedule = make_schedule(options, total_steps)
     weight_decay = float(_get(options, "weight_decay", 0.0) or 0.0)
     optimizer = build(options, schedule, weight_decay)
+    multiplier = float(_get(options, "head_lr_multiplier", 1.0) or 1.0)
+    if multiplier <= 0:
+        raise ValueError(f"config.optimizer.head_lr_multiplier={multiplier!r} must be positive")
+    if multiplier != 1.0:
+        modules = tuple(_get(options, "head_modules", ("head",)) or ("head",))
+        optimizer = optax.chain(
+            optimizer, scale_by_mask(multiplier, lambda tree: new_layer_mask(tree, modules)))
     clip = float(_get(options, "grad_clip", 0.0) or 0.0)
     if clip > 0:
         return optax.chain(optax.clip_by_global_norm(clip), optimizer)

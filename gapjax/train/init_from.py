@@ -1,0 +1,140 @@
+"""Fine-tuning: start a run from pretrained weights (``config.init_from``).
+
+``config.init_from`` is either
+
+* a weight file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``) in the torch naming of
+  ``config.model.name`` (torchvision / timm files, or one written by
+  ``gapjax.pretrained.save``), read through ``gapjax.pretrained``; or
+* a gapjax workdir: the parameters and BatchNorm statistics of its latest checkpoint.
+
+Everything outside the head must match the model exactly (names and shapes; a mismatch
+names the tensor and both shapes). The head is loaded when it fits; when only the
+classifier differs (another class count) the classifier keeps the run's fresh
+initialisation, and when the head itself differs (another pool or head type) the whole
+head does; one line says which. ``config.optimizer.head_lr_multiplier`` then gives the
+head its own learning rate (``gapjax.train.optim``).
+
+The weights are applied once, to a fresh run's initial state: a run that resumes from its
+own checkpoint never reads ``init_from`` again, so resuming stays exact. The optimizer
+state is initialised for the loaded parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from gapjax.train.state import TrainState
+
+logger = logging.getLogger(__name__)
+
+HEAD = "head"
+
+
+def _path(key_path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in key_path)
+
+
+def _flatten(tree: Any, collection: str) -> dict[str, Any]:
+    return {f"{collection}/{_path(p)}": leaf
+            for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _is_head(path: str) -> bool:
+    return path.split("/")[1:2] == [HEAD]
+
+
+def _from_workdir(directory: Path, fresh: Mapping[str, Any]
+                  ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Leaves from a gapjax run's latest checkpoint; head leaves that do not fit keep the
+    fresh initialisation (returned as the second item)."""
+    from gapjax.cam.cli import load_run
+
+    _, variables, step = load_run(str(directory))
+    source = {**_flatten(variables.get("params", {}), "params"),
+              **_flatten(variables.get("batch_stats", {}), "batch_stats")}
+    where = f"config.init_from={str(directory)!r} (step {step})"
+    loaded, kept = {}, []
+    for path, leaf in fresh.items():
+        found = source.get(path)
+        if found is not None and tuple(np.shape(found)) == tuple(leaf.shape):
+            loaded[path] = np.asarray(found)
+        elif _is_head(path):
+            kept.append(path)
+        elif found is None:
+            raise ValueError(f"{where} has no {path} (shape {tuple(leaf.shape)}); the run "
+                             "was trained with another model")
+        else:
+            raise ValueError(f"{where}: {path} has shape {tuple(np.shape(found))}; the model "
+                             f"expects {tuple(leaf.shape)}")
+    unexpected = sorted(p for p in source if p not in fresh and not _is_head(p))
+    if unexpected:
+        raise ValueError(f"{where} holds {len(unexpected)} tensors the model does not have "
+                         f"(e.g. {', '.join(unexpected[:5])}); it was trained with another model")
+    return loaded, kept
+
+
+def initial_leaves(init_from: str | Path, model_name: str, model: Any,
+                   fresh: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The leaves ``{"params/..": array, "batch_stats/..": array}`` to start from.
+
+    Args:
+      init_from: a weight file or a gapjax workdir.
+      model_name: the ``gapjax.models`` name whose torch naming the file uses.
+      model: the model being trained; ``fresh``: its freshly initialised leaves, by path.
+
+    Returns ``(loaded leaves, leaves that keep their fresh value)``.
+    """
+    from gapjax import pretrained
+
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        return _from_workdir(path, fresh)
+    if not path.is_file():
+        raise FileNotFoundError(f"config.init_from={str(init_from)!r}: no such weight file "
+                                "or gapjax workdir")
+    state = pretrained.read_state_dict(path)
+    shapes = {key: tuple(leaf.shape) for key, leaf in fresh.items()}
+    loaded, kept, _ = pretrained.load_leaves(model_name, model, state, skip_head="auto",
+                                             source=str(path), shapes=shapes)
+    return loaded, kept
+
+
+def initialize(state: TrainState, model: Any, tx: optax.GradientTransformation,
+               config: Any) -> TrainState:
+    """``state`` (a fresh run's initial state) with parameters and BatchNorm statistics from
+    ``config.init_from`` and a fresh optimizer state for them; every array keeps the
+    placement (sharding) of the one it replaces."""
+    fresh = {**_flatten(state.params, "params"), **_flatten(state.batch_stats, "batch_stats")}
+    loaded, kept = initial_leaves(config.init_from, config.model.name, model, fresh)
+    if kept:
+        modules = sorted({"/".join(p.split("/")[1:-1]) for p in kept if p.startswith("params/")})
+        logger.warning("init_from %s: %s re-initialised (the file's head does not fit the "
+                       "model's), %d tensors loaded", config.init_from, ", ".join(modules),
+                       len(loaded))
+    else:
+        logger.info("init_from %s: %d tensors loaded", config.init_from, len(loaded))
+
+    def replace(collection: str, tree: Any) -> Any:
+        def leaf(key_path, old):
+            new = loaded.get(f"{collection}/{_path(key_path)}")
+            if new is None:
+                return old
+            return jax.device_put(np.asarray(new, old.dtype), old.sharding)
+
+        return jax.tree_util.tree_map_with_path(leaf, tree)
+
+    params = replace("params", state.params)
+    batch_stats = replace("batch_stats", state.batch_stats)
+    opt_state = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding),
+                             tx.init(params), state.opt_state)
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+
+
+__all__ = ["initial_leaves", "initialize"]
