@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -215,9 +216,7 @@ class Checkpointer:
         """Cleans up after a failed save of ``step`` and describes it in one line."""
         self._failed = True
         path = self.directory / str(step if step is not None else "?")
-        # No save is in flight any more: every temporary directory is a failed one.
-        for temporary in self.directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(temporary, ignore_errors=True)
+        self._remove_temporaries()
         kept = [s for s in self._committed_steps() if step is None or s < step]
         previous = (f"the previous checkpoint (step {kept[-1]}) is kept" if kept
                     else "no earlier checkpoint exists")
@@ -226,6 +225,22 @@ class Checkpointer:
         return CheckpointSaveError(
             f"saving checkpoint {path} failed: {reason}; stopped; {previous}. Free space or "
             "fix the directory, then rerun the same command to resume", path, number)
+
+    def _remove_temporaries(self, settle: float = 0.3, timeout: float = 10.0) -> None:
+        """Removes the temporary directories of failed saves. Writers of the failed save's
+        other items may still be finishing in the background, so it repeats until none
+        has reappeared for ``settle`` seconds."""
+        deadline = time.monotonic() + timeout
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            temporaries = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
+            for temporary in temporaries:
+                shutil.rmtree(temporary, ignore_errors=True)
+            if temporaries:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= settle:
+                return
+            time.sleep(0.02)
 
     def _committed_steps(self) -> list[int]:
         if not self.directory.is_dir():
@@ -374,6 +389,8 @@ class Checkpointer:
             except Exception:
                 if not self._failed:
                     raise
+            if self._failed:
+                self._remove_temporaries(settle=0.0)
 
 
 def _tokens(path: tuple[Any, ...]) -> tuple[str, ...]:
