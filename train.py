@@ -72,7 +72,18 @@ def _initialize_distributed() -> None:
 
 def _fail(message: str, status: int = 1) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
+    _quiet_shutdown()
     sys.exit(status)
+
+
+def _quiet_shutdown() -> None:
+    """After an error already reported in one line: the asynchronous readers and writers
+    of a failed checkpoint operation may still be pending, and Python would print each
+    one's "Event loop is closed" as the interpreter shuts down."""
+    import threading
+
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
 
 
 def _load_config():
