@@ -84,6 +84,8 @@ V2_IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 PROTOCOLS = ("gapjax", "wsolevaluation")
 #: Mask value of pixels that count neither as foreground nor as background (PxAP).
 IGNORE = 255
+#: The side the reference scales ground-truth boxes to (its score maps are 224 x 224).
+REFERENCE_RESIZE_LENGTH = 224
 #: The reference's threshold step in its training script (``--cam_curve_interval``).
 REFERENCE_CAM_CURVE_INTERVAL = 0.001
 #: Map threshold for drawing one box per map (Zhou et al.'s 20 % of the maximum).
@@ -214,6 +216,7 @@ def iou_curves(
     thresholds: Any = None,
     protocol: str = "gapjax",
     image_sizes: Any = None,
+    box_size: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best IoU per image and threshold: ``(largest_component [N, T], any_component [N, T])``.
 
@@ -221,8 +224,9 @@ def iou_curves(
     the best box over all components (V2, multi-contour). 0 where the foreground is empty
     (``"gapjax"``). ``"wsolevaluation"``: the reference's contour boxes and pixel IoU
     (``reference_iou_curves``); ``image_sizes [N, 2]`` are the images' original ``(height,
-    width)`` when the boxes are to be scaled to the maps as the reference does (None: the
-    maps are the images). ``thresholds`` None: the protocol's default grid.
+    width)`` when the boxes are to be scaled as the reference does, to ``box_size`` (default
+    224 x 224, the reference's fixed size, whatever the maps' size); without
+    ``image_sizes`` the maps are the images. ``thresholds`` None: the protocol's default.
     """
     if thresholds is None:
         thresholds = default_thresholds(protocol)
@@ -230,7 +234,7 @@ def iou_curves(
     boxes = _gt_boxes(gt_boxes, len(maps))
     grid = _thresholds(thresholds)
     if _protocol(protocol) == "wsolevaluation":
-        truth = _reference_truth(boxes, maps.shape[1:], image_sizes)
+        truth = _reference_truth(boxes, maps.shape[1:], image_sizes, box_size)
         return reference_iou_curves(np.asarray(score_maps, np.float64).reshape(maps.shape),
                                     truth, grid)
     largest = np.zeros((len(maps), len(grid)))
@@ -735,13 +739,17 @@ def reference_pxap_from_histograms(foreground: Any, background: Any) -> float:
     return float(area * 100)
 
 
-def _reference_truth(gt_boxes: Any, map_shape: tuple[int, int], image_sizes: Any) -> list:
-    """gapjax normalised ``[N, M, 4]`` boxes -> the reference's int pixel boxes on the map.
+def _reference_truth(gt_boxes: Any, map_shape: tuple[int, int], image_sizes: Any,
+                     box_size: tuple[int, int] | None = None) -> list:
+    """gapjax normalised ``[N, M, 4]`` boxes -> the reference's int pixel boxes.
 
     With ``image_sizes [N, 2]`` (each image's original ``(height, width)``) a box goes back
-    to the original pixels (``boxes_to_reference``) and is scaled to the map with the
-    reference's truncation; without, the map is taken to be the original image.
+    to the original pixels (``boxes_to_reference``) and is scaled with the reference's
+    truncation to ``box_size`` (default ``REFERENCE_RESIZE_LENGTH`` squared, as the
+    reference does for any map); without, the map is taken to be the original image.
     """
+    if box_size is None:
+        box_size = (REFERENCE_RESIZE_LENGTH, REFERENCE_RESIZE_LENGTH)
     truth = []
     for index, boxes in enumerate(np.asarray(gt_boxes, np.float64)):
         real = boxes[(boxes >= 0).all(axis=1)]
@@ -750,7 +758,7 @@ def _reference_truth(gt_boxes: Any, map_shape: tuple[int, int], image_sizes: Any
         else:
             original = np.asarray(image_sizes[index], np.float64)
             pixels = boxes_to_reference(real, original)
-            truth.append(reference_resize_boxes(pixels, original, map_shape))
+            truth.append(reference_resize_boxes(pixels, original, box_size))
     return truth
 
 
@@ -929,7 +937,8 @@ class LocalizationEvaluator:
             return
         sizes = np.asarray(batch["image_size"])[real] if "image_size" in batch else None
         correct = (logits.argmax(axis=-1) == labels)[real, None]
-        largest, best = iou_curves(maps, boxes, self.thresholds, protocol, sizes)
+        box_size = tuple(np.shape(batch["image"])[1:3])  # the reference's 224 x 224 input
+        largest, best = iou_curves(maps, boxes, self.thresholds, protocol, sizes, box_size)
         cutoff = 0.5 if protocol == "wsolevaluation" else 0.5 - _IOU_SLACK  # 50 / 100 == 0.5
         localized = largest >= cutoff
         self._box_images += len(maps)
@@ -941,7 +950,8 @@ class LocalizationEvaluator:
             else:
                 self._localized_v2[row] += (best >= delta - _IOU_SLACK).sum(axis=0)
         if self.loc_threshold is not None:
-            at_fixed, _ = iou_curves(maps, boxes, [self.loc_threshold], protocol, sizes)
+            at_fixed, _ = iou_curves(maps, boxes, [self.loc_threshold], protocol, sizes,
+                                     box_size)
             fixed = at_fixed >= cutoff
             self._fixed += [fixed.sum(), (fixed & correct).sum()]
 
