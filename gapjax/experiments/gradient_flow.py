@@ -44,6 +44,7 @@ import ml_collections
 
 from gapjax import gradflow
 from gapjax.experiments import common
+from gapjax.train.metrics import read_metrics
 
 DATASET = "gapjax_multilabel_digits"
 #: The pools compared, in table order.
@@ -86,13 +87,6 @@ def make_config(pool: str = "gap", quick: bool = False) -> ml_collections.Config
     config.gradflow_every = settings["gradflow_every"]
     config.log_every = settings["gradflow_every"]
     return config
-
-
-def _read_metrics(workdir: Path) -> list[dict[str, Any]]:
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def training_curves(records: list[dict[str, Any]], key: str = "train/grad_coverage"
@@ -212,7 +206,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
         config = make_config(pool, quick)
         workdir = out_dir / "runs" / pool
         result = common.train(config, workdir)
-        records = _read_metrics(workdir)
+        records = read_metrics(workdir)
         curves[pool] = training_curves(records)
         early_curves[pool] = training_curves(records, "train/grad_early_coverage")
         final = final_diagnostics(result, config, SETTINGS[bool(quick)]["diagnostic_batches"])

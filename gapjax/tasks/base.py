@@ -1,12 +1,10 @@
 """The task interface and the ``TASKS`` registry.
 
-A task says what a model learns from a batch: which part of the batch the model reads
-(``model_inputs``), the per-example loss, the per-example metrics the steps sum over the
-evaluation split, and what evaluation adds from every example's logits (mean average
-precision, say). The training loop and the step functions call these methods and never
-ask which task they run, so a new task is one new module registering a ``Task`` subclass.
-
-Every dataset names its task (``DatasetSpec.task``, ``DatasetInfo.task``); the loop builds
+A task says what a model learns from a batch: what the model reads (``model_inputs``),
+the per-example loss, the per-example metrics summed over the evaluation split, and what
+evaluation adds from every example's logits (mean average precision, say). The loop and
+the steps only call these methods, so a new task is one module registering a subclass.
+A dataset names its task (``DatasetSpec.task``); the loop builds
 ``TASKS.get(info.task)(num_classes=info.num_classes, label_smoothing=...)``.
 """
 
@@ -26,22 +24,16 @@ Batch = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class Task(abc.ABC):
-    """A learning task: loss, metrics and evaluation of one kind of labels.
-
-    Task objects are frozen (hashable) and hold only Python values, so the jitted steps
-    close over them.
+    """A learning task; frozen and hashable, so jitted steps close over it.
 
     Attributes:
       num_classes: ``K``, the width of the logits.
       label_smoothing: ``s`` of the training loss, for tasks that smooth labels (0 = off).
-
-    Class attributes:
-      rows_split: True when a batch is a stack of independent rows, which the input
-        pipeline may split over processes and devices; False for packed batches (graphs).
-      spatial_inputs: True when the model reads images ``[b, H, W, C]`` and so has a
+      rows_split: (class) a batch is a stack of independent rows, which may be split over
+        processes and devices; False for packed batches (graphs).
+      spatial_inputs: (class) the model reads images ``[b, H, W, C]``, so it has a
         spatial feature map (what ``gapjax.gradflow`` measures).
-      keeps_outputs: True when ``summarize`` needs every evaluation example's logits and
-        labels (the loop then gathers them on the host).
+      keeps_outputs: (class) ``summarize`` needs every evaluation example's logits.
     """
 
     num_classes: int
@@ -57,8 +49,7 @@ class Task(abc.ABC):
                              "lie in [0, 1)")
 
     def model_inputs(self, batch: Batch) -> Any:
-        """What the model's ``__call__`` takes from ``batch``: ``image [b, H, W, C]``
-        (jit-safe indexing)."""
+        """What the model's ``__call__`` takes from ``batch`` (jit-safe): ``image``."""
         return batch["image"]
 
     def init_inputs(self, batch: Batch) -> Any:
@@ -67,7 +58,7 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def losses(self, logits: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
-        """Per-example loss ``[b]`` (float32) of ``logits [b, K]``; ``train`` applies the
+        """Per-example loss ``[b]`` float32 of ``logits [b, K]``; ``train`` adds the
         training-only terms (label smoothing), so evaluation reports the plain loss."""
 
     @abc.abstractmethod
@@ -76,7 +67,7 @@ class Task(abc.ABC):
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        """The keys of ``example_metrics``: each is logged as ``eval/<key>``, the weighted
+        """The keys of ``example_metrics``, each logged as ``eval/<key>``: its weighted
         mean over the evaluation split."""
         return ("loss", "accuracy")
 
