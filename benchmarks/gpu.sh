@@ -16,6 +16,7 @@
 #   train_small          cnn (64x64) and ResNet-18 CIFAR stem (32x32), batch 256, bfloat16
 #   se_overhead          SE-ResNet-50 / ResNet-50 train step time (target <= 1.05)
 #   cam_cost             CAM maps / forward time for ResNet-50 (target <= 0.10)
+#   train_vit_b16_bf16   ViT-B/16 (class token), 224x224, bfloat16, batch 256: images/s
 #   pooling              benchmarks/pooling.py: pools against x.sum() and HBM bandwidth
 set -uo pipefail
 
@@ -39,12 +40,14 @@ if [[ "$QUICK" != "0" ]]; then
   SMALL=()
   SE=()
   CAM=()
+  VIT=()
   POOL=(--quick)
 else
   BIG=(--batch 256 --repeats 20)
   SMALL=(--batch 256 --repeats 10)
   SE=(--batch 128 --repeats 10)
   CAM=(--batch 64 --repeats 10)
+  VIT=(--batch 256 --repeats 10)
   POOL=(--repeats 21)
 fi
 
@@ -80,6 +83,7 @@ else
 fi
 run_item se_overhead benchmarks/se_overhead.py --dtype bfloat16 "${SE[@]}"
 run_item cam_cost benchmarks/cam_cost.py --model resnet50 "${CAM[@]}"
+run_item train_vit_b16_bf16 benchmarks/train_throughput.py --model vit_b16 --dtype bfloat16 "${VIT[@]}"
 run_item train_small benchmarks/train_throughput.py --model cnn --model resnet18 --dtype bfloat16 "${SMALL[@]}"
 
 "$PYTHON" -c "

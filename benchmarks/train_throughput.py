@@ -8,11 +8,11 @@ FLOP rate (XLA's cost analysis of the compiled step) of ``gapjax.train.steps.tra
     python benchmarks/train_throughput.py [--model resnet18 ...] [--batch 64]
         [--dtype float32|bfloat16] [--image-size N] [--torch] [--quick] [--out FILE]
 
-Models: cnn (64x64x1, 10 classes), resnet18 (CIFAR stem, 32x32x3, 10 classes), resnet50
-and seresnet50 (224x224x3, 1000 classes). ``--torch`` also runs the PyTorch eager ResNet-18
-(``torch_resnet18.py``, in a subprocess) at the same batch and reports the ratio against
-the target "at least as fast as PyTorch eager". On a GPU, ResNet-50 bfloat16 is reported
-against 3,000 images/s (one H100).
+Models: cnn (64x64x1, 10 classes), resnet18 (CIFAR stem, 32x32x3, 10 classes), resnet50,
+seresnet50 and vit_b16 (ViT-B/16, class token; 224x224x3, 1000 classes). ``--torch`` also
+runs the PyTorch eager ResNet-18 (``torch_resnet18.py``, in a subprocess) at the same
+batch and reports the ratio against the target "at least as fast as PyTorch eager". On a
+GPU, ResNet-50 bfloat16 is reported against 3,000 images/s (one H100).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ BENCH_MODELS: dict[str, tuple[str, tuple[int, int, int], int, dict[str, Any]]] =
     "seresnet18": ("seresnet18", (32, 32, 3), 10, {"stem": "cifar"}),
     "resnet50": ("resnet50", (224, 224, 3), 1000, {}),
     "seresnet50": ("seresnet50", (224, 224, 3), 1000, {}),
+    "vit_b16": ("vit_b16", (224, 224, 3), 1000, {}),
 }
 DEFAULT_MODELS = ("cnn", "resnet18", "resnet50", "seresnet50")
 DTYPES = ("float32", "bfloat16")
@@ -64,7 +65,7 @@ def default_batch(name: str, platform: str, quick: bool) -> int:
         return 4
     if platform != "cpu":
         return 256
-    return 8 if name in ("resnet50", "seresnet50") else 64
+    return 8 if name in ("resnet50", "seresnet50", "vit_b16") else 64
 
 
 def synthetic_batch(batch: int, input_shape: tuple[int, ...], num_classes: int,
@@ -92,6 +93,8 @@ def build_train_step(name: str, *, batch: int, dtype: str, image_size: int | Non
     registry_name, input_shape, num_classes, kwargs = BENCH_MODELS[name]
     if image_size is not None:
         input_shape = (image_size, image_size, input_shape[2])
+    if registry_name.startswith("vit_"):  # learned position embeddings fix the input size
+        kwargs = {**kwargs, "image_size": input_shape[0]}
     model = models.get(registry_name, num_classes=num_classes, dtype=dtype,
                        **{**kwargs, **(extra_kwargs or {})})
     tx = optim.make_optimizer(OPTIMIZER, total_steps=1000)

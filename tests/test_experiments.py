@@ -208,7 +208,7 @@ def test_report_only_selects_and_rejects_unknown_sections(tmp_path):
 
 def test_report_sections_cover_every_claim():
     assert list(report.SECTION_MODULES) == ["heads", "cam", "weighted", "se", "gradflow",
-                                            "readouts", "benchmarks"]
+                                            "readouts", "vit", "benchmarks"]
 
 
 # --------------------------------------------------------------------------------------

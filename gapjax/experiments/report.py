@@ -16,6 +16,7 @@ Sections and the modules that produce them:
 * ``se``: Squeeze-and-Excitation (``gapjax.experiments.squeeze_excite``);
 * ``gradflow``: gradient flow of GAP vs GMP (``gapjax.experiments.gradient_flow``);
 * ``readouts``: graph readouts (``gapjax.experiments.readouts``);
+* ``vit``: ViT heads, class token vs GAP vs MAP vs GeM (``gapjax.experiments.vit_heads``);
 * ``benchmarks``: pooling against the memory-bound yardstick and CAM cost
   (``benchmarks/pooling.py`` at its full shapes and ``benchmarks/cam_cost.py``).
 
@@ -50,6 +51,7 @@ SECTION_MODULES: dict[str, str] = {
     "se": "gapjax.experiments.squeeze_excite",
     "gradflow": "gapjax.experiments.gradient_flow",
     "readouts": "gapjax.experiments.readouts",
+    "vit": "gapjax.experiments.vit_heads",
     "benchmarks": "gapjax.experiments.report",
 }
 TITLES = {
@@ -59,6 +61,7 @@ TITLES = {
     "se": "Squeeze-and-Excitation",
     "gradflow": "Gradient flow: GAP vs GMP",
     "readouts": "Graph readouts",
+    "vit": "ViT heads: class token vs GAP vs MAP",
     "benchmarks": "Benchmarks: pooling and CAM cost",
 }
 SECTION_KEYS = ("title", "claim", "method", "markdown", "numbers", "holds", "verdict", "figures")
