@@ -19,11 +19,11 @@ max readout over them partly recovers proportions). The Figure 3 table aggregate
 one-hot colours of each pair's neighbourhoods with sum / mean / max (and passes them
 through a randomly initialised GIN layer) and reports whether the two members differ.
 
-Two training loops train the same model on the same data. The quick mode uses a small
-jitted loop of its own over the dataset's pipeline hooks (``preprocess``, ``collate``) and
-the graph task's inputs, loss and accuracy, in which the 27 short runs share one compiled
-step per readout and every readout sees the same batches: about 1 minute of CPU time,
-against about 5 through
+Two training loops train the same model on the same data. The quick mode drives the
+training loop's step functions (``gapjax.train.steps`` with the graph task) over the
+dataset's pipeline hooks (``preprocess``, ``collate``) in a loop of its own, in which the 27
+short runs share one compiled step per readout and every readout sees the same batches:
+about 1 minute of CPU time, against about 5 through
 ``gapjax.train.run``, where each run compiles its own step and writes checkpoints. The
 full mode (or ``--loop shared``) trains every cell with ``gapjax.train.run``, exactly as
 ``train.py --config configs/graph_readout.py`` does.
@@ -46,6 +46,8 @@ import optax
 from gapjax import tasks
 from gapjax.graph import GraphBatch, batch_graphs, readout
 from gapjax.models import gnn
+from gapjax.train.state import create_train_state
+from gapjax.train.steps import eval_step, train_step, zero_eval_sums
 
 READOUT_NAMES = ("sum", "mean", "max")
 FAIL_MARGIN = 0.20
@@ -119,59 +121,36 @@ def evaluation_batches(examples: list, batch_size: int) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 
-def _weighted_loss_and_correct(task, logits, labels, weights):
-    total = jnp.maximum(weights.sum(), 1.0)
-    return ((task.losses(logits, labels, train=True) * weights).sum() / total,
-            (task.correct(logits, labels) * weights).sum())
-
-
 class ReadoutTrainer:
-    """Compiled train / eval steps for one GIN readout, reused across tasks and seeds."""
+    """The training loop's train / eval steps for one GIN readout, compiled once and reused
+    across tasks and seeds."""
 
     def __init__(self, readout_name: str, steps: int):
         from gapjax.data import graph_tasks
 
-        self.model = gnn.GIN(num_classes=graph_tasks.SPEC.num_classes, pool=readout_name,
-                             **MODEL)
+        self.task = tasks.get(graph_tasks.SPEC.task, num_classes=graph_tasks.SPEC.num_classes)
+        self.model = gnn.GIN(num_classes=self.task.num_classes, pool=readout_name, **MODEL)
         self.optimizer = optax.adamw(optax.cosine_decay_schedule(LEARNING_RATE, steps),
                                      weight_decay=WEIGHT_DECAY)
-        self.steps = steps
-        self.task = tasks.get(graph_tasks.SPEC.task, num_classes=graph_tasks.SPEC.num_classes)
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def _train_step(self, params, batch_stats, opt_state, batch):
-        def loss_fn(params):
-            logits, updates = self.model.apply(
-                {"params": params, "batch_stats": batch_stats}, self.task.model_inputs(batch),
-                train=True, mutable=["batch_stats"])
-            loss, _ = _weighted_loss_and_correct(self.task, logits, batch["label"],
-                                                 batch["weight"])
-            return loss, updates["batch_stats"]
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def _eval_step(self, variables, batch):
-        logits = self.model.apply(variables, self.task.model_inputs(batch), train=False)
-        return _weighted_loss_and_correct(self.task, logits, batch["label"], batch["weight"])[1]
+        self._train_step = jax.jit(functools.partial(
+            train_step, model=self.model, tx=self.optimizer, task=self.task))
+        self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, task=self.task))
 
     def fit(self, batches: list[dict], seed: int) -> dict[str, Any]:
         """Trains from scratch (initialisation from ``seed``), one step per batch; returns
         the variables."""
-        variables = self.model.init(jax.random.key(seed), self.task.model_inputs(batches[0]))
-        params, batch_stats = variables["params"], variables["batch_stats"]
-        opt_state = self.optimizer.init(params)
+        state = create_train_state(self.model, self.optimizer,
+                                   self.task.init_inputs(batches[0]), seed)
         for batch in batches:
-            params, batch_stats, opt_state, _ = self._train_step(
-                params, batch_stats, opt_state, batch)
-        return {"params": params, "batch_stats": batch_stats}
+            state = self._train_step(state, batch)
+        return state.variables()
 
     def accuracy(self, variables: dict[str, Any], batches: list[dict]) -> float:
         """Weighted accuracy over evaluation batches."""
-        correct = sum(float(self._eval_step(variables, batch)) for batch in batches)
-        return correct / sum(float(batch["weight"].sum()) for batch in batches)
+        sums = zero_eval_sums(self.task)
+        for batch in batches:
+            sums, _ = self._eval_step(variables, batch, sums)
+        return float(sums["accuracy"]) / float(sums["weight"])
 
 
 # --------------------------------------------------------------------------------------
