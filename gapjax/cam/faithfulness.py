@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -329,14 +329,24 @@ METRICS = {"deletion": False, "insertion": True, "road_morf": False, "road_lerf"
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "steps", "percentiles", "score"))
-def evaluate(model_fn: ModelFn, images: Array, maps: Array, targets: Array, key: Array,
-             steps: int = 16, percentiles: tuple[int, ...] = ROAD_PERCENTILES,
-             score: str = "probability") -> dict[str, Array]:
+def evaluate(model_fn: Callable[..., Array], images: Array, maps: Array, targets: Array,
+             key: Array, steps: int = 16, percentiles: tuple[int, ...] = ROAD_PERCENTILES,
+             score: str = "probability", variables: Any = None) -> dict[str, Array]:
     """Every metric per image (``[B]`` each, keys ``METRICS``), one compiled call.
 
     ``model_fn`` is static (hashable): pass the same function object to reuse the
-    compilation. ``road_morf`` / ``road_lerf`` are averaged over the percentiles.
+    compilation. With ``variables`` it is called as ``model_fn(variables, images)`` and the
+    variables stay arguments of the compiled call (not constants baked into it), e.g.
+    ``evaluate(apply_fn, ..., variables=variables)`` with
+    ``apply_fn = functools.partial(model.apply, train=False)``. ``road_morf`` /
+    ``road_lerf`` are averaged over the percentiles.
     """
+    if variables is not None:
+        bound = model_fn
+
+        def model_fn(images: Array) -> Array:
+            return bound(variables, images)
+
     road_scores = road(model_fn, images, maps, targets, key, percentiles, score=score)
     change = confidence_change(model_fn, images, maps, targets, score)
     return {
