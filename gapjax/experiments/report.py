@@ -12,6 +12,8 @@ Sections and the modules that produce them:
 
 * ``heads``: FC vs GAP heads (``gapjax.experiments.heads``);
 * ``cam``: CAM localization table (``gapjax.experiments.localization``);
+* ``cam_methods``: every CAM method's localization, faithfulness and cost
+  (``gapjax.experiments.cam_methods``);
 * ``weighted``: weighted / attention pooling (``gapjax.experiments.weighted_pooling``);
 * ``se``: Squeeze-and-Excitation (``gapjax.experiments.squeeze_excite``);
 * ``gradflow``: gradient flow of GAP vs GMP (``gapjax.experiments.gradient_flow``);
@@ -47,6 +49,7 @@ SectionFn = Callable[[Path, bool], dict[str, Any]]
 SECTION_MODULES: dict[str, str] = {
     "heads": "gapjax.experiments.heads",
     "cam": "gapjax.experiments.localization",
+    "cam_methods": "gapjax.experiments.cam_methods",
     "weighted": "gapjax.experiments.weighted_pooling",
     "se": "gapjax.experiments.squeeze_excite",
     "gradflow": "gapjax.experiments.gradient_flow",
@@ -57,6 +60,7 @@ SECTION_MODULES: dict[str, str] = {
 TITLES = {
     "heads": "Heads: FC vs GAP",
     "cam": "CAM and weakly supervised localization",
+    "cam_methods": "CAM methods: localization, faithfulness and cost",
     "weighted": "Weighted pooling",
     "se": "Squeeze-and-Excitation",
     "gradflow": "Gradient flow: GAP vs GMP",
