@@ -575,13 +575,19 @@ def _is_head(row: TorchTensor) -> bool:
     return any(leaf.split("/")[1:2] == ["head"] for leaf in row.leaves)
 
 
-def _file_num_classes(name: str, rows: Sequence[TorchTensor],
+def _file_num_classes(rows: Sequence[TorchTensor], shapes: Mapping[str, Shape],
                       state: Mapping[str, np.ndarray]) -> int | None:
-    """The class count a file was trained for (its classifier bias), if it has one."""
-    for row in rows:
-        if row.leaves == ("params/head/classifier/bias",) and row.key in state:
-            return int(state[row.key].shape[0])
-    return None
+    """The class count of the file's classifier, when the model's classifier reads the
+    same features (its kernel matches but for the class axis); None otherwise."""
+    kernel = next((r for r in rows if r.leaves == ("params/head/classifier/kernel",)), None)
+    bias = next((r for r in rows if r.leaves == ("params/head/classifier/bias",)), None)
+    if kernel is None or bias is None or kernel.key not in state or bias.key not in state:
+        return None
+    want = kernel.transform.torch_shape([shapes[leaf] for leaf in kernel.leaves])
+    found = np.shape(state[kernel.key])
+    if len(found) != len(want) or tuple(found[1:]) != tuple(want[1:]):
+        return None
+    return int(np.shape(state[bias.key])[0])
 
 
 def _initial_head(model: Any, abstract: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
@@ -677,6 +683,9 @@ def load_leaves(
             parts.append(f"{len(missing)} missing ({_sample(missing)})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected ({_sample(unexpected)})")
+        head_roots = {row.key.split(".")[0] for row in rows if _is_head(row)}
+        if all(key.split(".")[0] in head_roots for key in missing | unexpected):
+            parts.append("only the head differs: reinit_head=True loads the rest")
         raise ValueError(
             f"{source} does not hold a {name} in {layout.source}'s naming: keys "
             + "; ".join(parts)
@@ -745,12 +754,14 @@ def load(
     """
     state = read_state_dict(path)
     model = _build(name, 1000 if num_classes is None else num_classes, model_kwargs)
-    rows = _checked_tensors(name, flatten_shapes(_abstract_variables(model)))
-    file_classes = _file_num_classes(name, rows, state)
+    shapes = flatten_shapes(_abstract_variables(model))
+    file_classes = _file_num_classes(_checked_tensors(name, shapes), shapes, state)
     classes = num_classes if num_classes is not None else file_classes
     if classes is None:
-        raise ValueError(f"{path}: no classifier found to infer num_classes from; pass "
-                         "num_classes=K (the classifier is then re-initialised)")
+        if reinit_head:
+            raise ValueError(f"{path}: its head does not fit the model's, so it does not "
+                             "tell the class count; pass num_classes=K with reinit_head=True")
+        classes = model.num_classes  # the strict check below names what does not fit
     if int(classes) != model.num_classes:
         model = _build(name, classes, model_kwargs)
     skip = None
@@ -758,11 +769,16 @@ def load(
         skip = "head"
         logger.warning("%s: the head is re-initialised (reinit_head=True, seed %d); the "
                        "file's head tensors are not used", name, seed)
-    elif file_classes is None or int(classes) != file_classes:
+    elif file_classes is not None and int(classes) != file_classes:
         skip = "classifier"
-        logger.warning("%s: %s has %s classes, the model %d: the classifier "
+        logger.warning("%s: %s has %d classes, the model %d: the classifier "
                        "(head/classifier) is re-initialised (seed %d)",
                        name, Path(path).name, file_classes, int(classes), seed)
+    elif file_classes is None and not any(
+            _is_classifier(row) and row.key in state for row in _checked_tensors(name, shapes)):
+        skip = "classifier"
+        logger.warning("%s: %s has no classifier: head/classifier is initialised for %d "
+                       "classes (seed %d)", name, Path(path).name, int(classes), seed)
     variables = variables_from_state_dict(name, model, state, skip_head=skip, seed=seed,
                                           source=str(path))
     return model, variables

@@ -233,3 +233,21 @@ def test_layout_table_names_torch_keys_shapes_and_transforms():
     assert rows["classifier.6.weight"][0] == (1000, 4096)
     se = {key: transform for key, _, _, transform in pretrained.describe("seresnet50")}
     assert se["layer4.2.se.fc1.weight"] == "conv1x1_dense" and se["fc.weight"] == "dense"
+
+
+def test_reinit_head_puts_a_gap_head_on_a_torchvision_vgg_trunk(tmp_path, caplog):
+    _, safetensors = save_both(torch_model("vgg11", narrow=True), tmp_path)
+    _, fc = pretrained.load("vgg11", safetensors, fc_widths=(NARROW_HEAD, NARROW_HEAD))
+    with pytest.raises(ValueError, match=r"4 unexpected \(classifier\.3\.bias.*; only the head "
+                                         r"differs: reinit_head=True loads the rest"):
+        pretrained.load("vgg11", safetensors, head="gap")
+    with pytest.raises(ValueError, match=r"pass num_classes=K with reinit_head=True"):
+        pretrained.load("vgg11", safetensors, head="gap", reinit_head=True)
+    with caplog.at_level(logging.WARNING, logger="gapjax.pretrained"):
+        model, gap = pretrained.load("vgg11", safetensors, head="gap", reinit_head=True,
+                                     num_classes=1000)
+    assert "the head is re-initialised" in caplog.records[-1].getMessage()
+    assert model.head == "gap"
+    assert gap["params"]["head"]["classifier"]["kernel"].shape == (512, 1000)
+    del gap["params"]["head"], fc["params"]["head"]
+    assert_trees_equal(gap, fc)
