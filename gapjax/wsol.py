@@ -62,6 +62,9 @@ of Choe et al. (github.com/clovaai/wsolevaluation, ``evaluation.py``), in its un
   interpolation and min-max normalises it (constant or NaN maps become all zeros),
   where the gapjax protocol resizes bilinearly in JAX.
 
+``evaluate_scoremaps`` / ``python -m gapjax.wsol`` score saved ``.npy`` maps against a
+benchmark's metadata the way the reference's ``evaluation.py`` does.
+
 Box convention shared by both protocols: the reference's pixel-inclusive box ``x0..x1`` on
 a ``W``-pixel axis is ``(x0 / W, (x1 + 1) / W)`` in gapjax's normalised coordinates
 (``boxes_from_reference``), and ``boxes_to_reference`` maps it back exactly.
@@ -1040,3 +1043,105 @@ class LocalizationEvaluator:
             for delta, value in zip(V2_IOU_THRESHOLDS, per_iou):
                 metrics[f"max_box_acc_v2_iou{_percent(delta)}"] = float(value)
         return metrics
+
+
+# --------------------------------------------------------------------------------------
+# Saved score maps against a benchmark's metadata (the reference's evaluation.py)
+# --------------------------------------------------------------------------------------
+
+
+def evaluate_scoremaps(
+    scoremap_root: str,
+    split_dir: str,
+    kind: str = "boxes",
+    mask_root: str | None = None,
+    cam_curve_interval: float = 0.01,
+    multi_contour: bool = True,
+    multi_iou: bool = True,
+    iou_thresholds: tuple[float, ...] = V2_IOU_THRESHOLDS,
+) -> dict[str, float]:
+    """Scores saved maps exactly as the reference's ``evaluation.py`` does.
+
+    Args:
+      scoremap_root: folder of ``<image_id>.npy`` maps (``[H, W]`` in ``[0, 1]``; the
+        reference's naming: ``c/x.jpg`` -> ``c/x.jpg.npy``).
+      split_dir: the split's metadata folder (``metadata/CUB/test``), read with
+        ``gapjax.data.wsol_benchmarks.read_metadata``.
+      kind: ``"boxes"`` (CUB, ILSVRC: MaxBoxAcc) or ``"masks"`` (OpenImages: PxAP).
+      mask_root: the folder mask paths are relative to (``dataset/OpenImages``).
+      cam_curve_interval: the threshold step (its command line's default 0.01).
+      multi_contour / multi_iou: MaxBoxAccV2's two switches (both on: MaxBoxAccV2).
+      iou_thresholds: the IoU list (30, 50, 70 %).
+
+    Returns ``{"localization": ..., "max_box_acc_iou30": ...}`` (percentages): the
+    reference's ``localization`` is the mean over ``iou_thresholds`` when ``multi_iou``,
+    else the value at IoU 0.5; for masks, ``{"localization": PxAP, "pxap": PxAP}``.
+    """
+    import os
+
+    from gapjax.data.wsol_benchmarks import read_metadata, reference_mask
+
+    meta = read_metadata(split_dir, kind)
+    grid = reference_thresholds(cam_curve_interval)
+    size = (REFERENCE_RESIZE_LENGTH, REFERENCE_RESIZE_LENGTH)
+
+    def load(image_id):
+        return np.load(os.path.join(scoremap_root, image_id + ".npy"))
+
+    if kind == "masks":
+        if meta.masks is None or mask_root is None:
+            raise ValueError("mask evaluation needs localization.txt mask lines and mask_root")
+        foreground = background = 0.0
+        for image_id, (paths, ignore) in zip(meta.image_ids, meta.masks):
+            mask = reference_mask(mask_root, paths, ignore, REFERENCE_RESIZE_LENGTH)
+            counts = reference_pixel_histograms(load(image_id)[None], mask[None], grid)
+            foreground, background = foreground + counts[0], background + counts[1]
+        value = reference_pxap_from_histograms(foreground, background)
+        return {"localization": value, "pxap": value}
+    if meta.boxes is None or meta.sizes is None:
+        raise ValueError(f"{split_dir} needs localization.txt boxes and image_sizes.txt")
+    counts = np.zeros((len(iou_thresholds), len(grid)))
+    for image_id, boxes, (width, height) in zip(meta.image_ids, meta.boxes, meta.sizes):
+        truth = reference_resize_boxes(np.asarray(boxes), (height, width), size)
+        largest, every = reference_iou_curves([load(image_id)], [truth], grid)
+        ious = every if multi_contour else largest
+        for row, delta in enumerate(iou_thresholds):
+            counts[row] += reference_correct_counts(ious, delta)
+    per_iou = [reference_accuracy(row, len(meta.image_ids)).max() for row in counts]
+    metrics = {f"max_box_acc_iou{_percent(d)}": float(v) for d, v in zip(iou_thresholds, per_iou)}
+    if multi_iou:
+        metrics["localization"] = float(np.average(per_iou))
+    else:
+        metrics["localization"] = float(per_iou[[_percent(d) for d in iou_thresholds].index(50)])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """``python -m gapjax.wsol --scoremap_root DIR --metadata_root metadata --dataset_name CUB
+    --split test``: the reference's evaluation command line, computed by gapjax."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--scoremap_root", required=True)
+    parser.add_argument("--metadata_root", default="metadata/")
+    parser.add_argument("--mask_root", default="dataset/",
+                        help="the folder holding OpenImages/ (as the reference's)")
+    parser.add_argument("--dataset_name", required=True, choices=("CUB", "ILSVRC", "OpenImages"))
+    parser.add_argument("--split", required=True, choices=("train", "val", "test"))
+    parser.add_argument("--cam_curve_interval", type=float, default=0.01)
+    parser.add_argument("--box_v1_metric", action="store_true",
+                        help="MaxBoxAcc (largest contour, IoU 50) instead of MaxBoxAccV2")
+    args = parser.parse_args(argv)
+    masks = args.dataset_name == "OpenImages"
+    result = evaluate_scoremaps(
+        args.scoremap_root, os.path.join(args.metadata_root, args.dataset_name, args.split),
+        "masks" if masks else "boxes", os.path.join(args.mask_root, "OpenImages"),
+        args.cam_curve_interval, not args.box_v1_metric, not args.box_v1_metric)
+    for key, value in result.items():
+        print(f"{key}: {value!r}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

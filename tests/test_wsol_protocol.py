@@ -379,3 +379,42 @@ def test_evaluator_reproduces_the_reference_pipeline_from_raw_maps():
     assert result["pxap"] == oracle_pxap(maps, masks, taus)
     overlay = evaluator.overlay()
     assert overlay.dtype == np.uint8 and overlay.shape == (7, 21, 3)
+
+
+# ----------------------------------------------------------------------------- saved maps
+
+
+def test_saved_score_maps_against_metadata_like_evaluation_py(tmp_path, capsys):
+    rng = np.random.default_rng(9)
+    sizes_wh, _ = random_boxes(rng, 5)
+    maps = random_maps(rng, 5, (224, 224))
+    boxes = []  # the box of each map's high region, at its image's size: mostly found
+    for score_map, (width, height) in zip(maps, sizes_wh):
+        rows, cols = np.nonzero(score_map > 0.6 * score_map.max()) if score_map.any() else \
+            ([0, 10], [0, 10])
+        boxes.append([[int(min(cols) * width / 224), int(min(rows) * height / 224),
+                       int(max(cols) * width / 224), int(max(rows) * height / 224)]])
+    split = tmp_path / "metadata" / "CUB" / "test"
+    split.mkdir(parents=True)
+    ids = [f"{index % 2:03d}.bird/image_{index}.jpg" for index in range(5)]
+    (split / "image_ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    (split / "class_labels.txt").write_text("".join(f"{i},0\n" for i in ids))
+    (split / "image_sizes.txt").write_text("".join(f"{i},{w},{h}\n"
+                                                   for i, (w, h) in zip(ids, sizes_wh)))
+    (split / "localization.txt").write_text("".join(
+        f"{i},{x0},{y0},{x1},{y1}\n" for i, bs in zip(ids, boxes) for x0, y0, x1, y1 in bs))
+    for image_id, score_map in zip(ids, maps):
+        path = tmp_path / "maps" / f"{image_id}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, score_map)
+    taus = list(np.arange(0, 1, 0.01))
+    v2 = oracle_max_box_acc(maps, boxes, sizes_wh, taus, [30, 50, 70], multi=True)
+    v1 = oracle_max_box_acc(maps, boxes, sizes_wh, taus, [50], multi=False)
+    got = wsol.evaluate_scoremaps(str(tmp_path / "maps"), str(split))
+    assert got["localization"] == np.average(v2)
+    assert [got[f"max_box_acc_iou{p}"] for p in (30, 50, 70)] == v2
+    result = wsol.main(["--scoremap_root", str(tmp_path / "maps"), "--metadata_root",
+                        str(tmp_path / "metadata"), "--dataset_name", "CUB", "--split", "test",
+                        "--box_v1_metric"])
+    assert result["localization"] == v1[0] and 0 < v1[0] < 100 and 0 < np.average(v2) < 100
+    assert f"localization: {float(v1[0])!r}" in capsys.readouterr().out
