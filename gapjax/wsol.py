@@ -849,7 +849,8 @@ class LocalizationEvaluator:
 
     Batches need ``image [b, H, W, C]``, ``label [b]`` and ``bbox [b, M, 4]``; rows with
     ``weight == 0`` (padding) are skipped. ``segmentation [b, H, W]``: 1 foreground,
-    0 background, 255 ignored. ``variables`` are unreplicated. The first ``overlay_images``
+    0 background, 255 ignored; a dataset with masks and no boxes (OpenImages) gets
+    ``pxap`` alone. ``variables`` are unreplicated. The first ``overlay_images``
     real images and their maps are kept for ``overlay()``.
     """
 
