@@ -19,7 +19,7 @@ from PIL import Image
 from test_pretrained import randomize_
 
 from gapjax import imagenet
-from gapjax.cam import cli
+from gapjax.cam import cli, make_map_fn
 
 
 def torchvision_eval(resize: int = 256, crop: int = 224):
@@ -32,6 +32,8 @@ def torchvision_eval(resize: int = 256, crop: int = 224):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
+    """china.jpg and flower.jpg, and a portrait PNG in a subfolder (a folder is searched
+    recursively; 3 images make a padded second batch of 2)."""
     from sklearn.datasets import load_sample_image
 
     directory = tmp_path_factory.mktemp("photos")
@@ -40,7 +42,10 @@ def photos(tmp_path_factory):
         path = directory / name
         Image.fromarray(load_sample_image(name)).save(path, quality=92)
         paths.append(path)
-    return paths
+    (directory / "more").mkdir()
+    portrait = directory / "more" / "portrait.png"
+    Image.fromarray(load_sample_image("flower.jpg")[:, 100:400]).save(portrait)
+    return [*paths, portrait]
 
 
 def test_eval_transform_equals_torchvision_bit_for_bit(photos):
@@ -73,13 +78,21 @@ def test_class_names_come_from_installed_packages_in_imagenet_order():
 
 def test_image_paths_expand_folders_and_name_missing_files(photos, tmp_path):
     assert imagenet.image_paths([photos[0].parent]) == sorted(photos)
+    assert imagenet.image_paths([photos[2], photos[0]]) == [photos[2], photos[0]]
     with pytest.raises(FileNotFoundError, match=r"--image '.*nothing\.jpg' does not exist"):
         imagenet.image_paths([tmp_path / "nothing.jpg"])
     with pytest.raises(ValueError, match=r"no image files"):
         imagenet.image_paths([tmp_path])
 
 
-def test_cli_top1_equals_torch_on_real_photos(photos, tmp_path, capsys):
+def test_cli_top1_equals_torch_on_real_photos(photos, tmp_path, capsys, monkeypatch):
+    made = []
+
+    def recording_make_map_fn(*args, **kwargs):
+        made.append(make_map_fn(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(cli, "make_map_fn", recording_make_map_fn)
     reference = randomize_(import_torchvision().models.resnet18(), seed=7)
     from safetensors.torch import save_file
 
@@ -91,6 +104,7 @@ def test_cli_top1_equals_torch_on_real_photos(photos, tmp_path, capsys):
                         str(weights), "--topk", "3", "--batch_size", "2", "--out", str(out),
                         "--json"])
     printed = json.loads(capsys.readouterr().out)
+    assert len(made) == 1 and made[0].jitted._cache_size() == 1  # 2 batches, 1 program
     assert printed == json.loads(json.dumps(results))
     assert [entry["path"] for entry in printed] == [str(p) for p in sorted(photos)]
 
@@ -110,7 +124,8 @@ def test_cli_top1_equals_torch_on_real_photos(photos, tmp_path, capsys):
             (item["probability"] for item in top), reverse=True)
         overlay = Image.open(entry["overlay"])
         assert overlay.format == "PNG" and overlay.width > 600 and overlay.height > 300
-    assert sorted(p.name for p in out.iterdir()) == ["china_cam.png", "flower_cam.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["china_cam.png", "flower_cam.png",
+                                                     "portrait_cam.png"]
 
 
 @pytest.mark.parametrize("argv, message", [
