@@ -14,18 +14,18 @@ with a GeM pool on a torchvision trunk).
 Extension point: ``LAYOUTS``
 ----------------------------
 The mapping between the two namings is data, in one place: a ``Layout`` per architecture
-family, registered in ``LAYOUTS`` under a model-name prefix (``"resnet"``,
-``"seresnet"``, ``"vgg"``; the longest registered prefix of a model name wins). A layout
-turns the gapjax variable tree (flattened to ``{"params/layer1_0/conv1/kernel": shape}``)
-into a list of ``TorchTensor(key, leaves, transform)`` rows: one torch state-dict key, the
-gapjax leaves it holds (usually one; a fused tensor such as a ViT's ``qkv`` may hold
-several) and the ``Transform`` between the two layouts (``CONV`` OIHW <-> HWIO, ``DENSE``
-[out, in] <-> [in, out], ``CONV1X1_DENSE`` for timm's 1x1-conv SE layers, ``FlattenDense``
-for a dense layer after an NCHW flatten, ``COUNTER`` for BatchNorm's
-``num_batches_tracked``, which gapjax does not keep). Most layouts are written as module
-renames (regex on the gapjax module path -> torch module path) plus per-module kernel
-transforms, and ``Layout.tensors`` fills in the leaf names (kernel -> weight, scale ->
-weight, mean -> running_mean, ...). A new family (e.g. ``vit_`` in timm's naming) adds
+family, registered in ``LAYOUTS`` under a model-name prefix (``"resnet"``, ``"seresnet"``,
+``"vgg"``, ``"vit_"``; the longest registered prefix of a model name wins). A layout turns
+the gapjax variable tree (flattened to ``{"params/layer1_0/conv1/kernel": shape}``) into a
+list of ``TorchTensor(key, leaves, transform)`` rows: one torch state-dict key, the gapjax
+leaves it holds (usually one; a fused tensor such as a ViT's ``qkv`` may hold several) and
+the ``Transform`` between the two layouts (``CONV`` OIHW <-> HWIO, ``DENSE`` [out, in] <->
+[in, out], ``CONV1X1_DENSE`` for timm's 1x1-conv SE layers, ``FlattenDense`` for a dense
+layer after an NCHW flatten, ``COUNTER`` for BatchNorm's ``num_batches_tracked``, which
+gapjax does not keep). Most layouts are written as module renames (regex on the gapjax
+module path -> torch module path) plus per-module kernel transforms, and
+``Layout.tensors`` fills in the leaf names (kernel -> weight, scale -> weight, mean ->
+running_mean, ...). A new family (e.g. ``vit_`` in timm's naming) adds
 
     LAYOUTS.add("vit_", Layout(source="timm", renames=..., kernels=..., tensors_fn=...))
 
