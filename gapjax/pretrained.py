@@ -30,7 +30,7 @@ running_mean, ...). A new family (e.g. ``vit_`` in timm's naming) adds
     LAYOUTS.add("vit_", Layout(source="timm", renames=..., kernels=..., tensors_fn=...))
 
 where ``tensors_fn(shapes) -> list[TorchTensor]`` may replace the generic builder
-entirely. ``describe(name)`` prints a model's table (torch key, shape, gapjax leaves,
+entirely. ``describe(name)`` returns a model's table (torch key, shape, gapjax leaves,
 transform).
 """
 
