@@ -455,3 +455,30 @@ def test_tensorboard_is_an_extra_and_documented():
     assert any(req.startswith("tensorboard") for req in
                project["optional-dependencies"]["tensorboard"])
     assert 'pip install -e ".[tensorboard]"' in (train_runs.REPO / "README.md").read_text()
+
+
+def test_fresh_keeps_other_files_and_fork_refuses_a_directory_with_another_run(tmp_path):
+    from gapjax.train.workdir import clear_run, open_workdir
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "4").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 4}\n')
+    (run_dir / "notes.txt").write_text("mine")
+    assert clear_run(run_dir) == ["checkpoints", "metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+
+    config = {"model": {"pool": "gap"}, "total_steps": 4}
+    other = tmp_path / "other"
+    (other / "checkpoints" / "8").mkdir(parents=True)
+    (run_dir / "checkpoints" / "4").mkdir(parents=True)
+    with pytest.raises(WorkdirError, match=f"--fork: {re.escape(str(other))} already holds "
+                                           "another run"):
+        with open_workdir(other, config, fork_from=run_dir):
+            pass
+    with pytest.raises(WorkdirError, match="does not exist"):
+        with open_workdir(tmp_path / "new", config, fork_from=tmp_path / "missing"):
+            pass
+    with pytest.raises(WorkdirError, match="--fork needs a new directory"):
+        with open_workdir(run_dir, config, fork_from=run_dir):
+            pass
+    assert not (other / "lock").exists() and not (run_dir / "lock").exists()

@@ -45,6 +45,7 @@ CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 DAMAGED_DIR = "damaged_checkpoints"
+IMAGES_DIR = "images"
 
 # Keys that may change when a run is resumed: how long it trains, how often it logs,
 # evaluates and checkpoints, how it is displayed, where the prepared data lives and how
@@ -61,7 +62,8 @@ RESUMABLE_KEYS = (
     "dataset.data_dir",
 )
 
-_RUN_FILES = (CHECKPOINT_DIR, METRICS_FILE, TENSORBOARD_DIR, CONFIG_FILE, DAMAGED_DIR)
+_RUN_FILES = (CHECKPOINT_DIR, METRICS_FILE, TENSORBOARD_DIR, IMAGES_DIR, CONFIG_FILE,
+              DAMAGED_DIR)
 
 
 class WorkdirError(RuntimeError):
@@ -290,8 +292,9 @@ def read_record(workdir: str | Path) -> dict[str, Any] | None:
 
 
 def clear_run(workdir: str | Path) -> list[str]:
-    """Deletes the run's files in ``workdir`` (checkpoints, metrics, TensorBoard, config
-    record, set-aside damaged checkpoints); other files stay. Returns what was removed."""
+    """Deletes the run's files in ``workdir`` (checkpoints, metrics, TensorBoard, images,
+    config record, set-aside damaged checkpoints); other files stay. Returns what was
+    removed."""
     removed = []
     for name in _RUN_FILES:
         path = Path(workdir) / name
