@@ -365,6 +365,9 @@ def _bind(workdir: Path, current: dict[str, Any], *, eval_only: bool, chief: boo
         if eval_only:
             return Binding(workdir, current, [])
         if chief:
+            if started:
+                notice(f"{workdir} holds a run without a config record; recording this "
+                       f"config in {path}")
             _write_json_atomically(path, {"config": current, "forked_from": None,
                                           "resumed": []})
         return Binding(workdir, current, [])
