@@ -784,17 +784,19 @@ def localization_map_fn(
     return cam.make_map_fn(model, method, resize=resize, normalize=normalize)
 
 
-def overlay_grid(images: Any, maps: Any, boxes: Any = None, columns: int = 4) -> np.ndarray:
+def overlay_grid(images: Any, maps: Any, boxes: Any = None, columns: int = 4,
+                 predicted: Any = None) -> np.ndarray:
     """A picture of where a network looks: ``uint8 [rows * H, columns * W, 3]``.
 
     Each tile is an image (per-image min-max scaled to grey or colour) blended with its
     score map in a blue-to-red colour scale, ground-truth boxes (normalised ``[M, 4]`` per
-    image, padding rows ignored) drawn in green.
+    image, padding rows ignored) drawn in green and estimated boxes in white.
 
     Args:
       images: ``[N, H, W, C]`` (any range; C of 1 or 3).
       maps: ``[N, H, W]`` in ``[0, 1]``.
       boxes: optional ``[N, M, 4]`` normalised ``(ymin, xmin, ymax, xmax)``.
+      predicted: optional estimated boxes, a list of ``[n, 4]`` normalised per image.
     """
     images = np.asarray(images, np.float64)
     maps = np.clip(np.nan_to_num(np.asarray(maps, np.float64)), 0.0, 1.0)
@@ -809,15 +811,18 @@ def overlay_grid(images: Any, maps: Any, boxes: Any = None, columns: int = 4) ->
         shown = np.repeat(shown[..., :1], 3, axis=-1)
     heat = np.stack([maps, 1.0 - np.abs(2.0 * maps - 1.0), 1.0 - maps], axis=-1)
     tiles = 0.5 * shown + 0.5 * heat
-    if boxes is not None:
-        boxes = np.asarray(boxes, np.float64).reshape(count, -1, 4)
-        for tile, image_boxes in zip(tiles, boxes):
+    for drawn, colour in ((predicted, (1.0, 1.0, 1.0)), (boxes, (0.0, 1.0, 0.0))):
+        if drawn is None:
+            continue
+        for tile, image_boxes in zip(tiles, drawn):
+            image_boxes = np.asarray(image_boxes, np.float64).reshape(-1, 4)
             for box in image_boxes[(image_boxes >= 0).all(axis=1)]:
-                top, left = int(box[0] * height), int(box[1] * width)
+                top = min(height - 1, int(box[0] * height))
+                left = min(width - 1, int(box[1] * width))
                 bottom = min(height - 1, max(top, int(np.ceil(box[2] * height)) - 1))
                 right = min(width - 1, max(left, int(np.ceil(box[3] * width)) - 1))
-                tile[top:bottom + 1, [left, right]] = (0.0, 1.0, 0.0)
-                tile[[top, bottom], left:right + 1] = (0.0, 1.0, 0.0)
+                tile[top:bottom + 1, [left, right]] = colour
+                tile[[top, bottom], left:right + 1] = colour
     columns = max(1, min(columns, count))
     rows = -(-count // columns)
     grid = np.ones((rows * height, columns * width, 3))
@@ -968,7 +973,8 @@ class LocalizationEvaluator:
                                        if boxes is None else boxes[:missing])
 
     def overlay(self, columns: int = 4) -> np.ndarray | None:
-        """``overlay_grid`` of the kept images (None when none were kept)."""
+        """``overlay_grid`` of the kept images with their estimated boxes (V1, at the
+        fixed or calibrated threshold, the protocol's boxes); None when none were kept."""
         if not self._shown["image"] or not sum(len(p) for p in self._shown["image"]):
             return None
         width = max(part.shape[1] for part in self._shown["bbox"])
@@ -977,7 +983,13 @@ class LocalizationEvaluator:
         parts = {key: np.concatenate(value) for key, value in self._shown.items()
                  if key != "bbox"}
         parts["bbox"] = np.concatenate(padded)
-        return overlay_grid(parts["image"], parts["maps"], parts["bbox"], columns)
+        threshold = self.loc_threshold
+        if threshold is None:
+            threshold = self.calibrated_threshold() if self._box_images else None
+        predicted = None if threshold is None else [
+            boxes_from_score_map(score_map, threshold, protocol=self.protocol)
+            for score_map in parts["maps"]]
+        return overlay_grid(parts["image"], parts["maps"], parts["bbox"], columns, predicted)
 
     def _totals(self) -> dict[str, np.ndarray]:
         """The counts summed over processes (a collective when there are several)."""

@@ -212,3 +212,17 @@ def test_centre_baseline_finds_centred_boxes_only():
     scores = localization.baseline_scores(boxes, masks)
     assert scores["max_box_acc"] == pytest.approx(0.5)  # the centred box, not the corner one
     assert 0 < scores["pxap"] < 1
+
+
+def test_overlay_grid_draws_maps_true_and_estimated_boxes():
+    images = np.zeros((3, 8, 10, 1))
+    maps = np.zeros((3, 8, 10))
+    maps[:, 2:6, 3:7] = 1.0
+    truth = np.array([[[0.0, 0.0, 0.5, 0.5], [-1, -1, -1, -1]]] * 3)
+    grid = wsol.overlay_grid(images, maps, truth, columns=2,
+                             predicted=[wsol.boxes_from_score_map(m, 0.5) for m in maps])
+    assert grid.shape == (16, 20, 3) and grid.dtype == np.uint8
+    assert (grid[0, 0] == [0, 255, 0]).all()  # a true box's corner, in green
+    assert (grid[2, 3] == [255, 255, 255]).all()  # the estimated box's corner, in white
+    assert (grid[8:, 10:] == 255).all()  # the unused fourth tile stays blank
+    assert grid[4, 4, 0] > grid[4, 4, 2]  # hot map: red over blue
