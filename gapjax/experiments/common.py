@@ -26,6 +26,8 @@ import ml_collections
 import numpy as np
 
 from gapjax import tasks
+from gapjax.train import run
+from gapjax.train.defaults import base_config
 
 # --------------------------------------------------------------------------------------
 # Configs and training runs
@@ -53,8 +55,6 @@ def quick_config(
     checkpointing happen once, at the end. ``model_kwargs`` become ``config.model`` keys
     (``head``, ``pool``, ``attn``, ...); ``dataset_options`` become ``config.dataset`` keys.
     """
-    from gapjax.train.defaults import base_config
-
     if steps < 1:
         raise ValueError(f"quick_config: steps must be >= 1; got {steps}")
     config = base_config()
@@ -94,8 +94,6 @@ def train(config: ml_collections.ConfigDict, workdir: Path | str) -> Any:
     Two report sections that need the same model (the GAP cnn on cluttered digits is used
     by the heads and the weighted-pooling sections) train it once.
     """
-    from gapjax.train import run
-
     key = config_key(config)
     if key not in _RUNS:
         _RUNS[key] = run(config, str(workdir))

@@ -40,10 +40,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 
 from gapjax import gradflow
 from gapjax.experiments import common
+from gapjax.pooling import POOLS
 from gapjax.train.metrics import read_metrics
 
 DATASET = "gapjax_multilabel_digits"
@@ -72,8 +75,6 @@ def make_config(pool: str = "gap", quick: bool = False) -> ml_collections.Config
     ``configs/multilabel_pooling.py`` returns ``make_config(pool, quick=False)``; the
     experiment trains ``make_config(pool, quick)`` for every pool in ``POOLS_COMPARED``.
     """
-    from gapjax.pooling import POOLS
-
     if pool not in POOLS:
         raise ValueError(f"config.model.pool={pool!r} is not a pool; choose one of: "
                          f"{', '.join(POOLS.names(aliases=True))}")
@@ -106,9 +107,6 @@ def final_diagnostics(result: Any, config: ml_collections.ConfigDict,
 
     The batches have the size the training hook uses, so its compiled function is reused.
     """
-    import jax
-    import numpy as np
-
     from gapjax.data import dataset_info, make_iterator
 
     info = dataset_info(config.dataset)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from gapjax import models
 from gapjax.experiments import common
 
 #: (model, input shape, classes, model kwargs) whose heads are counted: the ImageNet
@@ -42,8 +43,6 @@ def head_parameters(name: str, input_shape: Sequence[int], num_classes: int,
                     head: str, **model_kwargs: Any) -> dict[str, int]:
     """Parameters of ``name`` with ``head``: ``{"head", "backbone", "total"}`` (exact counts,
     from the shapes only). The head is the submodule named ``head``."""
-    from gapjax import models
-
     model = models.get(name, num_classes=num_classes, head=head, **model_kwargs)
     params = common.abstract_variables(model, input_shape)["params"]
     head_count = common.parameter_count(params.get("head", {}))

@@ -44,8 +44,22 @@ import numpy as np
 import optax
 
 from gapjax import tasks
+from gapjax.experiments.common import (
+    PALETTE,
+    Stopwatch,
+    markdown_table,
+    new_figure,
+    quick_config,
+    records_table,
+    run_name,
+    save_figure,
+    section,
+    to_jsonable,
+    train,
+)
 from gapjax.graph import GraphBatch, batch_graphs, readout
 from gapjax.models import gnn
+from gapjax.train.metrics import last_value, read_metrics
 from gapjax.train.state import create_train_state
 from gapjax.train.steps import eval_step, train_step, zero_eval_sums
 
@@ -224,8 +238,6 @@ def shared_loop_config(readout_name: str, task: str, seed: int, settings: dict[s
                        data_dir: Path) -> Any:
     """The ``gapjax.train.run`` config of one cell: ``configs/graph_readout.py``'s model and
     optimizer with this experiment's sizes (the same run as ``train.py`` would do)."""
-    from gapjax.experiments.common import quick_config
-
     config = quick_config(
         "gapjax_graph_tasks", "gin", steps=settings["steps"],
         batch_size=settings["batch_size"], learning_rate=LEARNING_RATE,
@@ -241,9 +253,6 @@ def shared_loop_matrix(settings: dict[str, Any], data_dir: Path, runs_dir: Path,
     """Like ``accuracy_matrix``, each cell trained by ``gapjax.train.run`` (its own
     workdir with ``metrics.jsonl`` and checkpoints; final ``eval/accuracy``)."""
     from gapjax.data import graph_tasks
-    from gapjax.experiments.common import run_name, train
-    from gapjax.train.metrics import last_value, read_metrics
-
     matrix: dict[str, dict[str, list[float]]] = {name: {} for name in READOUT_NAMES}
     for name in READOUT_NAMES:
         for task in graph_tasks.TASKS:
@@ -273,8 +282,6 @@ def failure_checks(matrix: dict[str, dict[str, list[float]]]) -> list[dict[str, 
 
 
 def _matrix_markdown(matrix, tasks) -> str:
-    from gapjax.experiments.common import markdown_table
-
     rows = []
     for readout_name in READOUT_NAMES:
         row = [readout_name]
@@ -287,8 +294,6 @@ def _matrix_markdown(matrix, tasks) -> str:
 
 
 def _figure(matrix, tasks, out_dir: Path) -> str:
-    from gapjax.experiments.common import PALETTE, new_figure, save_figure
-
     fig, (ax,) = new_figure(width=6.0)
     width = 0.8 / len(READOUT_NAMES)
     positions = np.arange(len(tasks))
@@ -320,8 +325,6 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
     and the Figure 3 table.
     """
     from gapjax.data import graph_tasks
-    from gapjax.experiments.common import Stopwatch, records_table, section, to_jsonable
-
     watch = Stopwatch()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

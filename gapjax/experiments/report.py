@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -40,6 +42,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import jax
 
 from gapjax.experiments import common
 
@@ -83,8 +87,6 @@ ALWAYS_FULL = ("pooling.py",)
 
 def benchmark_helpers() -> Any:
     """``benchmarks/common.py`` as a module (it ships with the repository, not the package)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("gapjax_benchmarks_common",
                                                   BENCHMARKS_DIR / "common.py")
     if spec is None or spec.loader is None:
@@ -120,8 +122,6 @@ def run_benchmark_script(script: Path, out: Path, quick: bool,
 
 def _with_repo_on_path() -> dict[str, str]:
     """The environment with the repository root on PYTHONPATH (the scripts import gapjax)."""
-    import os
-
     env = dict(os.environ)
     root = str(BENCHMARKS_DIR.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -282,10 +282,6 @@ def slug(title: str) -> str:
 
 
 def machine_description() -> dict[str, Any]:
-    import os
-
-    import jax
-
     return {"processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "platform": jax.devices()[0].platform,
             "jax": jax.__version__, "python": platform.python_version(),

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from gapjax import models
 from gapjax.experiments import common
 
 #: The paper's figures (Hu et al. 2018, section 4 and Table 2).
@@ -75,8 +76,6 @@ def compare_accuracy(first: float, second: float, examples: int) -> str:
 def overhead_table(input_size: int = 224) -> dict[str, Any]:
     """Parameters and forward FLOPs of resnet50 and seresnet50 (1000 classes) and the
     relative overhead, next to the paper's figures."""
-    from gapjax import models
-
     shape = (input_size, input_size, 3)
     measured = {}
     for name in ("resnet50", "seresnet50"):
