@@ -72,8 +72,10 @@ a ``W``-pixel axis is ``(x0 / W, (x1 + 1) / W)`` in gapjax's normalised coordina
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -1063,6 +1065,109 @@ class LocalizationEvaluator:
 # --------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitMetadata:
+    """One split's annotations, in the order of ``image_ids.txt``.
+
+    Attributes:
+      image_ids: paths relative to the image root.
+      labels: class per image.
+      sizes: original ``(width, height)`` per image, or None (OpenImages has no file).
+      boxes: pixel-inclusive ``(x0, y0, x1, y1)`` boxes per image, or None.
+      masks: ``(mask paths, ignore path)`` per image, or None.
+    """
+
+    image_ids: tuple[str, ...]
+    labels: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...] | None
+    boxes: tuple[tuple[tuple[int, int, int, int], ...], ...] | None
+    masks: tuple[tuple[tuple[str, ...], str], ...] | None
+
+
+def _lines(path: str) -> list[list[str]]:
+    with open(path) as handle:
+        return [line.rstrip("\n").split(",") for line in handle if line.strip()]
+
+
+def read_metadata(split_dir: str | os.PathLike, kind: str = "boxes") -> SplitMetadata:
+    """Reads ``split_dir/{image_ids,class_labels,image_sizes,localization}.txt``.
+
+    ``kind``: ``"boxes"`` (localization lines ``id,x0,y0,x1,y1``), ``"masks"`` (``id,mask,
+    ignore``; later lines of an image add masks and leave the ignore path empty) or
+    ``"none"`` (no localization file is read).
+    """
+    split_dir = os.fspath(split_dir)
+    ids_path = os.path.join(split_dir, "image_ids.txt")
+    if not os.path.exists(ids_path):
+        raise FileNotFoundError(
+            f"no image_ids.txt in {split_dir!r}; config.dataset.metadata_root must be the "
+            "benchmark's metadata folder holding train/, val/ and test/ (the layout of "
+            "clovaai/wsolevaluation's metadata/<dataset>)")
+    image_ids = tuple(row[0] for row in _lines(ids_path))
+    label_of = {row[0]: int(row[1]) for row in _lines(os.path.join(split_dir,
+                                                                     "class_labels.txt"))}
+    missing = [image_id for image_id in image_ids if image_id not in label_of]
+    if missing:
+        raise ValueError(f"{split_dir}/class_labels.txt has no label for {missing[0]!r}")
+    sizes_path = os.path.join(split_dir, "image_sizes.txt")
+    sizes = None
+    if os.path.exists(sizes_path):
+        size_of = {row[0]: (int(row[1]), int(row[2])) for row in _lines(sizes_path)}
+        sizes = tuple(size_of[image_id] for image_id in image_ids)
+    boxes = masks = None
+    localization = os.path.join(split_dir, "localization.txt")
+    if kind == "boxes" and os.path.exists(localization):
+        box_of: dict[str, list[tuple[int, int, int, int]]] = {}
+        for row in _lines(localization):
+            x0, y0, x1, y1 = (int(value) for value in row[1:5])
+            box_of.setdefault(row[0], []).append((x0, y0, x1, y1))
+        boxes = tuple(tuple(box_of.get(image_id, ())) for image_id in image_ids)
+    elif kind == "masks" and os.path.exists(localization):
+        mask_of: dict[str, list[str]] = {}
+        ignore_of: dict[str, str] = {}
+        for image_id, mask, ignore in _lines(localization):
+            mask_of.setdefault(image_id, []).append(mask)
+            if image_id not in ignore_of:
+                ignore_of[image_id] = ignore
+        masks = tuple((tuple(mask_of.get(i, ())), ignore_of.get(i, "")) for i in image_ids)
+    elif kind not in ("boxes", "masks", "none"):
+        raise ValueError(f"kind={kind!r} is not one of: boxes, masks, none")
+    return SplitMetadata(image_ids, tuple(label_of[i] for i in image_ids), sizes, boxes, masks)
+
+
+def nearest_indices(source: int, target: int) -> np.ndarray:
+    """OpenCV's ``INTER_NEAREST`` source index of each of ``target`` pixels:
+    ``floor(i * (1 / (target / source)))``, clipped to the last pixel."""
+    inverse = 1.0 / (target / source)
+    return np.minimum(np.floor(np.arange(target) * inverse).astype(np.int64), source - 1)
+
+
+def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``array [h, w]`` resized like ``cv2.resize(..., INTER_NEAREST)`` without OpenCV."""
+    rows = nearest_indices(array.shape[0], height)
+    columns = nearest_indices(array.shape[1], width)
+    return array[rows[:, None], columns[None, :]]
+
+
+def reference_mask(mask_root: str, mask_paths: Sequence[str], ignore_path: str,
+                   size: int) -> np.ndarray:
+    """The reference's OpenImages ground truth at ``size x size``: uint8, 1 where any
+    instance mask is > 0.5 after the nearest resize, 255 on the ignore region minus the
+    foreground, 0 elsewhere."""
+    from PIL import Image
+
+    def load(path):
+        with Image.open(os.path.join(mask_root, path)) as image:
+            gray = np.asarray(image.convert("L"), np.float32)
+        return resize_nearest(gray, size, size) > 0.5
+
+    foreground = np.zeros((size, size), bool)
+    for path in mask_paths:
+        foreground |= load(path)
+    ignore = load(ignore_path) & ~foreground if ignore_path else np.zeros_like(foreground)
+    return foreground.astype(np.uint8) + np.uint8(IGNORE) * ignore.astype(np.uint8)
+
+
 def evaluate_scoremaps(
     scoremap_root: str,
     split_dir: str,
@@ -1079,7 +1184,7 @@ def evaluate_scoremaps(
       scoremap_root: folder of ``<image_id>.npy`` maps (``[H, W]`` in ``[0, 1]``; the
         reference's naming: ``c/x.jpg`` -> ``c/x.jpg.npy``).
       split_dir: the split's metadata folder (``metadata/CUB/test``), read with
-        ``gapjax.data.wsol_benchmarks.read_metadata``.
+        ``read_metadata``.
       kind: ``"boxes"`` (CUB, ILSVRC: MaxBoxAcc) or ``"masks"`` (OpenImages: PxAP).
       mask_root: the folder mask paths are relative to (``dataset/OpenImages``).
       cam_curve_interval: the threshold step (its command line's default 0.01).
@@ -1090,10 +1195,6 @@ def evaluate_scoremaps(
     reference's ``localization`` is the mean over ``iou_thresholds`` when ``multi_iou``,
     else the value at IoU 0.5; for masks, ``{"localization": PxAP, "pxap": PxAP}``.
     """
-    import os
-
-    from gapjax.data.wsol_benchmarks import read_metadata, reference_mask
-
     meta = read_metadata(split_dir, kind)
     grid = reference_thresholds(cam_curve_interval)
     size = (REFERENCE_RESIZE_LENGTH, REFERENCE_RESIZE_LENGTH)
@@ -1133,7 +1234,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """``python -m gapjax.wsol --scoremap_root DIR --metadata_root metadata --dataset_name CUB
     --split test``: the reference's evaluation command line, computed by gapjax."""
     import argparse
-    import os
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--scoremap_root", required=True)
