@@ -77,7 +77,7 @@ def _check_choices(config: Any) -> None:
                          f"{', '.join(DTYPES)}")
     models.MODELS.get(config.model.name)
     pool = config.model.get("pool")
-    if pool is not None:
+    if pool is not None and pool != "token":  # "token": a ViT's class token, not a pool
         POOLS.get(pool)
     OPTIMIZERS.get(config.optimizer.name)
     SCHEDULES.get(config.optimizer.get("schedule", "constant"))
