@@ -650,24 +650,36 @@ def load_leaves(
     skip_head: str | None = None,
     source: str = "the file",
     shapes: Mapping[str, Shape] | None = None,
+    new_modules: Sequence[str] = (),
 ) -> tuple[dict[str, np.ndarray], list[str], str | None]:
     """The gapjax leaves of ``model`` held by a torch ``state`` dict, checked strictly.
 
     ``skip_head``: None (load everything), ``"classifier"`` or ``"head"`` (leave those
     leaves out and ignore the file's tensors for them), or ``"auto"`` (the least of these
-    that fits the file). Returns ``(flat leaves {"params/..": array}, skipped leaf paths,
-    the resolved skip_head)``. ``shapes`` (``flatten_shapes`` of the model's variables)
-    defaults to the model traced at 224x224 (32x32 for the cifar stem). Raises ValueError
-    on missing or unexpected keys and on any shape mismatch, naming keys and shapes.
+    that fits the file). ``new_modules``: top-level gapjax modules a fine-tuning run adds
+    to the published network (WSOL's ``conv6_1`` on VGG-16); those the file does not hold
+    are skipped like the head, those it holds are loaded. Returns ``(flat leaves
+    {"params/..": array}, skipped leaf paths, the resolved skip_head)``. ``shapes``
+    (``flatten_shapes`` of the model's variables) defaults to the model traced at 224x224
+    (32x32 for the cifar stem). Raises ValueError on missing or unexpected keys and on any
+    shape mismatch, naming keys and shapes.
     """
     if shapes is None:
         shapes = flatten_shapes(_abstract_variables(model))
     rows = _checked_tensors(name, shapes)
+    absent_new = {row.key for row in rows if row.key not in state
+                  and any(leaf.split("/")[1:2] == [module] for leaf in row.leaves
+                          for module in new_modules)}
     if skip_head == "auto":
-        skip_head = _resolve_skip(rows, shapes, state)
-    skipped = {
+        skip_head = _resolve_skip([row for row in rows if row.key not in absent_new], shapes,
+                                  state)
+    head_skipped = {
         None: lambda row: False, "classifier": _is_classifier, "head": _is_head,
     }[skip_head]
+
+    def skipped(row: TorchTensor) -> bool:
+        return row.key in absent_new or head_skipped(row)
+
     used = [row for row in rows if not skipped(row)]
     dropped = {row.key for row in rows if skipped(row)}
     if skip_head == "head":  # the file's own head, whatever its shape

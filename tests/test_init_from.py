@@ -178,3 +178,26 @@ def test_resume_after_init_from_is_exact(weight_file, tmp_path):
     state = init_from.initialize(fresh, model, tx, config)
     for a, b in zip(jax.tree.leaves(state.variables()), jax.tree.leaves(straight.variables)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_new_layers_the_file_lacks_keep_their_fresh_init(tmp_path):
+    """WSOL's VGG-16 adds conv6_1: declared new (optimizer.head_modules), it starts fresh
+    while every published layer loads; undeclared, its absence is an error naming it."""
+    images = jnp.zeros((1, 32, 32, 3))
+    source = models.get("vgg16", num_classes=10, base_width=8, stem="cifar", head="gap")
+    published = source.init(jax.random.key(0), images)
+    path = tmp_path / "vgg16.safetensors"
+    pretrained.save("vgg16", published, path)
+    target = models.get("vgg16", num_classes=5, base_width=8, stem="cifar", head="gap",
+                        pool_after=(1, 2, 3, 4), extra_convs=(16,))
+    fresh = {f"params/{jax.tree_util.keystr(p, simple=True, separator='/')}": leaf
+             for p, leaf in jax.tree_util.tree_leaves_with_path(
+                 target.init(jax.random.key(1), images)["params"])}
+    with pytest.raises(ValueError, match=r"2 missing \(features\.31\.bias, features\.31\.weight"):
+        init_from.initial_leaves(path, "vgg16", target, fresh)
+    loaded, kept = init_from.initial_leaves(path, "vgg16", target, fresh, ("head", "conv6_1"))
+    assert sorted(kept) == ["params/conv6_1/bias", "params/conv6_1/kernel",
+                            "params/head/classifier/bias", "params/head/classifier/kernel"]
+    assert set(loaded) | set(kept) == set(fresh)
+    np.testing.assert_array_equal(loaded["params/conv5_3/kernel"],
+                                  published["params"]["conv5_3"]["kernel"])

@@ -8,7 +8,9 @@
 * a gapjax workdir: the parameters and BatchNorm statistics of its latest checkpoint.
 
 Everything outside the head must match the model exactly (names and shapes; a mismatch
-names the tensor and both shapes). The head is loaded when it fits; when only the
+names the tensor and both shapes), except the new layers a recipe declares in
+``config.optimizer.head_modules`` (WSOL's ``conv6_1`` on VGG-16): those the file lacks keep
+their fresh initialisation too. The head is loaded when it fits; when only the
 classifier differs (another class count) the classifier keeps the run's fresh
 initialisation, and when the head itself differs (another pool or head type) the whole
 head does; one line says which. ``config.optimizer.head_lr_multiplier`` then gives the
@@ -81,13 +83,16 @@ def _from_workdir(directory: Path, fresh: Mapping[str, Any]
 
 
 def initial_leaves(init_from: str | Path, model_name: str, model: Any,
-                   fresh: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
+                   fresh: Mapping[str, Any], new_modules: tuple[str, ...] = ()
+                   ) -> tuple[dict[str, np.ndarray], list[str]]:
     """The leaves ``{"params/..": array, "batch_stats/..": array}`` to start from.
 
     Args:
       init_from: a weight file or a gapjax workdir.
       model_name: the ``gapjax.models`` name whose torch naming the file uses.
       model: the model being trained; ``fresh``: its freshly initialised leaves, by path.
+      new_modules: top-level modules the run adds to the published network (the
+        optimizer's ``head_modules``); those a weight file lacks keep their fresh value.
 
     Returns ``(loaded leaves, leaves that keep their fresh value)``.
     """
@@ -102,7 +107,8 @@ def initial_leaves(init_from: str | Path, model_name: str, model: Any,
     state = pretrained.read_state_dict(path)
     shapes = {key: tuple(leaf.shape) for key, leaf in fresh.items()}
     loaded, kept, _ = pretrained.load_leaves(model_name, model, state, skip_head="auto",
-                                             source=str(path), shapes=shapes)
+                                             source=str(path), shapes=shapes,
+                                             new_modules=new_modules)
     return loaded, kept
 
 
@@ -112,12 +118,14 @@ def initialize(state: TrainState, model: Any, tx: optax.GradientTransformation,
     ``config.init_from`` and a fresh optimizer state for them; every array keeps the
     placement (sharding) of the one it replaces."""
     fresh = {**_flatten(state.params, "params"), **_flatten(state.batch_stats, "batch_stats")}
-    loaded, kept = initial_leaves(config.init_from, config.model.name, model, fresh)
+    new_modules = tuple(config.optimizer.get("head_modules", None) or ())
+    loaded, kept = initial_leaves(config.init_from, config.model.name, model, fresh,
+                                  new_modules)
     if kept:
         modules = sorted({"/".join(p.split("/")[1:-1]) for p in kept if p.startswith("params/")})
-        logger.warning("init_from %s: %s re-initialised (the file's head does not fit the "
-                       "model's), %d tensors loaded", config.init_from, ", ".join(modules),
-                       len(loaded))
+        logger.warning("init_from %s: %s freshly initialised (not in the file, or the file's "
+                       "head does not fit), %d tensors loaded", config.init_from,
+                       ", ".join(modules), len(loaded))
     else:
         logger.info("init_from %s: %d tensors loaded", config.init_from, len(loaded))
 
