@@ -346,10 +346,7 @@ def bar_chart(ax: Any, labels: Sequence[str], series: dict[str, Sequence[float]]
     for index, (name, values) in enumerate(series.items()):
         offsets = positions + (index - (count - 1) / 2) * width
         bars = ax.bar(offsets, values, width, label=name, color=PALETTE[index % len(PALETTE)])
-        for bar, value in zip(bars, values):
-            if value is not None and math.isfinite(value):
-                ax.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, value),
-                            ha="center", va="bottom", fontsize=8)
+        ax.bar_label(bars, [f"{v:.3g}" if math.isfinite(v) else "" for v in values], fontsize=8)
     ax.set_xticks(positions, labels)
     ax.set_ylabel(ylabel)
     if len(series) > 1:

@@ -249,9 +249,5 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
     )
 
 
-def main() -> None:
-    common.experiment_cli(run, __doc__, full_help="64x64 canvases, longer training")
-
-
 if __name__ == "__main__":
-    main()
+    common.experiment_cli(run, __doc__, full_help="64x64 canvases, longer training")

@@ -268,9 +268,5 @@ def plot(records: list[dict[str, Any]], examples: dict[str, dict[str, Any]],
     return name
 
 
-def main() -> None:
-    common.experiment_cli(run, __doc__)
-
-
 if __name__ == "__main__":
-    main()
+    common.experiment_cli(run, __doc__)
