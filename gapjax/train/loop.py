@@ -384,7 +384,7 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
 
 
 def _gradflow(job: _Run, state: TrainState, batch: dict[str, Any]) -> dict[str, float]:
-    values = gradflow.training_diagnostics(job.model, state.variables(), batch, job.info.task)
+    values = gradflow.training_diagnostics(job.model, state.variables(), batch, job.task)
     return {f"train/grad_{key}": float(value) for key, value in values.items()}
 
 
