@@ -62,13 +62,23 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.step_factor = 0.1
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.999
-    # Learning-rate multiplier of the new layers: the head (which init_from re-initialises
-    # when the class count differs); 1 = one rate for all.
+    # The new layers of a fine-tuning run (top-level modules; the head, which init_from
+    # re-initialises when the class count differs): head_lr_multiplier scales their
+    # learning rate (1 = one rate for all), and init_from lets those the file lacks start
+    # fresh.
+    config.optimizer.head_modules = ("head",)
     config.optimizer.head_lr_multiplier = 1.0
 
     config.eval = ml_collections.ConfigDict()
     config.eval.localization = False
     config.eval.cam_method = "auto"
+    # Localization metrics as gapjax defines them, or exactly as clovaai/wsolevaluation
+    # computes them ("wsolevaluation"; docs/wsol.md).
+    config.eval.wsol_protocol = "gapjax"
+    # Images in the CAM overlay grid written at each evaluation (TensorBoard + PNG); 0: none.
+    config.eval.overlay_images = 0
+    # A split evaluated once at the end with the threshold calibrated on the eval split.
+    config.eval.final_split = ml_collections.config_dict.placeholder(str)
     return config
 
 
