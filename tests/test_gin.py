@@ -148,7 +148,7 @@ def test_fig3_pairs_are_separated_exactly_as_theory_says():
         False, True, False]
 
 
-@pytest.mark.parametrize("task", graph_tasks.TASKS)
+@pytest.mark.parametrize("task", graph_tasks.VARIANTS)
 def test_generated_labels_follow_the_colour_multiset(task):
     rng = np.random.default_rng(7)
     examples = [graph_tasks.generate_example(task, rng) for _ in range(300)]

@@ -47,7 +47,8 @@ from gapjax.data.spec import DatasetSpec, register
 from gapjax.graph import batch_graphs
 
 NAME = "gapjax_graph_tasks"
-TASKS = ("presence", "proportion", "count")
+# The readout problems (``config.dataset.task``); the learning task is "graph" (gapjax.tasks).
+VARIANTS = ("presence", "proportion", "count")
 COLORS = ("red", "green", "blue")
 RED, GREEN, BLUE = range(len(COLORS))
 NUM_COLORS = len(COLORS)
@@ -56,7 +57,7 @@ MIN_NODES, MAX_NODES = 5, 40
 MAX_EDGES = 2 * MAX_NODES
 COUNT_THRESHOLD = 10
 NUM_TRAIN, NUM_TEST = 4000, 1000
-_TASK_SEEDS = {task: index for index, task in enumerate(TASKS)}
+_TASK_SEEDS = {task: index for index, task in enumerate(VARIANTS)}
 _SPLIT_SEEDS = {"train": 1, "test": 2}
 
 #: The multisets of Figure 3 as (leaves of v, leaves of v'), and which aggregators the
@@ -125,7 +126,7 @@ def sample_colour_counts(task: str, rng: np.random.Generator) -> tuple[int, int,
         fraction = rng.uniform(0.35, 0.85)
         num_nodes = int(np.clip(round(num_red / fraction), max(MIN_NODES, num_red), MAX_NODES))
     else:
-        raise ValueError(f"unknown graph task {task!r}; choose one of: {', '.join(TASKS)}")
+        raise ValueError(f"unknown graph task {task!r}; choose one of: {', '.join(VARIANTS)}")
     return label, num_nodes, num_red
 
 
@@ -187,10 +188,10 @@ def builder_config(dataset_config: Any) -> GraphTasksConfig:
     task = get("task", "presence")
     num_train = get("num_train", NUM_TRAIN)
     num_test = get("num_test", NUM_TEST)
-    if task not in TASKS:
+    if task not in VARIANTS:
         raise ValueError(
             f"config.dataset.task={task!r} is not available for {NAME}; choose one of: "
-            f"{', '.join(TASKS)}"
+            f"{', '.join(VARIANTS)}"
         )
     for key, value in (("num_train", num_train), ("num_test", num_test)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -222,7 +223,7 @@ class GapjaxGraphTasks(tfds.core.GeneratorBasedBuilder):
     # it is.
     code_path: ClassVar[epath.Path] = epath.Path(__file__)
     BUILDER_CONFIGS: ClassVar[list[GraphTasksConfig]] = [
-        builder_config({"task": task}) for task in TASKS
+        builder_config({"task": task}) for task in VARIANTS
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "presence"
 
@@ -321,7 +322,7 @@ __all__ = [
     "FIG3_PAIRS",
     "FIG3_SEPARATES",
     "SPEC",
-    "TASKS",
+    "VARIANTS",
     "GapjaxGraphTasks",
     "GraphTasksConfig",
     "budgets",

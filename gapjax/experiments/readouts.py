@@ -255,7 +255,7 @@ def shared_loop_matrix(settings: dict[str, Any], data_dir: Path, runs_dir: Path,
     from gapjax.data import graph_tasks
     matrix: dict[str, dict[str, list[float]]] = {name: {} for name in READOUT_NAMES}
     for name in READOUT_NAMES:
-        for task in graph_tasks.TASKS:
+        for task in graph_tasks.VARIANTS:
             matrix[name][task] = []
             for seed in seeds:
                 config = shared_loop_config(name, task, seed, settings, data_dir)
@@ -334,7 +334,7 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
     if loop not in LOOPS:
         raise ValueError(f"readouts: loop={loop!r} is not available; choose one of: "
                          f"{', '.join(LOOPS)}")
-    tasks = graph_tasks.TASKS
+    tasks = graph_tasks.VARIANTS
     splits = {task: load_splits(task, data_dir, settings["num_train"], settings["num_test"])
               for task in tasks}
     if loop == "compiled":
