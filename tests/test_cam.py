@@ -409,6 +409,20 @@ def test_one_compilation_per_shape():
     assert map_fn.jitted._cache_size() == 1
 
 
+def test_the_localization_evaluator_takes_every_registry_name():
+    from gapjax import wsol
+
+    model, variables, images = _model("gap")
+    batch = {"image": images, "label": np.array([0, 1, 2]), "weight": np.ones(3),
+             "bbox": np.array([[[0.0, 0.0, 0.5, 0.5]]] * 3, np.float32)}
+    evaluator = wsol.LocalizationEvaluator(model, "layer_cam")
+    evaluator.update(variables, batch)
+    assert evaluator.method == "layer_cam"
+    assert 0.0 <= evaluator.result()["max_box_acc_v2"] <= 1.0
+    with pytest.raises(ValueError, match="'nope' is not one of"):
+        wsol.LocalizationEvaluator(model, "nope")
+
+
 # ----------------------------------------------------------------------------- resize, norm
 
 
