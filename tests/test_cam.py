@@ -423,6 +423,24 @@ def test_the_localization_evaluator_takes_every_registry_name():
         wsol.LocalizationEvaluator(model, "nope")
 
 
+def test_a_registered_gradient_method_is_taken_by_name(monkeypatch):
+    from gapjax.cam import methods
+
+    monkeypatch.setattr(methods.CAM_METHODS, "_entries", dict(methods.CAM_METHODS._entries))
+    methods.register_gradient_method("abs_gradient_cam", lambda a, g: jnp.abs(g) * a[:, None])
+    assert cam.method_names()[-1] == "abs_gradient_cam"
+    model, variables, images = _model("gap")
+    out = cam.compute_maps(model, variables, images, jnp.array([0, 1, 2]),
+                           method="abs_gradient_cam", **RAW)
+    layer = cam.compute_maps(model, variables, images, jnp.array([0, 1, 2]),
+                             method="layer_cam", **RAW)
+    features = np.asarray(_features(model, variables, images))
+    weights = np.abs(np.asarray(_classifier(variables)["kernel"]))[:, [0, 1, 2]].T / 60
+    np.testing.assert_allclose(out.maps, (weights[:, None, None] * features).sum(-1),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out.maps, layer.maps)
+
+
 # ----------------------------------------------------------------------------- resize, norm
 
 

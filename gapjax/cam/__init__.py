@@ -56,10 +56,17 @@ from gapjax.pooling import POOLS
 
 Array = jax.Array
 
-#: Every method name ``compute_maps`` takes: ``auto`` plus the registry, in its order.
+#: The built-in method names: ``auto`` plus the registry, in this order. A fork may add a
+#: gradient method with ``gapjax.cam.methods.register_gradient_method(name, terms)``;
+#: ``method_names()`` lists it too.
 METHODS = ("auto", "cam", "contribution", "grad_cam", "hires_cam", "grad_cam_pp", "xgrad_cam",
            "layer_cam", "eigen_cam", "score_cam", "ablation_cam")
 assert set(METHODS[1:]) == set(CAM_METHODS.names()), "METHODS and CAM_METHODS disagree"
+
+
+def method_names() -> tuple[str, ...]:
+    """Every name ``compute_maps`` takes now: ``METHODS``, then later registrations."""
+    return (*METHODS, *sorted(set(CAM_METHODS.names()) - set(METHODS)))
 #: Interpolations accepted by ``resize_maps`` (``jax.image.resize`` names).
 RESIZE_METHODS = ("bilinear", "cubic", "nearest")
 #: Test-time augmentations of ``aug_smooth``: horizontal flip x brightness factor, the
@@ -345,7 +352,7 @@ def _map_kinds(model: nn.Module) -> tuple[str, ...]:
 def available_methods(model: nn.Module) -> tuple[str, ...]:
     """The concrete methods ``model`` supports: its exact map kinds, then every general one."""
     kinds = _map_kinds(model)
-    return tuple(name for name in METHODS[1:]
+    return tuple(name for name in method_names()[1:]
                  if CAM_METHODS.get(name).exact_kind in (None, *kinds))
 
 
@@ -364,8 +371,8 @@ def resolve_method(model: nn.Module, method: str = "auto") -> str:
     Raises ValueError naming the method and the valid choices when ``method`` is unknown or
     is an exact kind the model's head does not support.
     """
-    if method not in METHODS:
-        raise ValueError(f"cam method {method!r} is not one of {METHODS}")
+    if method not in method_names():
+        raise ValueError(f"cam method {method!r} is not one of {method_names()}")
     available = available_methods(model)
     if method == "auto":
         if "cam" in available:
@@ -486,7 +493,7 @@ def compute_maps(
     if eigen_smooth and spec.needs == "exact":
         raise ValueError(
             f"eigen_smooth applies to methods with channel terms, not {method!r}; choose one "
-            f"of {tuple(n for n in METHODS[1:] if CAM_METHODS.get(n).needs != 'exact')}"
+            f"of {tuple(n for n in method_names()[1:] if CAM_METHODS.get(n).needs != 'exact')}"
         )
     images = jnp.asarray(images)
     if images.ndim != 4:
@@ -593,6 +600,7 @@ __all__ = [
     "hires_cam_terms",
     "layer_cam_terms",
     "make_map_fn",
+    "method_names",
     "normalize_maps",
     "principal_projection",
     "reduce_terms",

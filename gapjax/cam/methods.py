@@ -356,6 +356,17 @@ def _register(method: CamMethod) -> CamMethod:
     return CAM_METHODS.add(method.name, method)
 
 
+def register_gradient_method(name: str, terms: Callable[[Array, Array], Array],
+                             summary: str = "") -> CamMethod:
+    """Adds a gradient method to ``CAM_METHODS`` (a fork's variant): ``terms(features
+    [B, *S, C], gradients [B, T, *S, C]) -> channel terms [B, T, *S, C]``, summed over
+    channels (or eigen-smoothed) and ReLU'd like the built-in ones. ``compute_maps``,
+    the command line and the localization evaluator then take ``name``."""
+    if not callable(terms):
+        raise ValueError(f"register_gradient_method({name!r}): terms must be callable")
+    return _register(CamMethod(name, "gradients", summary or name, terms=terms))
+
+
 _register(CamMethod("cam", "exact", "W_k . x_i of a uniform (GAP) pool: exact, sums to the "
                     "logit", exact_kind="cam", rectified=False))
 _register(CamMethod("contribution", "exact", "the pool's weighted per-position contributions: "
