@@ -19,7 +19,7 @@ A trained gapjax run::
         [--method NAME]
 
 draws images, heat-map overlays, predicted and true boxes from the run's latest
-checkpoint; ``--method`` takes any name of ``gapjax.cam.METHODS``.
+checkpoint; ``--method`` takes any name of ``gapjax.cam.method_names()``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gapjax.cam import METHODS, make_map_fn, resolve_method
+from gapjax.cam import make_map_fn, method_names, resolve_method
 
 
 def load_run(workdir: str) -> tuple[Any, dict[str, Any], int]:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> str | list[dict[str, Any]]:
     parser.add_argument("--out", default=None,
                         help="photos: folder for the overlay PNGs (default cams/); runs: the "
                         "PNG to write (default cams.png)")
-    parser.add_argument("--method", default=None, choices=METHODS,
+    parser.add_argument("--method", default=None, choices=method_names(),
                         help="map method (default: auto for photos, the run's "
                         "config.eval.cam_method for runs)")
     parser.add_argument("--threshold", type=float, default=None,
