@@ -5,6 +5,7 @@ padded graph batches), ``layers`` and ``models`` (heads, SE, ResNet/VGG/CNN/GIN)
 and ``wsol`` (class activation maps and localization metrics), ``gradflow`` (gradient
 spread and conflict), ``data`` (embedded TFDS datasets, grain input), ``train``
 (the training loop) and ``experiments`` (one module per claim, plus the report).
+Importing ``gapjax`` registers every built-in pool, ``map`` (``map_pooling``) included.
 """
 
 from gapjax import map_pooling, pooling, registry
@@ -13,4 +14,4 @@ from gapjax.registry import Registry
 
 __version__ = "0.1.0"
 
-__all__ = ["POOLS", "Registry", "__version__", "pooling", "registry"]
+__all__ = ["POOLS", "Registry", "__version__", "map_pooling", "pooling", "registry"]
