@@ -50,26 +50,31 @@ def _tiny_cnn(**kwargs):
 def test_fork_pool_in_a_gap_head_takes_its_options_and_gives_exact_maps():
     model = _tiny_cnn(pool="fork_softnorm", pool_kwargs={"init_t": 0.5})
     images = _images()
-    variables = model.init(jax.random.key(1), images)
+    variables = jax.jit(model.init)(jax.random.key(1), images)
     assert float(variables["params"]["head"]["pool"]["t"]) == 0.5
     assert model.map_kinds == ("contribution",)
-    logits = model.apply(variables, images)
-    output = cam.compute_maps(model, variables, images, method="auto", resize=None,
-                              normalize=False)
+
+    @jax.jit
+    def logits_maps_and_grads(variables):
+        output = cam.compute_maps(model, variables, images, method="auto", resize=None,
+                                  normalize=False)
+        grads = jax.grad(lambda v: model.apply(v, images).sum())(variables)
+        return model.apply(variables, images), output, grads
+
+    logits, output, grads = logits_maps_and_grads(variables)
     bias = variables["params"]["head"]["classifier"]["bias"]
     np.testing.assert_allclose(output.maps.sum(axis=(1, 2)),
                                logits[jnp.arange(2), output.targets] - bias[output.targets],
                                rtol=1e-5, atol=1e-5)
-    grads = jax.grad(lambda v: model.apply(v, images).sum())(variables)
     assert float(jnp.abs(grads["params"]["head"]["pool"]["t"])) > 0  # t is trained
 
 
 def test_fork_pool_as_the_se_squeeze():
     model = _tiny_cnn(attn="se", se_pool="fork_softnorm")
     images = _images()
-    variables = model.init(jax.random.key(1), images)
+    variables = jax.jit(model.init)(jax.random.key(1), images)
     assert "t" in variables["params"]["stage1_se"]["squeeze"]
-    assert np.isfinite(np.asarray(model.apply(variables, images))).all()
+    assert np.isfinite(np.asarray(jax.jit(model.apply)(variables, images))).all()
 
 
 def test_fork_pool_on_masked_sets_ignores_padding():
@@ -90,17 +95,17 @@ def test_fork_pool_as_a_graph_readout_and_in_gin():
               for n in sizes]
     batch = jax.tree.map(jnp.asarray, graph.batch_graphs(graphs, node_budget=12,
                                                          edge_budget=24, graph_budget=4))
-    pooled = graph.readout("fork_softnorm", batch.node_features, batch.node_graph, 4,
-                           mask=batch.node_mask)
+    pooled = jax.jit(graph.readout, static_argnums=(0, 3))(
+        "fork_softnorm", batch.node_features, batch.node_graph, 4, mask=batch.node_mask)
     for index, g in enumerate(graphs):
         np.testing.assert_allclose(pooled[index],
                                    pooling.pool("fork_softnorm", g["node_features"][None])[0],
                                    rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(pooled[3], 0.0)  # the padding graph
     model = models.get("gin", num_classes=2, num_layers=1, hidden=8, pool="fork_softnorm")
-    variables = model.init(jax.random.key(0), batch)
+    variables = jax.jit(model.init)(jax.random.key(0), batch)
     assert "t" in variables["params"]["readout"]
-    assert model.apply(variables, batch).shape == (4, 2)
+    assert jax.jit(model.apply)(variables, batch).shape == (4, 2)
 
 
 @POOLS.register("fork_rms")
@@ -115,9 +120,9 @@ def test_a_pool_without_weights_falls_back_to_grad_cam():
     model = _tiny_cnn(pool="fork_rms")
     assert model.map_kinds == ()
     images = _images()
-    variables = model.init(jax.random.key(1), images)
+    variables = jax.jit(model.init)(jax.random.key(1), images)
     assert cam.resolve_method(model, "auto") == "grad_cam"
     with pytest.raises(ValueError, match="fork_rms"):
         cam.resolve_method(model, "contribution")
-    maps = cam.compute_maps(model, variables, images, method="grad_cam").maps
+    maps = cam.make_map_fn(model, "grad_cam")(variables, images).maps
     assert maps.shape == (2, 16, 16) and np.isfinite(np.asarray(maps)).all()
