@@ -93,7 +93,7 @@ def test_vit_heads_experiment_writes_its_section(tmp_path):
         assert row["step_ms"] > 0 and row["parameters"] > row["head_parameters"] > 0
     by_head = {row["head"]: row for row in rows}
     assert by_head["map"]["head_parameters"] > by_head["gap"]["head_parameters"]
-    assert section["holds"] in (True, False)
+    assert section["holds"] in (True, False, None)  # None: undecided (4 steps: near chance)
     assert "MaxBoxAccV2" in section["verdict"]
     assert (tmp_path / "vit_heads.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "vit_heads.json").read_text())
