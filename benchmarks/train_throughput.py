@@ -87,7 +87,7 @@ def build_train_step(name: str, *, batch: int, dtype: str, image_size: int | Non
     Returns ``{"model", "state", "batch", "step", "input_shape", "num_classes"}``;
     ``step(state, batch) -> state`` donates ``state``.
     """
-    from gapjax import models
+    from gapjax import models, tasks
 
     steps, state_lib, optim = import_train_step_modules()
     registry_name, input_shape, num_classes, kwargs = BENCH_MODELS[name]
@@ -100,8 +100,9 @@ def build_train_step(name: str, *, batch: int, dtype: str, image_size: int | Non
     tx = optim.make_optimizer(OPTIMIZER, total_steps=1000)
     sample = jnp.zeros((1, *input_shape), jnp.float32)
     state = jax.jit(lambda: state_lib.create_train_state(model, tx, sample, seed=0))()
-    step_fn = functools.partial(steps.train_step, model=model, tx=tx, task="classification",
-                                inputs_fn=lambda b: b["image"], axis_name=None)
+    task = tasks.get("classification", num_classes=num_classes)
+    step_fn = functools.partial(steps.train_step, model=model, tx=tx, task=task,
+                                axis_name=None)
     step = jax.jit(step_fn, donate_argnums=(0,))
     return {"model": model, "state": state, "step": step, "input_shape": input_shape,
             "num_classes": num_classes,

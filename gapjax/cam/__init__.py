@@ -365,8 +365,9 @@ def _pool_weighting(model: nn.Module) -> str | None:
 
 def resolve_method(model: nn.Module, method: str = "auto") -> str:
     """The concrete method for ``model``: ``auto`` -> exact CAM for a uniform (GAP) pool,
-    contribution maps for position-weighted pools (weighted, attention), Grad-CAM otherwise
-    (GMP's exact map marks only arg-max positions, too sparse to localize with).
+    contribution maps where the head has them (weighted, attention, a ViT's MAP head),
+    except per-channel weights (GMP's exact map marks only arg-max positions, too sparse to
+    localize with), Grad-CAM otherwise.
 
     Raises ValueError naming the method and the valid choices when ``method`` is unknown or
     is an exact kind the model's head does not support.
@@ -377,7 +378,9 @@ def resolve_method(model: nn.Module, method: str = "auto") -> str:
     if method == "auto":
         if "cam" in available:
             return "cam"
-        if "contribution" in available and _pool_weighting(model) == "position":
+        # Exact contributions unless they come from per-channel one-hot weights (GMP's
+        # arg-max peaks, too sparse to localize with).
+        if "contribution" in available and _pool_weighting(model) != "channel":
             return "contribution"
         return "grad_cam"
     if method not in available:

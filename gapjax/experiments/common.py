@@ -114,8 +114,13 @@ def run_name(config: ml_collections.ConfigDict) -> str:
     parts += [f"{value}" for key, value in sorted(config.dataset.items())
               if key not in ("name", "data_dir", "augment")]
     parts.append(config.model.name)
-    parts += [f"{key}={value}" for key, value in sorted(config.model.items())
-              if key not in ("name", "widths")]
+    for key, value in sorted(config.model.items()):
+        if key in ("name", "widths"):
+            continue
+        if hasattr(value, "items"):  # pool_kwargs: one part per option, none when empty
+            parts += [f"{key}.{option}={setting}" for option, setting in sorted(value.items())]
+        else:
+            parts.append(f"{key}={value}")
     parts.append(f"s{config.seed}")
     return "-".join(str(part).replace("/", "_").replace(" ", "") for part in parts)
 
