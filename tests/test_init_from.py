@@ -94,7 +94,7 @@ def test_initialize_loads_the_trunk_and_keeps_a_fresh_classifier(weight_file, ca
     with caplog.at_level(logging.WARNING, logger="gapjax.train.init_from"):
         state = init_from.initialize(fresh, model, tx, config)
     (line,) = [r.getMessage() for r in caplog.records]
-    assert "head/classifier re-initialised" in line
+    assert "head/classifier freshly initialised" in line
     for collection in ("params", "batch_stats"):
         got, want = _leaves(getattr(state, collection), collection), _leaves(
             source[collection], collection)
