@@ -14,9 +14,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.torch_reference import import_torchvision
+from helpers.torch_reference import import_torchvision, randomize_
 from PIL import Image
-from test_pretrained import randomize_
 
 from gapjax import imagenet
 from gapjax.cam import cli, make_map_fn

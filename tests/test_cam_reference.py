@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers.torch_reference import import_grad_cam, import_torchvision
+from helpers.torch_reference import import_grad_cam, import_torchvision, randomize_
 
 from gapjax import cam, pretrained
 
@@ -39,23 +39,6 @@ GRADIENT_CLASSES = {"grad_cam": "GradCAM", "hires_cam": "HiResCAM",
 def relative_error(ours, reference) -> float:
     ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random BatchNorm affine parameters and running statistics, random fc bias (eval)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for sub in module.modules():
-            if isinstance(sub, torch.nn.BatchNorm2d):
-                sub.weight.copy_(0.5 + torch.rand(sub.weight.shape, generator=generator))
-                sub.bias.copy_(0.1 * torch.randn(sub.bias.shape, generator=generator))
-                sub.running_mean.copy_(0.1 * torch.randn(sub.running_mean.shape,
-                                                         generator=generator))
-                sub.running_var.copy_(0.5 + 1.5 * torch.rand(sub.running_var.shape,
-                                                             generator=generator))
-            elif isinstance(sub, torch.nn.Linear):
-                sub.bias.copy_(0.05 * torch.randn(sub.bias.shape, generator=generator))
-    return module.eval()
 
 
 def torch_resnet18(width: int = 64, seed: int = 0) -> torch.nn.Module:

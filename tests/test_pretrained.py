@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers.torch_reference import import_timm, import_torchvision
+from helpers.torch_reference import import_timm, import_torchvision, randomize_
 
 from gapjax import pretrained
 
@@ -32,25 +32,6 @@ SERESNETS = ("seresnet18", "seresnet34", "seresnet50", "seresnet101")
 VGGS = ("vgg11", "vgg11_bn", "vgg16", "vgg16_bn")
 #: The VGGs tested with a narrow head: torch model classifier widths and gapjax options.
 NARROW_HEAD = 64
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random values for every parameter and BatchNorm statistic (eval mode)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for sub in module.modules():
-            if isinstance(sub, torch.nn.BatchNorm2d):
-                sub.weight.copy_(0.5 + torch.rand(sub.weight.shape, generator=generator))
-                sub.bias.copy_(0.1 * torch.randn(sub.bias.shape, generator=generator))
-                sub.running_mean.copy_(0.1 * torch.randn(sub.running_mean.shape,
-                                                         generator=generator))
-                sub.running_var.copy_(0.5 + 1.5 * torch.rand(sub.running_var.shape,
-                                                             generator=generator))
-                sub.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,),
-                                                                generator=generator)))
-            elif isinstance(sub, torch.nn.Linear | torch.nn.Conv2d) and sub.bias is not None:
-                sub.bias.copy_(0.05 * torch.randn(sub.bias.shape, generator=generator))
-    return module.eval()
 
 
 def torch_model(name: str, num_classes: int = 1000, narrow: bool = False) -> torch.nn.Module:

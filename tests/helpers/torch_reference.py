@@ -40,3 +40,26 @@ def import_grad_cam():
     """``pytorch_grad_cam`` (which imports torchvision)."""
     import_torchvision()
     return importlib.import_module("pytorch_grad_cam")
+
+
+def randomize_(module, seed: int):
+    """A torch module with random BatchNorm affine parameters, running statistics and
+    counters, and random biases (the default init leaves them trivial: 1, 0, 0, 1); returns
+    it in eval mode. Parity tests use it so that no layer is an identity by accident."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.BatchNorm2d):
+                sub.weight.copy_(0.5 + torch.rand(sub.weight.shape, generator=generator))
+                sub.bias.copy_(0.1 * torch.randn(sub.bias.shape, generator=generator))
+                sub.running_mean.copy_(0.1 * torch.randn(sub.running_mean.shape,
+                                                         generator=generator))
+                sub.running_var.copy_(0.5 + 1.5 * torch.rand(sub.running_var.shape,
+                                                             generator=generator))
+                sub.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,),
+                                                                generator=generator)))
+            elif isinstance(sub, torch.nn.Linear | torch.nn.Conv2d) and sub.bias is not None:
+                sub.bias.copy_(0.05 * torch.randn(sub.bias.shape, generator=generator))
+    return module.eval()
