@@ -366,8 +366,10 @@ def per_label_gradients(
     """
     _task(task)
     variables = {key: value for key, value in variables.items() if key != "perturbations"}
-    _, probe = jax.eval_shape(
-        lambda v, x: model.apply(v, x, train=False, mutable=["perturbations"]), variables, images)
+    # One abstract pass gives the shapes of both activations the gradients are taken at.
+    features, probe = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, method="forward_features",
+                                 mutable=["perturbations"]), variables, images)
     if "early" not in probe.get("perturbations", {}):
         raise ValueError(
             f"gradflow: model {type(model).__name__} has no 'early' perturbation; its backbone "
@@ -377,20 +379,14 @@ def per_label_gradients(
     backbone, head = _backbone_and_head(variables)
     others = {key: value for key, value in variables.items() if key != "params"}
 
-    def logits_of(backbone_params, early_offset):
+    def logits_and_features(backbone_params, early_offset, feature_offset):
         full = {**others, "params": {**backbone_params, **head},
                 "perturbations": {"early": early_offset}}
-        features = model.apply(full, images, train=False, method="forward_features")
-        return features, lambda f: model.apply(full, f, train=False, method="forward_head")
+        shifted = model.apply(full, images, train=False, method="forward_features")
+        shifted = shifted + feature_offset.astype(shifted.dtype)
+        return model.apply(full, shifted, train=False, method="forward_head").astype(jnp.float32)
 
-    def logits_and_features(backbone_params, early_offset, feature_offset):
-        features, head_fn = logits_of(backbone_params, early_offset)
-        return head_fn(features + feature_offset.astype(features.dtype)).astype(jnp.float32)
-
-    feature_shape = jax.eval_shape(lambda b, e: logits_of(b, e)[0], backbone,
-                                   jnp.zeros(early.shape, early.dtype))
-    zeros = (jnp.zeros(early.shape, early.dtype),
-             jnp.zeros(feature_shape.shape, feature_shape.dtype))
+    zeros = (jnp.zeros(early.shape, early.dtype), jnp.zeros(features.shape, features.dtype))
     logits, backward = jax.vjp(logits_and_features, backbone, *zeros)
     residual = label_logit_gradients(logits, labels, task, weights)  # [B, K]
     num_labels = logits.shape[-1]

@@ -63,9 +63,10 @@ def readout(
       to each graph's node set.
     """
     module = make_pool(name, **pool_kwargs)
-    args = (node_features, graph_index, num_graphs, mask)
-    variables = module.init(jax.random.key(0), *args, method="segment")
-    return module.apply(variables, *args, method="segment")
+    # One pass: init's output is the readout at the initial parameters.
+    pooled, _ = module.init_with_output(jax.random.key(0), node_features, graph_index,
+                                        num_graphs, mask, method="segment")
+    return pooled
 
 
 def readout_width(name: str, channels: int, **pool_kwargs: Any) -> int:

@@ -802,9 +802,8 @@ def pool(name: str, x: Array, mask: Array | None = None, **kwargs: Any) -> Array
             raise ValueError(f"pool {name!r} got unexpected keyword arguments {unexpected}; "
                              f"it accepts {accepted or 'none'}")
         return pool_class.function(x, mask=mask, **kwargs)
-    module = make_pool(name, **kwargs)
-    variables = module.init(jax.random.key(0), x, mask)
-    return module.apply(variables, x, mask)
+    pooled, _ = make_pool(name, **kwargs).init_with_output(jax.random.key(0), x, mask)
+    return pooled
 
 
 __all__ = [
