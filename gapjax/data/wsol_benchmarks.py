@@ -95,6 +95,18 @@ def resize_rgb(image: Any, height: int, width: int) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.BILINEAR))
 
 
+def _train_crop(image: Any, size: int, resize: int, rng: np.random.Generator) -> np.ndarray:
+    """The reference's training transform: resize to ``resize x resize``, a random
+    ``size x size`` crop, a horizontal flip with probability 1/2; normalised ``[size, size,
+    3]`` float32."""
+    pixels = resize_rgb(image, resize, resize)
+    top, left = (int(v) for v in rng.integers(0, resize - size + 1, size=2))
+    pixels = pixels[top:top + size, left:left + size]
+    if rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return _normalise(pixels)
+
+
 def _normalise(image: np.ndarray) -> np.ndarray:
     scaled = image.astype(np.float32) * np.float32(1.0 / 255.0)
     mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
@@ -203,12 +215,8 @@ def _preprocess(example: dict[str, Any], rng: np.random.Generator | None) -> dic
     image = load_rgb(example["path"])
     width, height = example.get("size_wh", image.size)
     if rng is not None and example["train_"]:
-        pixels = resize_rgb(image, resize, resize)
-        top, left = (int(v) for v in rng.integers(0, resize - size + 1, size=2))
-        pixels = pixels[top:top + size, left:left + size]
-        if rng.random() < 0.5:
-            pixels = pixels[:, ::-1]
-        out = {"image": _normalise(pixels), "label": np.asarray(example["label"], np.int32)}
+        out = {"image": _train_crop(image, size, resize, rng),
+               "label": np.asarray(example["label"], np.int32)}
         return _training_method(out, example.get("method_"), rng)
     out = {"image": _normalise(resize_rgb(image, size, size)),
            "label": np.asarray(example["label"], np.int32)}
@@ -402,12 +410,7 @@ def _tfds_cub_preprocess(example: dict[str, Any], rng: np.random.Generator | Non
     size, resize = int(example["image_size_"]), int(example["resize_size_"])
     label = np.asarray(example["label"], np.int32)
     if rng is not None and example["train_"]:
-        resized = resize_rgb(image, resize, resize)
-        top, left = (int(v) for v in rng.integers(0, resize - size + 1, size=2))
-        resized = resized[top:top + size, left:left + size]
-        if rng.random() < 0.5:
-            resized = resized[:, ::-1]
-        return {"image": _normalise(resized), "label": label}
+        return {"image": _train_crop(image, size, resize, rng), "label": label}
     out = {"image": _normalise(resize_rgb(image, size, size)), "label": label}
     if not example["train_"]:
         box = np.asarray(example["bbox"], np.float32).reshape(-1, 4)[:1]  # one box per bird
