@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable, Iterator, Mapping
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -114,3 +120,77 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, names={self.names()})"
+
+
+# --------------------------------------------------------------------------------------
+# A fork's own modules: ``config.imports``
+# --------------------------------------------------------------------------------------
+
+
+class ImportSpecError(ValueError):
+    """A ``config.imports`` entry that names no file or no importable module."""
+
+
+def _is_path(spec: str) -> bool:
+    return "@" not in spec and (spec.endswith(".py") or os.sep in spec)
+
+
+def resolve_import(spec: str) -> str:
+    """The form of a ``config.imports`` entry that ``config.json`` records, so that every
+    command reopening the run imports the same code from any working directory:
+
+    * a ``.py`` path (relative to the working directory) -> its absolute path;
+    * a dotted module name found through the working directory or ``PYTHONPATH`` ->
+      ``"name@<directory holding its top-level package>"``;
+    * an installed module's name, or an already resolved entry -> unchanged.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ImportSpecError(f"config.imports entries must be module names or .py paths; "
+                              f"got {spec!r}")
+    if _is_path(spec):
+        path = Path(spec).expanduser().absolute()
+        if not path.is_file():
+            raise ImportSpecError(f"config.imports: no such file: {spec} (looked in "
+                                  f"{path.parent})")
+        return str(path)
+    if "@" in spec:
+        return spec
+    found = importlib.util.find_spec(spec.split(".")[0])
+    if found is None:
+        raise ImportSpecError(f"config.imports: no module named {spec.split('.')[0]!r} (from "
+                              f"{spec!r}); name its .py file by path instead")
+    if not found.has_location or found.origin is None:
+        return spec  # built in or frozen
+    origin = Path(found.origin)
+    directory = origin.parent.parent if origin.name == "__init__.py" else origin.parent
+    installed = {"site-packages", "dist-packages"} & set(directory.parts)
+    if installed or directory.is_relative_to(sys.base_prefix):
+        return spec
+    return f"{spec}@{directory}"
+
+
+def import_modules(specs: Sequence[str]) -> list[ModuleType]:
+    """Imports a fork's modules (``config.imports``): each entry a dotted module name, a
+    ``name@directory`` pair or a ``.py`` path (see ``resolve_import``). Their
+    ``@REGISTRY.register`` decorators run, so their pools, models, evaluators, ... are
+    known by name. A file's directory joins ``sys.path``, so files beside it import each
+    other by name. Importing twice is a no-op. Raises ``ImportSpecError`` (one line)."""
+    modules = []
+    for spec in specs or ():
+        resolved = resolve_import(spec)
+        if _is_path(resolved):
+            directory, name = str(Path(resolved).parent), Path(resolved).stem
+        else:
+            name, _, directory = resolved.partition("@")
+        if directory and directory not in sys.path:
+            sys.path.insert(0, directory)
+        where = getattr(sys.modules.get(name), "__file__", None)
+        if _is_path(resolved) and where and Path(where).resolve() != Path(resolved).resolve():
+            raise ImportSpecError(f"config.imports: {resolved} is shadowed by the module "
+                                  f"{name!r} already imported from {where}; rename the file")
+        try:
+            modules.append(importlib.import_module(name))
+        except Exception as error:  # the fork's own code: reported in one line
+            raise ImportSpecError(f"config.imports: importing {spec!r} failed: "
+                                  f"{type(error).__name__}: {error}") from error
+    return modules

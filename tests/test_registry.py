@@ -67,3 +67,32 @@ def test_unknown_name_without_a_close_match_has_no_suggestion(colors):
 def test_non_string_names_give_the_same_clear_error(colors, bad):
     with pytest.raises(UnknownNameError, match="choose one of: crimson, green, lime, red"):
         colors.get(bad)
+
+
+def test_import_modules_takes_paths_and_names_and_records_where_they_live(tmp_path, monkeypatch):
+    import sys
+
+    from gapjax.registry import ImportSpecError, import_modules, resolve_import
+
+    (tmp_path / "fork_pools_a.py").write_text("from fork_helper_a import VALUE\n")
+    (tmp_path / "fork_helper_a.py").write_text("VALUE = 7\n")
+    (tmp_path / "forkpkg_a").mkdir()
+    (tmp_path / "forkpkg_a" / "__init__.py").write_text("")
+    (tmp_path / "forkpkg_a" / "pools.py").write_text("VALUE = 8\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recorded = [resolve_import("fork_pools_a.py"), resolve_import("forkpkg_a.pools"),
+                resolve_import("json")]
+    assert recorded == [str(tmp_path / "fork_pools_a.py"), f"forkpkg_a.pools@{tmp_path}", "json"]
+    monkeypatch.chdir("/")  # another working directory, and no PYTHONPATH
+    sys.path.remove(str(tmp_path))
+    for name in ("fork_pools_a", "fork_helper_a", "forkpkg_a", "forkpkg_a.pools"):
+        sys.modules.pop(name, None)
+    modules = import_modules(recorded)
+    assert [m.VALUE for m in modules[:2]] == [7, 8]
+    (tmp_path / "broken_fork_a.py").write_text("raise RuntimeError('boom')\n")
+    for spec, message in [("missing_fork.py", "no such file"), ("no_such_module_a", "no module"),
+                          (str(tmp_path / "broken_fork_a.py"), "RuntimeError: boom")]:
+        with pytest.raises(ImportSpecError, match=message) as info:
+            import_modules([spec])
+        assert "\n" not in str(info.value)
