@@ -20,7 +20,7 @@ Layout: features ``[B, h, w, C]``, maps ``[B, h, w]`` for one target class per i
 float32. ``compute_maps`` is jit-able with the model and options static (``make_map_fn``).
 
 Faithfulness metrics (deletion, insertion, ROAD, average drop / increase in confidence)
-are in ``gapjax.cam.faithfulness``; the overlay command line is ``gapjax.cam.cli``
+are in ``gapjax.cam.faithfulness``; the overlay command line is ``gapjax.cli.cam``
 (``python -m gapjax.cam``).
 """
 
@@ -563,21 +563,6 @@ def make_map_fn(model: nn.Module, method: str = "auto", **options: Any) -> Calla
 
     checked.jitted = map_fn  # the compiled function, e.g. for its cache size
     return checked
-
-
-# --------------------------------------------------------------------------------------
-# Command-line helpers live in gapjax.cam.cli; re-exported here lazily (no import cycle)
-# --------------------------------------------------------------------------------------
-
-_CLI_NAMES = ("load_run", "box_patch", "display_image", "draw_overlays", "main")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _CLI_NAMES:
-        from gapjax.cam import cli
-
-        return getattr(cli, name)
-    raise AttributeError(f"module 'gapjax.cam' has no attribute {name!r}")
 
 
 __all__ = [

@@ -51,7 +51,10 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+from PIL import Image
 
+from gapjax import imagenet, wsol_methods
+from gapjax.data.pipeline import stack_and_pad
 from gapjax.data.spec import DatasetSpec, register
 from gapjax.wsol import (
     SplitMetadata,
@@ -69,8 +72,6 @@ BENCHMARKS = {
     "wsol_ilsvrc": ("ILSVRC", 1000, "boxes"),
     "wsol_openimages": ("OpenImages", 100, "masks"),
 }
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_RESIZE_SIZE = 256
 
@@ -82,16 +83,12 @@ DEFAULT_RESIZE_SIZE = 256
 
 def load_rgb(path: str) -> Any:
     """A PIL RGB image (as the reference opens them)."""
-    from PIL import Image
-
     with Image.open(path) as image:
         return image.convert("RGB")
 
 
 def resize_rgb(image: Any, height: int, width: int) -> np.ndarray:
     """PIL bilinear resize (torchvision's ``Resize`` on a PIL image) -> uint8 [H, W, 3]."""
-    from PIL import Image
-
     return np.asarray(image.resize((width, height), Image.BILINEAR))
 
 
@@ -107,10 +104,9 @@ def _train_crop(image: Any, size: int, resize: int, rng: np.random.Generator) ->
     return _normalise(pixels)
 
 
-def _normalise(image: np.ndarray) -> np.ndarray:
-    scaled = image.astype(np.float32) * np.float32(1.0 / 255.0)
-    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-    return np.ascontiguousarray((scaled - mean) / std, np.float32)
+def _normalise(pixels: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> contiguous float32, torchvision's ``ToTensor`` + ``Normalize``."""
+    return np.ascontiguousarray(imagenet.normalize(pixels))
 
 
 # --------------------------------------------------------------------------------------
@@ -239,8 +235,6 @@ def _preprocess(example: dict[str, Any], rng: np.random.Generator | None) -> dic
 def _training_method(example: dict[str, Any], method: BenchmarkConfig | None,
                      rng: np.random.Generator) -> dict[str, Any]:
     """Hide-and-Seek on the example, or the per-example draws CutMix's collate uses."""
-    from gapjax import wsol_methods
-
     if method is None:
         return example
     if method.method == "has":
@@ -259,9 +253,6 @@ def _training_method(example: dict[str, Any], method: BenchmarkConfig | None,
 def _collate(examples: list[dict[str, Any]], batch_size: int) -> dict[str, np.ndarray]:
     """Stack and pad; a CutMix training batch is mixed with its first example's draws
     (apply, lam, box centre) and the partner order of every example's last draw."""
-    from gapjax import wsol_methods
-    from gapjax.data.pipeline import stack_and_pad
-
     batch = stack_and_pad(examples, batch_size)
     draws = batch.pop("cutmix_draws", None)
     if draws is None:
@@ -301,8 +292,6 @@ def builder_config(name: str):
         if not 0 < image_size <= resize_size:
             raise ValueError(f"config.dataset.image_size={image_size} must be positive and "
                              f"at most config.dataset.resize_size={resize_size}")
-        from gapjax import wsol_methods
-
         method = str(dataset_config.get("wsol_method") or "cam")
         if method not in wsol_methods.METHODS:
             raise ValueError(f"config.dataset.wsol_method={method!r} is not one of: "
@@ -401,8 +390,6 @@ class _TfdsCubSource(Sequence):
 
 
 def _tfds_cub_preprocess(example: dict[str, Any], rng: np.random.Generator | None):
-    from PIL import Image
-
     pixels = np.asarray(example["image"], np.uint8)
     if pixels.ndim == 2 or pixels.shape[-1] == 1:
         pixels = np.repeat(pixels.reshape(*pixels.shape[:2], 1), 3, axis=-1)
@@ -437,16 +424,5 @@ TFDS_CUB_SPEC = register(DatasetSpec(
     preprocess=_tfds_cub_preprocess,
 ))
 
-__all__ = [
-    "BENCHMARKS",
-    "SPECS",
-    "SPLITS",
-    "TFDS_CUB_SPEC",
-    "BenchmarkConfig",
-    "MetadataBuilder",
-    "MetadataSource",
-    "SplitMetadata",
-    "read_metadata",
-    "reference_mask",
-    "resize_nearest",
-]
+__all__ = ["BENCHMARKS", "SPECS", "SPLITS", "TFDS_CUB_SPEC", "BenchmarkConfig", "MetadataBuilder",
+           "MetadataSource", "SplitMetadata", "read_metadata", "reference_mask", "resize_nearest"]

@@ -320,7 +320,7 @@ def plot(cases: dict[str, dict[str, Any]], out_dir: Path) -> str:
     for axis in axes.ravel():
         axis.axis("off")
     for row, (case, index) in enumerate(rows):
-        picture, colour_map = cam.display_image(case["images"][index])
+        picture, colour_map = wsol.display_image(case["images"][index])
         axes[row, 0].imshow(picture, cmap=colour_map, interpolation="nearest")
         axes[row, 0].set_title(f"{case['records'][0]['model']}\nclass {case['labels'][index]}",
                                fontsize=7)

@@ -25,6 +25,11 @@ Failures are loud and name the path:
   step (``should_save``/``save``/``wait``), which raise ``CheckpointSaveError`` naming the
   step directory and the errno; its temporary directory is removed, and the previous
   checkpoint is kept.
+
+Reopening a finished run (the CAM command line, ``config.init_from``) goes through the same
+``Checkpointer.restore``: ``load_run(workdir)`` first re-imports the modules the run
+recorded (``config.json``'s ``imports``), so a fork's pools and models are known by name
+from any working directory, then restores the newest intact checkpoint read-only.
 """
 
 from __future__ import annotations
@@ -41,14 +46,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from gapjax.registry import import_modules
+
+#: The run directory's checkpoints, set-aside damaged checkpoints and config record.
+CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
+CONFIG_FILE = "config.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or written (one line naming the path)."""
+
+
+def committed_steps(directory: str | Path) -> list[int]:
+    """The steps of the complete checkpoints in ``directory``, ascending (Orbax's listing:
+    a step directory is named by its number only once it is committed)."""
+    return sorted(ocp.utils.checkpoint_steps(Path(directory)))
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -116,15 +133,18 @@ class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` for the training loop.
 
     Args:
-      directory: where the step directories go (created if missing).
+      directory: where the step directories go (created if missing, unless read-only).
       checkpoint_every: save interval in steps (the save-decision policy).
       keep: how many of the latest checkpoints to keep.
       async_save: write the state in a background thread (the loop keeps training).
+      read_only: only restore (another run's checkpoints: nothing is created, cleaned up
+        or set aside).
     """
 
-    def __init__(self, directory: str | Path, *, checkpoint_every: int, keep: int,
-                 async_save: bool = True):
+    def __init__(self, directory: str | Path, *, checkpoint_every: int = 1, keep: int = 1,
+                 async_save: bool = True, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
         _silence_orbax_errors()
         save_policy = policies.AnySavePolicy([
             policies.FixedIntervalPolicy(max(int(checkpoint_every), 1)),
@@ -134,8 +154,9 @@ class Checkpointer:
             save_decision_policy=save_policy,
             preservation_policy=policies.LatestN(max(int(keep), 1)),
             enable_async_checkpointing=async_save,
-            create=True,
-            cleanup_tmp_directories=True,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
         )
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -217,7 +238,7 @@ class Checkpointer:
         self._failed = True
         path = self.directory / str(step if step is not None else "?")
         self._remove_temporaries()
-        kept = [s for s in self._committed_steps() if step is None or s < step]
+        kept = [s for s in committed_steps(self.directory) if step is None or s < step]
         previous = (f"the previous checkpoint (step {kept[-1]}) is kept" if kept
                     else "no earlier checkpoint exists")
         number = _errno(error) if error is not None else None
@@ -242,26 +263,22 @@ class Checkpointer:
                 return
             time.sleep(0.02)
 
-    def _committed_steps(self) -> list[int]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.directory.iterdir()
-                      if p.is_dir() and p.name.isdigit())
-
     # ----------------------------------------------------------------------------------
 
-    def restore(self, abstract_state: Any, data_iterator: Any | None,
+    def restore(self, abstract_state: Any = None, data_iterator: Any | None = None,
                 step: int | None = None) -> Restored:
-        """Restores ``step`` (default: the newest intact one) onto ``abstract_state``.
+        """Restores ``step`` (default: the newest intact one), onto ``abstract_state``.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set,
-        which is what lets a checkpoint from 4 devices restore on 1 or 8. The data
-        iterator, when given, is moved to the saved position in place.
+        which is what lets a checkpoint from 4 devices restore on 1 or 8; None restores the
+        saved tree as it was written (nested dicts of arrays). The data iterator, when
+        given, is moved to the saved position in place.
 
         Without ``step``, a newest checkpoint that cannot be read is skipped with a warning
         naming the damaged file, and the next older one is tried; the damaged ones are
         moved to ``damaged_checkpoints/`` next to the checkpoint directory once an older
-        one restores. If none restores, ``CheckpointError`` names the newest one's path.
+        one restores (unless read-only). If none restores, ``CheckpointError`` names the
+        newest one's path.
         """
         if step is not None:
             try:
@@ -270,7 +287,7 @@ class Checkpointer:
                 raise
             except Exception as error:
                 raise self._restore_failed(step, error) from None
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        steps = committed_steps(self.directory)[::-1]
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         failures: list[tuple[int, BaseException]] = []
@@ -285,7 +302,7 @@ class Checkpointer:
                     print(f"warning: {self._restore_failed(candidate, error)}; trying the "
                           "previous checkpoint", file=sys.stderr, flush=True)
                 continue
-            if failures:
+            if failures and not self.read_only:
                 self._set_aside([s for s, _ in failures], restored.step)
             return restored
         error = self._restore_failed(*failures[0])
@@ -295,7 +312,8 @@ class Checkpointer:
         raise error from None
 
     def _restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Restored:
-        self._check_shapes(step, abstract_state)
+        if abstract_state is not None:
+            self._check_shapes(step, abstract_state)
         items: dict[str, Any] = {
             "state": ocp.args.StandardRestore(abstract_state),
             "meta": ocp.args.JsonRestore(),
@@ -391,6 +409,51 @@ class Checkpointer:
                     raise
             if self._failed:
                 self._remove_temporaries(settle=0.0)
+
+
+@dataclasses.dataclass
+class Run:
+    """A run reopened by ``load_run``: the config its checkpoint was saved with (a
+    ``ConfigDict``), its ``variables`` (``params`` and ``batch_stats``, no optimizer state),
+    the checkpoint's ``step`` and the ``workdir``."""
+
+    config: Any
+    variables: dict[str, Any]
+    step: int
+    workdir: Path
+
+
+def load_run(workdir: str | Path) -> Run:
+    """The newest intact checkpoint of the run in ``workdir`` (read-only).
+
+    The modules the run recorded are imported first (``config.json``'s ``imports``, the
+    ``config.imports`` entries resolved when the run started; else the saved config's
+    ``imports``), so ``gapjax.models.from_config(run.config, num_classes)`` rebuilds a
+    fork's model exactly as it was trained, ``pool_kwargs`` and ``attn_kwargs`` included.
+    A workdir without a checkpoint raises ``CheckpointError`` (one line).
+    """
+    workdir = Path(workdir).expanduser().absolute()
+    directory = workdir / CHECKPOINT_DIR
+    if not committed_steps(directory):
+        problem = f"no checkpoint in {directory}" if workdir.is_dir() else "no such folder"
+        raise CheckpointError(f"workdir {workdir} is not a gapjax run ({problem}); train "
+                              f"one first: python train.py --config CONFIG --workdir {workdir}")
+    checkpointer = Checkpointer(directory, read_only=True)
+    try:
+        restored = checkpointer.restore()
+    finally:
+        checkpointer.close()
+    config = ml_collections.ConfigDict(restored.meta["config"])
+    record_path = workdir / CONFIG_FILE
+    try:
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {record_path}: {_describe(error)}") from None
+    recorded = record.get("imports") if isinstance(record, dict) else None
+    import_modules(recorded or config.get("imports") or ())
+    state = restored.state
+    variables = {key: state[key] for key in ("params", "batch_stats") if state.get(key)}
+    return Run(config, variables, restored.step, workdir)
 
 
 def _tokens(path: tuple[Any, ...]) -> tuple[str, ...]:

@@ -31,7 +31,10 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from flax import traverse_util
 
+from gapjax import pretrained
+from gapjax.train.checkpoint import load_run
 from gapjax.train.state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -39,13 +42,11 @@ logger = logging.getLogger(__name__)
 HEAD = "head"
 
 
-def _path(key_path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in key_path)
-
-
-def _flatten(tree: Any, collection: str) -> dict[str, Any]:
-    return {f"{collection}/{_path(p)}": leaf
-            for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+def _flatten(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"params/..": leaf, "batch_stats/..": leaf}`` of a variable tree."""
+    return traverse_util.flatten_dict(
+        {key: variables[key] for key in ("params", "batch_stats") if variables.get(key)},
+        sep="/")
 
 
 def _is_head(path: str) -> bool:
@@ -56,12 +57,9 @@ def _from_workdir(directory: Path, fresh: Mapping[str, Any]
                   ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Leaves from a gapjax run's latest checkpoint; head leaves that do not fit keep the
     fresh initialisation (returned as the second item)."""
-    from gapjax.cam.cli import load_run
-
-    _, variables, step = load_run(str(directory))
-    source = {**_flatten(variables.get("params", {}), "params"),
-              **_flatten(variables.get("batch_stats", {}), "batch_stats")}
-    where = f"config.init_from={str(directory)!r} (step {step})"
+    run = load_run(directory)
+    source = _flatten(run.variables)
+    where = f"config.init_from={str(directory)!r} (step {run.step})"
     loaded, kept = {}, []
     for path, leaf in fresh.items():
         found = source.get(path)
@@ -96,8 +94,6 @@ def initial_leaves(init_from: str | Path, model_name: str, model: Any,
 
     Returns ``(loaded leaves, leaves that keep their fresh value)``.
     """
-    from gapjax import pretrained
-
     path = Path(init_from).expanduser()
     if path.is_dir():
         return _from_workdir(path, fresh)
@@ -117,7 +113,7 @@ def initialize(state: TrainState, model: Any, tx: optax.GradientTransformation,
     """``state`` (a fresh run's initial state) with parameters and BatchNorm statistics from
     ``config.init_from`` and a fresh optimizer state for them; every array keeps the
     placement (sharding) of the one it replaces."""
-    fresh = {**_flatten(state.params, "params"), **_flatten(state.batch_stats, "batch_stats")}
+    fresh = _flatten({"params": state.params, "batch_stats": state.batch_stats})
     new_modules = tuple(config.optimizer.get("head_modules", None) or ())
     loaded, kept = initial_leaves(config.init_from, config.model.name, model, fresh,
                                   new_modules)
@@ -130,13 +126,14 @@ def initialize(state: TrainState, model: Any, tx: optax.GradientTransformation,
         logger.info("init_from %s: %d tensors loaded", config.init_from, len(loaded))
 
     def replace(collection: str, tree: Any) -> Any:
-        def leaf(key_path, old):
-            new = loaded.get(f"{collection}/{_path(key_path)}")
-            if new is None:
-                return old
-            return jax.device_put(np.asarray(new, old.dtype), old.sharding)
-
-        return jax.tree_util.tree_map_with_path(leaf, tree)
+        if not tree:
+            return tree
+        flat = traverse_util.flatten_dict(tree, sep="/")
+        for path, old in flat.items():
+            new = loaded.get(f"{collection}/{path}")
+            if new is not None:
+                flat[path] = jax.device_put(np.asarray(new, old.dtype), old.sharding)
+        return type(tree)(traverse_util.unflatten_dict(flat, sep="/"))
 
     params = replace("params", state.params)
     batch_stats = replace("batch_stats", state.batch_stats)

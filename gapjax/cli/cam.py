@@ -18,149 +18,43 @@ A trained gapjax run::
     python -m gapjax.cam --workdir DIR [--split test] [--num 16] [--out cams.png]
         [--method NAME]
 
-draws images, heat-map overlays, predicted and true boxes from the run's latest
-checkpoint; ``--method`` takes any name of ``gapjax.cam.method_names()``.
+draws images, heat-map overlays, predicted and true boxes from the run's newest intact
+checkpoint (``gapjax.train.checkpoint.load_run``: the modules the run recorded are imported
+first, so a fork's pools and models open from any directory); ``--method`` takes any name
+of ``gapjax.cam.method_names()``.
+
+Errors are one line on stderr naming the file or option and the fix, exit status 1 (usage
+errors 2); ``--traceback`` shows the traceback instead. An unreadable image is named and
+skipped: the others are drawn, and the command exits 1. Score-CAM and Ablation-CAM (many
+batched passes per image) report their progress per batch of images on stderr.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from PIL import Image
 
+from gapjax import data, imagenet, models, pretrained, wsol
 from gapjax.cam import make_map_fn, method_names, resolve_method
+from gapjax.cli.common import Parser, one_line, progress
+from gapjax.train.checkpoint import load_run
+
+PROG = "python -m gapjax.cam"
+#: Methods that run many batched passes per image (one per chunk of channels).
+SLOW_METHODS = ("score_cam", "ablation_cam")
 
 
-def load_run(workdir: str) -> tuple[Any, dict[str, Any], int]:
-    """``(config, variables, step)`` of the latest checkpoint in ``workdir/checkpoints``.
-
-    The config is the one the run saved with its checkpoint, so the model is rebuilt
-    exactly as it was trained.
-    """
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    directory = Path(workdir).absolute() / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"--workdir {workdir!r} has no checkpoints/ folder; train first with "
-            f"python train.py --config configs/cluttered_cam.py --workdir {workdir}"
-        )
-    manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True)
-    )
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    manager.close()
-    state = restored["state"]
-    variables = {"params": state["params"]}
-    if state.get("batch_stats"):
-        variables["batch_stats"] = state["batch_stats"]
-    return ml_collections.ConfigDict(restored["meta"]["config"]), variables, int(step)
-
-
-def box_patch(box: Any, shape: tuple[int, int], **style: Any) -> Any:
-    """A matplotlib rectangle for a normalised ``(ymin, xmin, ymax, xmax)`` box on an image
-    of ``shape = (H, W)`` drawn by ``imshow`` (pixel edges at half-integers)."""
-    from matplotlib.patches import Rectangle
-
-    ymin, xmin, ymax, xmax = (float(v) for v in box)
-    height, width = shape
-    return Rectangle((xmin * width - 0.5, ymin * height - 0.5), (xmax - xmin) * width,
-                     (ymax - ymin) * height, fill=False, **style)
-
-
-def display_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:
-    """``[H, W, C]`` normalised input -> (picture in [0, 1], colour map) for ``imshow``."""
-    picture = np.asarray(image, np.float64)
-    picture = picture - picture.min()
-    picture = picture / max(picture.max(), 1e-12)
-    if picture.shape[-1] == 1:
-        return picture[..., 0], "gray"
-    return picture, None
-
-
-def draw_overlays(
-    images: np.ndarray,
-    maps: np.ndarray,
-    *,
-    titles: list[str],
-    true_boxes: np.ndarray | None = None,
-    predicted_boxes: list[np.ndarray] | None = None,
-    columns: int = 4,
-    out: str = "cams.png",
-    suptitle: str | None = None,
-) -> str:
-    """Writes a grid of (image, heat-map overlay with boxes) pairs to ``out`` (PNG).
-
-    Args:
-      images: ``[N, H, W, C]``; maps: ``[N, H, W]`` in ``[0, 1]``.
-      titles: one line per example (class and score).
-      true_boxes: ``[N, M, 4]`` normalised boxes (negative = padding), drawn in green.
-      predicted_boxes: per example ``[n, 4]`` boxes from the map, drawn dashed in white.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    count = len(images)
-    rows = -(-count // columns)
-    # Fixed margins in inches (legend below, title above), so few rows never squeeze titles.
-    bottom, top = 0.35, 0.45 if suptitle else 0.1
-    height = 2.5 * rows + bottom + top
-    figure, axes = plt.subplots(rows, 2 * columns, figsize=(2.0 * 2 * columns, height),
-                                squeeze=False)
-    for axis in axes.ravel():
-        axis.axis("off")
-    shape = images.shape[1:3]
-    for index in range(count):
-        image_axis = axes[index // columns, 2 * (index % columns)]
-        overlay_axis = axes[index // columns, 2 * (index % columns) + 1]
-        picture, colour_map = display_image(images[index])
-        image_axis.imshow(picture, cmap=colour_map, interpolation="nearest")
-        image_axis.set_title(titles[index], fontsize=8, loc="left")
-        overlay_axis.imshow(picture, cmap=colour_map, interpolation="nearest")
-        overlay_axis.imshow(maps[index], cmap="jet", alpha=0.45, vmin=0, vmax=1,
-                            interpolation="bilinear")
-        if true_boxes is not None:
-            for box in np.asarray(true_boxes[index]).reshape(-1, 4):
-                if (box >= 0).all():
-                    for axis in (image_axis, overlay_axis):
-                        axis.add_patch(box_patch(box, shape, edgecolor="lime", linewidth=1.5))
-        if predicted_boxes is not None:
-            for box in predicted_boxes[index]:
-                overlay_axis.add_patch(box_patch(box, shape, edgecolor="white", linewidth=1.5,
-                                                 linestyle="--"))
-    handles = [
-        matplotlib.lines.Line2D([], [], color="lime", lw=1.5, label="true box"),
-        matplotlib.lines.Line2D([], [], color="black", lw=1.5, ls="--",
-                                label="box from the map (white)"),
-    ]
-    figure.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, frameon=False)
-    if suptitle:
-        figure.suptitle(suptitle, fontsize=10)
-    figure.tight_layout(rect=(0, bottom / height, 1, 1 - top / height))
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
-    return out
-
-
-def main(argv: list[str] | None = None) -> str | list[dict[str, Any]]:
-    """``python -m gapjax.cam --image PATH... --model NAME --weights FILE [--out DIR]``
-    (returns the predictions) or ``--workdir DIR [--out cams.png]`` (returns the PNG)."""
-    import argparse
-
-    from gapjax import data, wsol
-    from gapjax.models import from_config as build_model
-
-    parser = argparse.ArgumentParser(
-        prog="python -m gapjax.cam",
+def _parser() -> Parser:
+    parser = Parser(
+        prog=PROG,
         description="Class activation maps of your own photos with pretrained weights "
         "(--image --model --weights), or of a trained run's latest checkpoint (--workdir), "
         "drawn as image / overlay pairs (runs: with the true box in green and the map's "
@@ -189,6 +83,13 @@ def main(argv: list[str] | None = None) -> str | list[dict[str, Any]]:
     parser.add_argument("--threshold", type=float, default=None,
                         help="map threshold for the drawn boxes (default: the one that "
                         "localizes the most shown images, as MaxBoxAcc calibrates)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> str | list[dict[str, Any]]:
+    """``python -m gapjax.cam --image PATH... --model NAME --weights FILE [--out DIR]``
+    (returns the predictions) or ``--workdir DIR [--out cams.png]`` (returns the PNG)."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.image is not None:
         if args.workdir is not None:
@@ -198,32 +99,53 @@ def main(argv: list[str] | None = None) -> str | list[dict[str, Any]]:
         for option in ("topk", "batch_size"):
             if getattr(args, option) < 1:
                 parser.error(f"--{option}={getattr(args, option)} must be at least 1")
-        return photos(args.image, model_name=args.model, weights=args.weights,
-                      method=args.method or "auto", topk=args.topk,
-                      batch_size=args.batch_size, out=args.out or "cams",
-                      as_json=args.json)
+        if args.model not in pretrained.names():
+            parser.error(f"--model {args.model!r} has no pretrained weight layout; choose one "
+                         f"of: {', '.join(pretrained.names())}")
+        with parser.user_errors(args.traceback):
+            results, failed = photos(
+                args.image, model_name=args.model, weights=args.weights,
+                method=args.method or "auto", topk=args.topk, batch_size=args.batch_size,
+                out=args.out or "cams", as_json=args.json, on_unreadable=parser.fail)
+        if failed:
+            parser.exit(1)
+        return results
     if args.workdir is None:
         parser.error("give --image PATH... --model NAME --weights FILE, or --workdir DIR")
     if args.num < 1:
         parser.error(f"--num={args.num} must be at least 1")
-    args.out = args.out or "cams.png"
+    with parser.user_errors(args.traceback):
+        return run_overlays(args.workdir, split=args.split, num=args.num,
+                            out=args.out or "cams.png", method=args.method,
+                            threshold=args.threshold)
 
-    config, variables, step = load_run(args.workdir)
+
+def run_overlays(workdir: str, *, split: str = "test", num: int = 16, out: str = "cams.png",
+                 method: str | None = None, threshold: float | None = None) -> str:
+    """The runs mode of ``python -m gapjax.cam``: the overlay grid of ``num`` images of
+    ``split`` drawn from the run's newest checkpoint; returns the PNG's path."""
+    run = load_run(workdir)
+    config = run.config
     info = data.dataset_info(config.dataset)
     if info.task != "classification":
-        parser.error(f"CAM overlays need a classification dataset; {info.name} is {info.task}")
-    model = build_model(config, info.num_classes, None)
-    method = args.method or config.eval.get("cam_method", "auto")
-    batch = next(iter(data.make_iterator(config.dataset, args.split, batch_size=args.num,
-                                         seed=0, train=False)))
+        raise ValueError(f"CAM overlays need a classification dataset; the run's "
+                         f"config.dataset.name={info.name!r} is a {info.task} task")
+    model = models.from_config(config, info.num_classes, None)
+    method = resolve_method(model, method or config.eval.get("cam_method", "auto"))
+    batch = next(iter(data.make_iterator(config.dataset, split, batch_size=num, seed=0,
+                                         train=False)))
     real = np.asarray(batch["weight"]) > 0
-    output = make_map_fn(model, method)(variables, batch["image"])
+    began = time.perf_counter()
+    if method in SLOW_METHODS:
+        progress(f"{method}: {len(real)} images, one batched pass per chunk of channels ...")
+    output = make_map_fn(model, method)(run.variables, batch["image"])
     maps = np.asarray(output.maps)[real]
+    if method in SLOW_METHODS:
+        progress(f"{method}: done in {time.perf_counter() - began:.1f} s")
     probabilities = np.asarray(jax.nn.softmax(output.logits))[real]
     predicted = np.asarray(output.targets)[real]
     labels = np.asarray(batch["label"])[real]
     true_boxes = np.asarray(batch["bbox"])[real] if "bbox" in batch else None
-    threshold = args.threshold
     if threshold is None and true_boxes is not None:
         largest, _ = wsol.iou_curves(maps, true_boxes)
         threshold = float(wsol.DEFAULT_THRESHOLDS[np.argmax(wsol.box_accuracy(largest, 0.5))])
@@ -234,12 +156,11 @@ def main(argv: list[str] | None = None) -> str | list[dict[str, Any]]:
         f"pred {p} ({probabilities[i, p]:.2f})  true {t}" + ("" if p == t else "  ✗")
         for i, (p, t) in enumerate(zip(predicted, labels))
     ]
-    resolved = resolve_method(model, method)
-    suptitle = (f"{info.name}, step {step}: {resolved} maps of the predicted class "
+    suptitle = (f"{info.name}, step {run.step}: {method} maps of the predicted class "
                 f"(pool {getattr(model, 'pool', '?')}), boxes at map > {threshold:.2f}")
-    out = draw_overlays(np.asarray(batch["image"])[real], maps, titles=titles,
-                        true_boxes=true_boxes, predicted_boxes=predicted_boxes,
-                        out=args.out, suptitle=suptitle)
+    out = wsol.draw_overlays(np.asarray(batch["image"])[real], maps, titles=titles,
+                             true_boxes=true_boxes, predicted_boxes=predicted_boxes,
+                             out=out, suptitle=suptitle)
     print(f"wrote {out}")
     return out
 
@@ -249,37 +170,55 @@ def main(argv: list[str] | None = None) -> str | list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 
 
+def read_pictures(paths: list[Path], on_unreadable: Callable[[str], None]
+                  ) -> tuple[list[Path], list[Any]]:
+    """``(readable paths, their decoded pictures)``; each unreadable file (truncated,
+    corrupt, not an image) is named through ``on_unreadable`` in one line and skipped."""
+    readable, pictures = [], []
+    for path in paths:
+        try:
+            pictures.append(imagenet.load_image(path))
+            readable.append(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            on_unreadable(f"cannot read image {path} ({one_line(error)}); skipped it: "
+                          "replace or remove the file")
+    return readable, pictures
+
+
 def predict_photos(
-    paths: list[Path], model: Any, variables: Any, *, method: str = "auto",
+    pictures: list[Any], model: Any, variables: Any, *, method: str = "auto",
     batch_size: int = 8,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Any]]:
-    """Runs the evaluation transform and the map function over ``paths``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs the evaluation transform and the map function over the decoded ``pictures``.
 
     Returns ``(inputs [N, 224, 224, 3], maps [N, 224, 224] in [0, 1] for each image's
-    top-1 class, probabilities [N, K], pictures)`` with the decoded PIL pictures. Every
-    batch is padded to ``batch_size`` images, so the map function compiles once.
+    top-1 class, probabilities [N, K])``. Every batch is padded to ``batch_size`` images,
+    so the map function compiles once. Slow methods report each batch on stderr.
     """
-    from gapjax import imagenet
-
     map_fn = make_map_fn(model, method)
-    pictures = [imagenet.load_image(path) for path in paths]
     inputs = np.stack([imagenet.eval_transform(picture) for picture in pictures])
+    slow = resolve_method(model, method) in SLOW_METHODS
+    if slow:
+        progress(f"{method}: {len(inputs)} image(s) in batches of {batch_size}, one batched "
+                 "pass per chunk of channels of the feature map")
     maps, probabilities = [], []
     for start in range(0, len(inputs), batch_size):
+        began = time.perf_counter()
         chunk = inputs[start:start + batch_size]
         padded = np.zeros((batch_size, *inputs.shape[1:]), np.float32)
         padded[:len(chunk)] = chunk
         output = map_fn(variables, padded)
         maps.append(np.asarray(output.maps)[:len(chunk)])
         probabilities.append(np.asarray(jax.nn.softmax(output.logits, axis=-1))[:len(chunk)])
-    return inputs, np.concatenate(maps), np.concatenate(probabilities), pictures
+        if slow:
+            progress(f"{method}: images {start + 1}-{start + len(chunk)} of {len(inputs)} "
+                     f"done in {time.perf_counter() - began:.1f} s")
+    return inputs, np.concatenate(maps), np.concatenate(probabilities)
 
 
 def top_classes(probabilities: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
     """Per image the ``k`` most probable classes ``{index, name, probability}``
     (``probabilities [N, K]``; ImageNet names when K is 1000)."""
-    from gapjax import imagenet
-
     num_classes = probabilities.shape[-1]
     order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
     return [[{"index": int(index), "name": imagenet.class_name(int(index), num_classes),
@@ -297,8 +236,6 @@ def draw_photo_overlay(picture: Any, crop: np.ndarray, heat_map: np.ndarray,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-
-    from gapjax import imagenet
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(9.0, 4.9))
     left.imshow(np.asarray(picture))
@@ -337,19 +274,20 @@ def _overlay_names(paths: list[Path]) -> list[str]:
 
 
 def photos(images: list[str], *, model_name: str, weights: str, method: str = "auto",
-           topk: int = 3, batch_size: int = 8, out: str = "cams", as_json: bool = False
-           ) -> list[dict[str, Any]]:
-    """The photos mode of ``python -m gapjax.cam``; returns the printed predictions."""
-    import json
-    import sys
-
-    from gapjax import imagenet, pretrained
-
-    paths = imagenet.image_paths(images)
+           topk: int = 3, batch_size: int = 8, out: str = "cams", as_json: bool = False,
+           on_unreadable: Callable[[str], None] = progress
+           ) -> tuple[list[dict[str, Any]], int]:
+    """The photos mode of ``python -m gapjax.cam``: ``(the printed predictions, the number
+    of unreadable images)``, each unreadable one named through ``on_unreadable``."""
+    found = imagenet.image_paths(images)
+    paths, pictures = read_pictures(found, on_unreadable)
+    failed = len(found) - len(paths)
+    if not paths:
+        return [], failed
     model, variables = pretrained.load(model_name, weights)
     resolved = resolve_method(model, method)
-    inputs, maps, probabilities, pictures = predict_photos(
-        paths, model, variables, method=resolved, batch_size=batch_size)
+    inputs, maps, probabilities = predict_photos(pictures, model, variables, method=resolved,
+                                                 batch_size=batch_size)
     tops = top_classes(probabilities, topk)
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
@@ -368,5 +306,8 @@ def photos(images: list[str], *, model_name: str, weights: str, method: str = "a
     if as_json:
         print(json.dumps(results, indent=1))
     print(f"wrote {len(results)} overlay(s) to {directory}", file=log)
-    return results
+    return results, failed
 
+
+if __name__ == "__main__":
+    main()
