@@ -13,7 +13,8 @@ with a GeM pool on a torchvision trunk).
 
 This module is the engine; the mapping between the two namings is data that lives beside
 each model: a ``Layout`` per family in ``gapjax.models.layouts.LAYOUTS`` (see that module
-for how a family adds one; the names are re-exported here). ``describe(name)`` returns a
+for how a family adds one and for the transforms; ``LAYOUTS`` and ``Layout`` are
+re-exported here). ``describe(name)`` returns a
 model's table (torch key, shape, gapjax leaves, transform).
 """
 
@@ -32,19 +33,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from gapjax import models
-from gapjax.models.layouts import (
-    CONV,
-    CONV1X1_DENSE,
-    COUNTER,
-    DENSE,
-    IDENTITY,
-    LAYOUTS,
-    FlattenDense,
-    Layout,
-    Shape,
-    TorchTensor,
-    Transform,
-)
+from gapjax.models.layouts import IDENTITY, LAYOUTS, Layout, Shape, TorchTensor, Transform
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +62,30 @@ def names() -> list[str]:
     return [name for name in models.names() if any(name.startswith(p) for p in prefixes)]
 
 
+#: gapjax's own naming, for a gapjax run's variables as a state dict (``gapjax_state_dict``):
+#: the key of ``params/layer1_0/conv1/kernel`` is ``layer1_0.conv1.kernel``.
+GAPJAX_NAMING = Layout(source="gapjax", tensors_fn=lambda shapes: [
+    TorchTensor(".".join(path.split("/")[1:]), (path,), IDENTITY) for path in shapes])
+
+
+def gapjax_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``variables`` (``params``, ``batch_stats``) keyed in ``GAPJAX_NAMING``."""
+    flat = traverse_util.flatten_dict(
+        {key: variables[key] for key in ("params", "batch_stats") if variables.get(key)})
+    return {".".join(path[1:]): np.asarray(leaf) for path, leaf in flat.items()}
+
+
 def flatten_shapes(variables: Mapping[str, Any]) -> dict[str, Shape]:
     """``{"params/layer1_0/conv1/kernel": shape}`` of a variable tree (or of shapes)."""
     flat = traverse_util.flatten_dict(dict(variables), sep="/")
     return {path: tuple(int(n) for n in np.shape(leaf)) for path, leaf in flat.items()}
 
 
-def _checked_tensors(name: str, shapes: Mapping[str, Shape]) -> list[TorchTensor]:
-    """The layout's rows, checked to cover every leaf exactly once with unique keys."""
-    rows = layout_for(name).tensors(shapes)
+def _checked_tensors(name: str, shapes: Mapping[str, Shape], layout: Layout | None = None
+                     ) -> list[TorchTensor]:
+    """The rows of ``layout`` (default: model ``name``'s), checked to cover every leaf
+    exactly once with unique keys."""
+    rows = (layout or layout_for(name)).tensors(shapes)
     covered = [leaf for row in rows for leaf in row.leaves]
     keys = [row.key for row in rows]
     problems = []
@@ -205,6 +209,7 @@ def load_leaves(
     source: str = "the file",
     shapes: Mapping[str, Shape] | None = None,
     new_modules: Sequence[str] = (),
+    layout: Layout | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str], str | None]:
     """The gapjax leaves of ``model`` held by a torch ``state`` dict, checked strictly.
 
@@ -215,12 +220,14 @@ def load_leaves(
     are skipped like the head, those it holds are loaded. Returns ``(flat leaves
     {"params/..": array}, skipped leaf paths, the resolved skip_head)``. ``shapes``
     (``flatten_shapes`` of the model's variables) defaults to the model traced at 224x224
-    (32x32 for the cifar stem). Raises ValueError on missing or unexpected keys and on any
-    shape mismatch, naming keys and shapes.
+    (32x32 for the cifar stem). ``layout``: the file's naming (default: model ``name``'s;
+    ``GAPJAX_NAMING`` for a gapjax run). Raises ValueError on missing or unexpected keys and
+    on any shape mismatch, naming keys and shapes.
     """
     if shapes is None:
         shapes = flatten_shapes(_abstract_variables(model))
-    rows = _checked_tensors(name, shapes)
+    layout = layout or layout_for(name)
+    rows = _checked_tensors(name, shapes, layout)
     absent_new = {row.key for row in rows if row.key not in state
                   and any(leaf.split("/")[1:2] == [module] for leaf in row.leaves
                           for module in new_modules)}
@@ -242,7 +249,6 @@ def load_leaves(
     expected = {row.key for row in used}
     missing = expected - set(state)
     unexpected = set(state) - expected - dropped
-    layout = layout_for(name)
     if missing or unexpected:
         parts = []
         if missing:
@@ -457,7 +463,6 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     return _strip_prefixes(state)
 
 
-__all__ = ["CONV", "CONV1X1_DENSE", "COUNTER", "DENSE", "IDENTITY", "LAYOUTS", "FlattenDense",
-           "Layout", "TorchTensor", "Transform", "describe", "flatten_shapes", "layout_for",
-           "load", "load_leaves", "names", "read_state_dict", "save",
-           "state_dict_from_variables", "variables_from_state_dict"]
+__all__ = ["GAPJAX_NAMING", "LAYOUTS", "Layout", "TorchTensor", "Transform", "describe",
+           "flatten_shapes", "gapjax_state_dict", "layout_for", "load", "load_leaves", "names",
+           "read_state_dict", "save", "state_dict_from_variables", "variables_from_state_dict"]

@@ -1,32 +1,8 @@
-"""Command line for class activation maps: your own photos, or a trained run's checkpoint.
-
-Photos with pretrained weights (torchvision / timm files, see ``gapjax.pretrained``)::
-
-    python -m gapjax.cam --image PATH [PATH ...] --model resnet50 --weights FILE
-        [--method auto|cam|grad_cam|...] [--topk 3] [--batch_size 8] --out DIR [--json]
-
-decodes each image (Pillow; a folder means its image files), applies torchvision's
-ImageNet evaluation transform (``gapjax.imagenet``), prints the top-k classes with their
-names and writes ``DIR/<name>_cam.png`` per image: the original picture with the evaluated
-crop marked, and the crop under the heat map of the top-1 class with class name and
-probability. Batches have one fixed size (the last one is padded), so the map function
-compiles once. ``--json`` prints ``[{"path", "top": [{"index", "name", "probability"}],
-"overlay"}]`` on stdout instead of the text lines.
-
-A trained gapjax run::
-
-    python -m gapjax.cam --workdir DIR [--split test] [--num 16] [--out cams.png]
-        [--method NAME]
-
-draws images, heat-map overlays, predicted and true boxes from the run's newest intact
-checkpoint (``gapjax.train.checkpoint.load_run``: the modules the run recorded are imported
-first, so a fork's pools and models open from any directory); ``--method`` takes any name
-of ``gapjax.cam.method_names()``.
-
-Errors are one line on stderr naming the file or option and the fix, exit status 1 (usage
-errors 2); ``--traceback`` shows the traceback instead. An unreadable image is named and
-skipped: the others are drawn, and the command exits 1. Score-CAM and Ablation-CAM (many
-batched passes per image) report their progress per batch of images on stderr.
+"""``python -m gapjax.cam``: class activation maps of your own photos with pretrained
+weights (``--image PATH... --model NAME --weights FILE [--out DIR] [--json]``), or of a
+trained run's newest checkpoint (``--workdir DIR [--split test] [--num 16] [--out
+cams.png]``). docs/cam.md ("Command line") describes the outputs and the errors: one line
+on stderr naming the file or option and the fix, exit status 1 (usage errors 2).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror and error.filename:
         return f"{error.strerror}: {error.filename}"
     lines = str(error).strip().splitlines()
-    return lines[0].strip("'\"") if lines else type(error).__name__
+    return lines[0] if lines else type(error).__name__
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,13 +1,7 @@
-"""``python -m gapjax.wsol``: saved score maps scored against a benchmark's metadata, the
-reference's ``evaluation.py`` command line computed by gapjax
-(``gapjax.wsol.evaluate_scoremaps``)::
-
-    python -m gapjax.wsol --scoremap_root maps/ --metadata_root metadata/ --dataset_name CUB
-        --split test [--cam_curve_interval 0.01] [--box_v1_metric]
-
-prints ``key: value`` lines (the reference's percentages). A missing or corrupt map or
-metadata file ends it with one line on stderr naming the file, exit status 1
-(``--traceback`` shows the traceback instead).
+"""``python -m gapjax.wsol --scoremap_root maps/ --metadata_root metadata/ --dataset_name CUB
+--split test``: saved score maps scored against a benchmark's metadata, the reference's
+``evaluation.py`` command line computed by ``gapjax.wsol.evaluate_scoremaps`` (docs/wsol.md).
+A missing or corrupt file ends it with one line naming the file, exit status 1.
 """
 
 from __future__ import annotations

@@ -1,27 +1,18 @@
 """Weight layouts: how each model family is named and laid out in torch (data, not code).
 
-``gapjax.pretrained`` (the engine: strict checks, file I/O) finds a model's layout in
-``LAYOUTS``, which the model files fill beside their models: a ``Layout`` is registered
-under a model-name prefix (``"resnet"``, ``"seresnet"``, ``"vgg"``, ``"vit_"``; the longest
-registered prefix of a model name wins). A layout turns the gapjax variable tree (flattened
-to ``{"params/layer1_0/conv1/kernel": shape}``) into ``TorchTensor(key, leaves,
-transform)`` rows: one torch state-dict key, the gapjax leaves it holds (usually one; a
-fused tensor may hold several) and the ``Transform`` between the two layouts.
-
-Most families are two lists: ``renames``, ``(regex, replacement)`` pairs applied in order
-to a gapjax module path (``/`` then becomes ``.``), and ``kernels``, ``(regex, transform)``
-pairs choosing a kernel's transform (default ``conv`` for rank 4, ``dense`` for rank 2).
-Leaf names follow ``LEAF_NAMES`` (kernel -> weight, mean -> running_mean, ...). A new
-family is one block in its model file::
+``gapjax.pretrained`` (the engine: strict checks, file I/O) finds a model's ``Layout`` in
+``LAYOUTS``, which the model files fill beside their models, keyed by model-name prefix
+(``"resnet"``, ``"seresnet"``, ``"vgg"``, ``"vit_"``; the longest matching prefix wins). A
+layout turns the flattened variable tree (``{"params/layer1_0/conv1/kernel": shape}``)
+into ``TorchTensor(key, leaves, transform)`` rows. A new family is one block in its model
+file: module renames and kernel transforms (see ``Layout``), e.g.::
 
     LAYOUTS.add("efficientnet_", Layout(source="timm", renames=((r"^stem_conv$", "conv_stem"),),
                                         kernels=((r"/se/(reduce|expand)$", "conv1x1_dense"),)))
 
-Transforms may be named by string (``TRANSFORMS``), so rule lists can live in modules below
-this floor (an attention module's torch names, shared by every family that hosts it);
-``Layout.extend`` adds rules to a family's layout (a variant such as ResNet-D). Either list
-may instead be a function of the shapes, and ``tensors_fn(shapes) -> list[TorchTensor]``
-replaces the generic builder entirely.
+Transforms may be named by string (``TRANSFORMS``), so rule lists can live in modules
+below this floor (an attention module's torch names, shared by every family that hosts
+it); ``Layout.extend`` adds rules to a family's layout (a variant such as ResNet-D).
 """
 
 from __future__ import annotations

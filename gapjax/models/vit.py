@@ -727,24 +727,19 @@ __all__ = [
 # gapjax names follow timm's module for module (blocks_3/attn/qkv <-> blocks.3.attn.qkv);
 # the head is gathered under ``head``: head/classifier <-> head, head/fc_norm <-> fc_norm,
 # head/pool (the MAP pool) <-> attn_pool. Learned position embeddings saved at another
-# image size are resampled on load (``resample_pos_embed``). The block is self-contained
-# (imports included) so that it stays apart from the model code above.
-import dataclasses  # noqa: E402
-
+# image size are resampled on load (``resample_pos_embed``). The block keeps its import so
+# that it stays apart from the model code above.
 from gapjax.models import layouts  # noqa: E402
 
 
-@dataclasses.dataclass(frozen=True)
 class ResamplePosEmbed(layouts.Transform):
     """A ViT's learned ``pos_embed [1, P + n * n, C]``: identical when the file's grid is
     the model's; otherwise the ``num_prefix_tokens`` rows are kept and the patch rows
     resampled from the file's square grid to the model's."""
 
-    num_prefix_tokens: int
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"pos_embed(prefix={self.num_prefix_tokens})"
+    def __init__(self, num_prefix_tokens: int):
+        self.num_prefix_tokens = num_prefix_tokens
+        self.name = f"pos_embed(prefix={num_prefix_tokens})"
 
     def adapt(self, tensor, shapes):
         want = tuple(shapes[0])
@@ -768,7 +763,7 @@ _VIT_LAYOUT = layouts.Layout(source="timm", renames=(
 
 def _vit_tensors(shapes):
     prefix = 1 if "params/cls_token" in shapes else 0
-    return [dataclasses.replace(row, transform=ResamplePosEmbed(prefix))
+    return [layouts.TorchTensor(row.key, row.leaves, ResamplePosEmbed(prefix))
             if row.leaves == ("params/pos_embed",) else row for row in _VIT_LAYOUT.tensors(shapes)]
 
 

@@ -1,35 +1,20 @@
 """Checkpoints with Orbax: train state, data-iterator state and run metadata, atomically.
 
-One checkpoint is a composite of three items under ``DIR/checkpoints/<step>/``:
+One checkpoint is a composite of three items under ``DIR/checkpoints/<step>/``: ``state``
+(the canonical ``TrainState``, saved asynchronously and collectively), ``data`` (the
+training iterator's position, one file per process) and ``meta`` (the config and a few
+facts, JSON). Orbax policies decide which steps are saved (every ``checkpoint_every``
+steps, and at a multi-host preemption sync point) and keep the latest ``keep``.
 
-* ``state``: the canonical (replicated) ``TrainState``, saved asynchronously and written
-  collectively by all processes (``StandardSave``);
-* ``data``: the training iterator's position, one file per process (grain's handler for
-  grain iterators, JSON of ``get_state()`` for any other checkpointable iterator);
-* ``meta``: the config and a few facts about the run (``JsonSave``).
+Failures are one line naming the path (docs/training.md, "Checkpoints and crashes"): a
+checkpoint that cannot be read is skipped for the newest intact one and set aside in
+``DIR/damaged_checkpoints/``; a save that fails in the background raises
+``CheckpointSaveError`` (step directory, errno) at the next step, and the previous
+checkpoint is kept.
 
-Orbax writes into a temporary directory and renames it when complete, so a half-written
-checkpoint (a run killed mid-save) is never listed, let alone restored. Which steps are
-saved is decided by Orbax policies: every ``checkpoint_every`` steps, and at a preemption
-sync point on multi-host jobs; the loop forces the final and the SIGTERM saves. The
-preservation policy keeps the latest ``keep`` checkpoints; older ones are deleted only
-once a newer one is committed.
-
-Failures are loud and name the path:
-
-* a checkpoint that cannot be read (a truncated array file, garbage in a JSON item) is
-  skipped with a warning naming the file, and the newest intact one is restored; the
-  damaged ones are moved to ``DIR/damaged_checkpoints/`` so that the run can save those
-  steps again;
-* a save that fails in the background (disk full, permissions) is noticed at the next
-  step (``should_save``/``save``/``wait``), which raise ``CheckpointSaveError`` naming the
-  step directory and the errno; its temporary directory is removed, and the previous
-  checkpoint is kept.
-
-Reopening a finished run (the CAM command line, ``config.init_from``) goes through the same
-``Checkpointer.restore``: ``load_run(workdir)`` first re-imports the modules the run
-recorded (``config.json``'s ``imports``), so a fork's pools and models are known by name
-from any working directory, then restores the newest intact checkpoint read-only.
+Reopening a run (the CAM command line, ``config.init_from``) takes the same
+``Checkpointer.restore``, read-only: ``load_run(workdir)``, which first re-imports the
+modules the run recorded, so a fork's pools and models are known from any directory.
 """
 
 from __future__ import annotations
@@ -46,8 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from gapjax.registry import import_modules
@@ -280,14 +267,7 @@ class Checkpointer:
         one restores (unless read-only). If none restores, ``CheckpointError`` names the
         newest one's path.
         """
-        if step is not None:
-            try:
-                return self._restore(step, abstract_state, data_iterator)
-            except CheckpointMismatchError:
-                raise
-            except Exception as error:
-                raise self._restore_failed(step, error) from None
-        steps = committed_steps(self.directory)[::-1]
+        steps = [step] if step is not None else committed_steps(self.directory)[::-1]
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         failures: list[tuple[int, BaseException]] = []
@@ -332,14 +312,15 @@ class Checkpointer:
         """Compares the saved arrays' shapes with ``abstract_state`` before reading any
         data: a model that changed shape gets one line naming the first differing array
         (Orbax would fail inside its asynchronous readers, with a page of tracebacks)."""
-        import jax
-
         path = self.directory / str(step) / "state"
         saved = ocp.StandardCheckpointer().metadata(path)
         saved = getattr(saved, "item_metadata", saved)
-        expected = {_tokens(key): tuple(leaf.shape)
+        # Key paths as "a.b.c": a TrainState's attributes and the dicts Orbax stores it as
+        # read the same.
+        expected = {jax.tree_util.keystr(key, simple=True, separator="."): tuple(leaf.shape)
                     for key, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-        stored = {_tokens(key): tuple(getattr(leaf, "shape", ()) or ())
+        stored = {jax.tree_util.keystr(key, simple=True, separator="."):
+                  tuple(getattr(leaf, "shape", ()) or ())
                   for key, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
         differ = [key for key in expected if key in stored and stored[key] != expected[key]]
         missing = [key for key in expected if key not in stored]
@@ -348,12 +329,11 @@ class Checkpointer:
             return
         if differ:
             key = differ[0]
-            first = (f"{'.'.join(key)} has shape {stored[key]} there, {expected[key]} in the "
-                     "model")
+            first = f"{key} has shape {stored[key]} there, {expected[key]} in the model"
         elif missing:
-            first = f"{'.'.join(missing[0])} is missing there"
+            first = f"{missing[0]} is missing there"
         else:
-            first = f"{'.'.join(extra[0])} is not in the model"
+            first = f"{extra[0]} is not in the model"
         more = len(differ) + len(missing) + len(extra) - 1
         raise CheckpointMismatchError(
             f"checkpoint {path} does not fit the model: {first}"
@@ -368,12 +348,7 @@ class Checkpointer:
     def _set_aside(self, steps: list[int], restored: int) -> None:
         """Moves the unreadable ``steps`` out of the checkpoint directory (so the run can
         save those steps again) into ``damaged_checkpoints/`` (so nothing is deleted)."""
-        import jax
-
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("gapjax_restore_done")
+        _sync("gapjax_restore_done")
         if jax.process_index() == 0:
             target = self.directory.parent / DAMAGED_DIR
             target.mkdir(exist_ok=True)
@@ -387,10 +362,7 @@ class Checkpointer:
                 print(f"warning: restored step {restored}; moved the damaged checkpoint "
                       f"{self.directory / str(step)} to {destination}", file=sys.stderr,
                       flush=True)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("gapjax_damaged_moved")
+        _sync("gapjax_damaged_moved")
         self.manager.reload()
 
     # ----------------------------------------------------------------------------------
@@ -456,18 +428,10 @@ def load_run(workdir: str | Path) -> Run:
     return Run(config, variables, restored.step, workdir)
 
 
-def _tokens(path: tuple[Any, ...]) -> tuple[str, ...]:
-    """A pytree key path as plain strings (dict keys, sequence indices, attribute names),
-    so that a ``TrainState`` and the nested dicts Orbax stores it as compare equal."""
-    tokens = []
-    for key in path:
-        for attribute in ("key", "idx", "name"):
-            if hasattr(key, attribute):
-                tokens.append(str(getattr(key, attribute)))
-                break
-        else:
-            tokens.append(str(key))
-    return tuple(tokens)
+def _sync(name: str) -> None:
+    """A barrier of all processes (none with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _iterator_state(iterator: Any) -> Any:

@@ -39,46 +39,6 @@ from gapjax.train.state import TrainState
 
 logger = logging.getLogger(__name__)
 
-HEAD = "head"
-
-
-def _flatten(variables: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"params/..": leaf, "batch_stats/..": leaf}`` of a variable tree."""
-    return traverse_util.flatten_dict(
-        {key: variables[key] for key in ("params", "batch_stats") if variables.get(key)},
-        sep="/")
-
-
-def _is_head(path: str) -> bool:
-    return path.split("/")[1:2] == [HEAD]
-
-
-def _from_workdir(directory: Path, fresh: Mapping[str, Any]
-                  ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Leaves from a gapjax run's latest checkpoint; head leaves that do not fit keep the
-    fresh initialisation (returned as the second item)."""
-    run = load_run(directory)
-    source = _flatten(run.variables)
-    where = f"config.init_from={str(directory)!r} (step {run.step})"
-    loaded, kept = {}, []
-    for path, leaf in fresh.items():
-        found = source.get(path)
-        if found is not None and tuple(np.shape(found)) == tuple(leaf.shape):
-            loaded[path] = np.asarray(found)
-        elif _is_head(path):
-            kept.append(path)
-        elif found is None:
-            raise ValueError(f"{where} has no {path} (shape {tuple(leaf.shape)}); the run "
-                             "was trained with another model")
-        else:
-            raise ValueError(f"{where}: {path} has shape {tuple(np.shape(found))}; the model "
-                             f"expects {tuple(leaf.shape)}")
-    unexpected = sorted(p for p in source if p not in fresh and not _is_head(p))
-    if unexpected:
-        raise ValueError(f"{where} holds {len(unexpected)} tensors the model does not have "
-                         f"(e.g. {', '.join(unexpected[:5])}); it was trained with another model")
-    return loaded, kept
-
 
 def initial_leaves(init_from: str | Path, model_name: str, model: Any,
                    fresh: Mapping[str, Any], new_modules: tuple[str, ...] = ()
@@ -95,16 +55,20 @@ def initial_leaves(init_from: str | Path, model_name: str, model: Any,
     Returns ``(loaded leaves, leaves that keep their fresh value)``.
     """
     path = Path(init_from).expanduser()
+    layout = None
     if path.is_dir():
-        return _from_workdir(path, fresh)
-    if not path.is_file():
+        run = load_run(path)
+        state, layout = pretrained.gapjax_state_dict(run.variables), pretrained.GAPJAX_NAMING
+        source = f"config.init_from={str(init_from)!r} (step {run.step})"
+    elif path.is_file():
+        state, source = pretrained.read_state_dict(path), str(path)
+    else:
         raise FileNotFoundError(f"config.init_from={str(init_from)!r}: no such weight file "
                                 "or gapjax workdir")
-    state = pretrained.read_state_dict(path)
     shapes = {key: tuple(leaf.shape) for key, leaf in fresh.items()}
     loaded, kept, _ = pretrained.load_leaves(model_name, model, state, skip_head="auto",
-                                             source=str(path), shapes=shapes,
-                                             new_modules=new_modules)
+                                             source=source, shapes=shapes,
+                                             new_modules=new_modules, layout=layout)
     return loaded, kept
 
 
@@ -113,7 +77,8 @@ def initialize(state: TrainState, model: Any, tx: optax.GradientTransformation,
     """``state`` (a fresh run's initial state) with parameters and BatchNorm statistics from
     ``config.init_from`` and a fresh optimizer state for them; every array keeps the
     placement (sharding) of the one it replaces."""
-    fresh = _flatten({"params": state.params, "batch_stats": state.batch_stats})
+    fresh = traverse_util.flatten_dict({"params": state.params, "batch_stats": state.batch_stats},
+                                       sep="/")
     new_modules = tuple(config.optimizer.get("head_modules", None) or ())
     loaded, kept = initial_leaves(config.init_from, config.model.name, model, fresh,
                                   new_modules)

@@ -207,13 +207,8 @@ class LocalizationEvaluator:
                  "foreground": self._foreground, "background": self._background}
         if jax.process_count() == 1:
             return parts
-        flat = np.concatenate([np.ravel(value) for value in parts.values()])
-        summed = np.asarray(multihost_utils.process_allgather(flat)).sum(axis=0)
-        totals, offset = {}, 0
-        for key, value in parts.items():
-            totals[key] = summed[offset:offset + np.size(value)].reshape(np.shape(value))
-            offset += np.size(value)
-        return totals
+        gathered = multihost_utils.process_allgather(parts)  # each [processes, ...]
+        return {key: np.asarray(value).sum(axis=0) for key, value in gathered.items()}
 
     def calibrated_threshold(self) -> float:
         """The grid threshold at which the most images are localized (V1 boxes, IoU >= 0.5):

@@ -2,41 +2,30 @@
 
 Score maps are ``[N, H, W]`` in ``[0, 1]`` (min-max normalised per image, as
 ``gapjax.cam.normalize_maps`` makes them); thresholds ``tau`` run over a grid, by default
-``0, 0.01, ..., 0.99``.
+``0, 0.01, ..., 0.99``. The conventions decide the numbers; docs/wsol.md tabulates them
+(column ``"gapjax"``) next to the reference's:
 
-Conventions (documented because they decide the numbers):
-
-* Boxes are ``(ymin, xmin, ymax, xmax)`` normalised to ``[0, 1]`` (TFDS ``BBoxFeature``).
-  Pixel ``(r, c)`` of an ``H x W`` map covers ``[r/H, (r+1)/H) x [c/W, (c+1)/W)``, so a
-  component spanning rows ``r0..r1`` and columns ``c0..c1`` is the box
-  ``(r0/H, c0/W, (r1+1)/H, (c1+1)/W)``. IoU is the continuous area ratio (no ``+1``
-  pixel convention). Ground-truth boxes with a negative coordinate are padding (the data
-  pipeline pads with all ``-1``) and are ignored; an image may have several boxes, and its
-  IoU is the best over (estimated box, true box) pairs, as in the original evaluation.
-* At threshold ``tau`` the foreground is ``score > tau`` (strict, as the original's
-  ``cv2.threshold(THRESH_BINARY)``); its 8-connected components (the regions whose outer
-  contours ``cv2.findContours`` traces) give boxes. V1 keeps the largest component (by
-  pixel count; ties go to the first in row-major order), V2 (``multi_contour``) keeps all.
-  An empty foreground gives no box and IoU 0. Scores are not quantised to 8 bits.
-* ``BoxAcc(tau, delta)`` = fraction of images whose IoU at ``tau`` is ``>= delta``;
-  ``MaxBoxAcc(delta) = max_tau BoxAcc``; ``MaxBoxAccV2`` = mean of the multi-contour
-  MaxBoxAcc over ``delta`` in 0.3, 0.5, 0.7 (each ``delta`` picks its own ``tau``).
-* PxAP: pixels of all images pooled; at each ``tau`` a pixel is predicted foreground when
-  ``score >= tau``; ``AP = sum_j P(tau_j) (R(tau_j) - R(tau_{j+1}))`` over thresholds in
-  descending order starting at ``tau = 1`` (recall 0 above it), the original's
-  right-Riemann sum of the precision-recall curve.
-* All metrics are fractions in ``[0, 1]`` (the paper prints percentages).
+* boxes are normalised ``(ymin, xmin, ymax, xmax)``; pixel ``(r, c)`` covers
+  ``[r/H, (r+1)/H) x [c/W, (c+1)/W)``; IoU is the continuous area ratio; true boxes with a
+  negative coordinate are padding, and an image's IoU is the best over (estimated, true)
+  pairs;
+* the foreground at ``tau`` is ``score > tau``; its 8-connected components give boxes: V1
+  the largest (by pixel count; ties to the first in row-major order), V2
+  (``multi_contour``) all; an empty foreground gives no box and IoU 0;
+* ``BoxAcc(tau, delta)`` is the share of images with IoU ``>= delta``, ``MaxBoxAcc(delta)
+  = max_tau BoxAcc``, ``MaxBoxAccV2`` the mean of multi-contour MaxBoxAcc over ``delta`` in
+  0.3, 0.5, 0.7; PxAP pools all pixels (foreground when ``score >= tau``) and sums
+  ``P(tau_j) (R(tau_j) - R(tau_{j+1}))`` from ``tau = 1`` down (right Riemann); all are
+  fractions in ``[0, 1]``.
 
 GT-known localization counts IoU >= 0.5 for the true class's map; top-1 localization
 also needs the predicted class to be right. Both use one threshold for all images: by
-default the one that maximises GT-known localization over the grid (the calibration
-Choe et al. recommend, so GT-known localization then equals MaxBoxAcc), or a fixed one
-such as the 0.2 of the original CAM paper. A fixed threshold is arbitrary: it favours
-whatever object size it happens to fit.
+default the one that maximises GT-known localization over the grid (Choe et al.'s
+calibration, so GT-known localization equals MaxBoxAcc), or a fixed one (the 0.2 of the
+CAM paper favours whatever object size it happens to fit).
 
-Protocols. Every metric takes ``protocol``: ``"gapjax"`` (the definitions above, the
-default) or ``"wsolevaluation"``, the numbers of Choe et al.'s reference code exactly, in
-its units (percentages; ``gapjax.wsol.reference``, which needs OpenCV).
+``protocol="wsolevaluation"`` returns the numbers of Choe et al.'s reference code exactly,
+in its units (percentages; ``gapjax.wsol.reference``, which needs OpenCV).
 """
 
 from __future__ import annotations
@@ -50,6 +39,7 @@ from gapjax.wsol.reference import (
     IGNORE,
     V2_IOU_THRESHOLDS,
     _percent,
+    box_iou,
     boxes_from_reference,
     reference_accuracy,
     reference_boxes_by_level,
@@ -118,27 +108,6 @@ def _thresholds(thresholds: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # Boxes and IoU
 # --------------------------------------------------------------------------------------
-
-
-def box_iou(boxes_a: Any, boxes_b: Any) -> np.ndarray:
-    """Pairwise IoU of ``boxes_a [A, 4]`` and ``boxes_b [B, 4]`` -> ``[A, B]``.
-
-    Boxes are ``(ymin, xmin, ymax, xmax)``; degenerate boxes have area 0 and IoU 0.
-    """
-    a = np.asarray(boxes_a, np.float64).reshape(-1, 4)
-    b = np.asarray(boxes_b, np.float64).reshape(-1, 4)
-    top = np.maximum(a[:, None, 0], b[None, :, 0])
-    left = np.maximum(a[:, None, 1], b[None, :, 1])
-    bottom = np.minimum(a[:, None, 2], b[None, :, 2])
-    right = np.minimum(a[:, None, 3], b[None, :, 3])
-    intersection = np.clip(bottom - top, 0, None) * np.clip(right - left, 0, None)
-
-    def area(boxes):
-        heights = np.clip(boxes[:, 2] - boxes[:, 0], 0, None)
-        return heights * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-
-    union = area(a)[:, None] + area(b)[None, :] - intersection
-    return np.where(union > 0, intersection / np.where(union > 0, union, 1.0), 0.0)
 
 
 def _components(score_map: np.ndarray, thresholds: np.ndarray):
@@ -467,7 +436,7 @@ def default_thresholds(protocol: str = "gapjax") -> np.ndarray:
     return reference_thresholds()
 
 
-__all__ = ["DEFAULT_LOC_THRESHOLD", "DEFAULT_THRESHOLDS", "PROTOCOLS", "box_accuracy", "box_iou",
+__all__ = ["DEFAULT_LOC_THRESHOLD", "DEFAULT_THRESHOLDS", "PROTOCOLS", "box_accuracy",
            "boxes_from_score_map", "default_thresholds", "gt_known_localization", "iou_curves",
            "localized", "localized_at", "max_box_acc", "max_box_acc_v2", "pixel_histograms",
            "pxap", "pxap_from_histograms", "share", "top1_localization"]

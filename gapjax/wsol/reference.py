@@ -98,20 +98,36 @@ def reference_resize_boxes(boxes: Any, image_size: Any, new_size: Any) -> np.nda
     return np.trunc(boxes * scale_to / scale_from).astype(np.int64)
 
 
+def box_iou(boxes_a: Any, boxes_b: Any) -> np.ndarray:
+    """Pairwise IoU of ``boxes_a [A, 4]`` and ``boxes_b [B, 4]`` -> ``[A, B]``.
+
+    Boxes are ``(ymin, xmin, ymax, xmax)``; degenerate boxes have area 0 and IoU 0.
+    """
+    a = np.asarray(boxes_a, np.float64).reshape(-1, 4)
+    b = np.asarray(boxes_b, np.float64).reshape(-1, 4)
+    top = np.maximum(a[:, None, 0], b[None, :, 0])
+    left = np.maximum(a[:, None, 1], b[None, :, 1])
+    bottom = np.minimum(a[:, None, 2], b[None, :, 2])
+    right = np.minimum(a[:, None, 3], b[None, :, 3])
+    intersection = np.clip(bottom - top, 0, None) * np.clip(right - left, 0, None)
+
+    def area(boxes):
+        heights = np.clip(boxes[:, 2] - boxes[:, 0], 0, None)
+        return heights * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+
+    union = area(a)[:, None] + area(b)[None, :] - intersection
+    return np.where(union > 0, intersection / np.where(union > 0, union, 1.0), 0.0)
+
+
 def reference_box_iou(boxes_a: Any, boxes_b: Any) -> np.ndarray:
     """Pairwise IoU of integer pixel-inclusive boxes ``[A, 4]``, ``[B, 4]`` -> ``[A, B]``.
 
-    Areas count pixels (``x1 - x0 + 1``); a non-positive union gives 0, as in the reference.
+    Areas count pixels (``x1 - x0 + 1``), as in the reference: the continuous ``box_iou``
+    of the boxes one pixel longer at their far edges (exact: the areas are integers).
     """
-    a = np.asarray(boxes_a, np.int64).reshape(-1, 4)[:, None]
-    b = np.asarray(boxes_b, np.int64).reshape(-1, 4)[None]
-    inter_w = np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1)
-    inter_h = np.maximum(0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1)
-    intersection = inter_w * inter_h
-    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
-    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
-    union = area_a + area_b - intersection
-    return np.where(union > 0, intersection / np.where(union > 0, union, 1), 0.0)
+    far = np.array([0, 0, 1, 1], np.int64)
+    return box_iou(np.asarray(boxes_a, np.int64).reshape(-1, 4) + far,
+                   np.asarray(boxes_b, np.int64).reshape(-1, 4) + far)
 
 
 def reference_normalize(score_map: Any) -> np.ndarray:
@@ -316,7 +332,7 @@ def reference_truth(gt_boxes: Any, map_shape: tuple[int, int], image_sizes: Any,
 
 
 __all__ = ["IGNORE", "REFERENCE_CAM_CURVE_INTERVAL", "REFERENCE_RESIZE_LENGTH", "V2_IOU_THRESHOLDS",
-           "boxes_from_reference", "boxes_to_reference", "reference_accuracy",
+           "box_iou", "boxes_from_reference", "boxes_to_reference", "reference_accuracy",
            "reference_box_iou", "reference_boxes_by_level", "reference_correct_counts",
            "reference_iou_curves", "reference_normalize", "reference_pixel_histograms",
            "reference_pxap_from_histograms", "reference_resize", "reference_resize_boxes",
