@@ -54,6 +54,18 @@ def reference_thresholds(interval: float = REFERENCE_CAM_CURVE_INTERVAL) -> np.n
     return np.arange(0, 1, interval)
 
 
+def _per_coordinate(size: Any) -> np.ndarray:
+    """``(height, width) [..., 2]`` -> ``(width, height, width, height) [..., 4]``, the
+    extent of each coordinate of an ``(x0, y0, x1, y1)`` box."""
+    size = np.asarray(size, np.float64)
+    return np.stack([size[..., 1], size[..., 0], size[..., 1], size[..., 0]], axis=-1)
+
+
+#: ``(x0, y0, x1, y1)`` <-> ``(y0, x0, y1, x1)`` (its own inverse).
+_SWAP_AXES = [1, 0, 3, 2]
+_FAR_EDGES = np.array([0, 0, 1, 1], np.int64)
+
+
 def boxes_from_reference(boxes: Any, image_size: Any) -> np.ndarray:
     """Reference pixel boxes -> gapjax normalised boxes.
 
@@ -64,11 +76,8 @@ def boxes_from_reference(boxes: Any, image_size: Any) -> np.ndarray:
 
     Returns ``[..., 4]`` float64 ``(y0 / H, x0 / W, (y1 + 1) / H, (x1 + 1) / W)``.
     """
-    boxes = np.asarray(boxes, np.float64)
-    size = np.asarray(image_size, np.float64)
-    height, width = size[..., 0], size[..., 1]
-    return np.stack([boxes[..., 1] / height, boxes[..., 0] / width,
-                     (boxes[..., 3] + 1) / height, (boxes[..., 2] + 1) / width], axis=-1)
+    edges = np.asarray(boxes, np.float64) + _FAR_EDGES
+    return (edges / _per_coordinate(image_size))[..., _SWAP_AXES]
 
 
 def boxes_to_reference(boxes: Any, image_size: Any) -> np.ndarray:
@@ -78,24 +87,15 @@ def boxes_to_reference(boxes: Any, image_size: Any) -> np.ndarray:
     Exact for boxes made by ``boxes_from_reference`` (also after a float32 round trip):
     coordinates are rounded to the nearest pixel edge.
     """
-    boxes = np.asarray(boxes, np.float64)
-    size = np.asarray(image_size, np.float64)
-    height, width = size[..., 0], size[..., 1]
-    edges = np.stack([boxes[..., 1] * width, boxes[..., 0] * height,
-                      boxes[..., 3] * width, boxes[..., 2] * height], axis=-1)
-    pixels = np.rint(edges).astype(np.int64)
-    return pixels - np.array([0, 0, 1, 1], np.int64)
+    edges = np.asarray(boxes, np.float64)[..., _SWAP_AXES] * _per_coordinate(image_size)
+    return np.rint(edges).astype(np.int64) - _FAR_EDGES
 
 
 def reference_resize_boxes(boxes: Any, image_size: Any, new_size: Any) -> np.ndarray:
     """Scales pixel boxes ``[..., 4]`` from ``image_size`` to ``new_size`` (both
     ``(height, width)``) the reference's way: ``int(x * new_w / w)``, truncated."""
-    boxes = np.asarray(boxes, np.float64)
-    old = np.asarray(image_size, np.float64)
-    new = np.asarray(new_size, np.float64)
-    scale_from = np.stack([old[..., 1], old[..., 0], old[..., 1], old[..., 0]], axis=-1)
-    scale_to = np.stack([new[..., 1], new[..., 0], new[..., 1], new[..., 0]], axis=-1)
-    return np.trunc(boxes * scale_to / scale_from).astype(np.int64)
+    scaled = np.asarray(boxes, np.float64) * _per_coordinate(new_size)
+    return np.trunc(scaled / _per_coordinate(image_size)).astype(np.int64)
 
 
 def box_iou(boxes_a: Any, boxes_b: Any) -> np.ndarray:
@@ -125,9 +125,8 @@ def reference_box_iou(boxes_a: Any, boxes_b: Any) -> np.ndarray:
     Areas count pixels (``x1 - x0 + 1``), as in the reference: the continuous ``box_iou``
     of the boxes one pixel longer at their far edges (exact: the areas are integers).
     """
-    far = np.array([0, 0, 1, 1], np.int64)
-    return box_iou(np.asarray(boxes_a, np.int64).reshape(-1, 4) + far,
-                   np.asarray(boxes_b, np.int64).reshape(-1, 4) + far)
+    return box_iou(np.asarray(boxes_a, np.int64).reshape(-1, 4) + _FAR_EDGES,
+                   np.asarray(boxes_b, np.int64).reshape(-1, 4) + _FAR_EDGES)
 
 
 def reference_normalize(score_map: Any) -> np.ndarray:
