@@ -103,19 +103,16 @@ class LocalizationEvaluator:
     def reset(self) -> None:
         """Forgets everything accumulated."""
         size = len(self.thresholds)
-        self._images = 0
-        self._box_images = 0
-        # Counts per threshold: localized (V1, IoU >= 0.5), localized and classified right,
-        # and localized with V2 boxes at each IoU of V2_IOU_THRESHOLDS.
-        self._localized = np.zeros(size)
-        self._localized_correct = np.zeros(size)
-        self._localized_v2 = np.zeros((len(V2_IOU_THRESHOLDS), size))
-        # The same two counts at the fixed loc_threshold, when there is one.
-        self._fixed = np.zeros(2)
-        bins = (len(self.thresholds) + 2 if self.protocol == "wsolevaluation"
-                else len(_pixel_grid(self.thresholds)))
-        self._foreground = np.zeros(bins)
-        self._background = np.zeros(bins)
+        bins = size + 2 if self.protocol == "wsolevaluation" else len(_pixel_grid(self.thresholds))
+        # Sums over batches (and processes): images (real ones, those with boxes); per
+        # threshold the images localized (V1, IoU >= 0.5), localized and classified right,
+        # and localized with V2 boxes at each IoU of V2_IOU_THRESHOLDS; the first two at the
+        # fixed loc_threshold; PxAP's pixel histograms.
+        self._counts = {
+            "images": np.zeros(2), "localized": np.zeros(size),
+            "localized_correct": np.zeros(size),
+            "localized_v2": np.zeros((len(V2_IOU_THRESHOLDS), size)), "fixed": np.zeros(2),
+            "foreground": np.zeros(bins), "background": np.zeros(bins)}
         self._shown: dict[str, list[np.ndarray]] = {"image": [], "maps": [], "bbox": []}
 
     def _maps(self, variables: Mapping[str, Any], images: Any, labels: np.ndarray):
@@ -144,14 +141,14 @@ class LocalizationEvaluator:
         all_maps, logits = self._maps(variables, batch["image"], labels)
         real = np.asarray(batch.get("weight", np.ones(len(labels)))) > 0
         maps = all_maps[real]
-        protocol = self.protocol
-        self._images += int(real.sum())
+        protocol, counts = self.protocol, self._counts
+        counts["images"][0] += real.sum()
         if "segmentation" in batch:
             foreground, background = pixel_histograms(
                 maps, np.asarray(batch["segmentation"])[real], self.thresholds, protocol
             )
-            self._foreground += foreground
-            self._background += background
+            counts["foreground"] += foreground
+            counts["background"] += background
         boxes = np.asarray(batch["bbox"])[real] if "bbox" in batch else None
         self._keep_for_overlay(np.asarray(batch["image"])[real], maps, boxes)
         if boxes is None:
@@ -161,16 +158,16 @@ class LocalizationEvaluator:
         box_size = tuple(np.shape(batch["image"])[1:3])  # the reference's 224 x 224 input
         largest, best = iou_curves(maps, boxes, self.thresholds, protocol, sizes, box_size)
         hits = localized(largest, 0.5, protocol)
-        self._box_images += len(maps)
-        self._localized += hits.sum(axis=0)
-        self._localized_correct += (hits & correct).sum(axis=0)
+        counts["images"][1] += len(maps)
+        counts["localized"] += hits.sum(axis=0)
+        counts["localized_correct"] += (hits & correct).sum(axis=0)
         for row, delta in enumerate(V2_IOU_THRESHOLDS):
-            self._localized_v2[row] += localized(best, delta, protocol).sum(axis=0)
+            counts["localized_v2"][row] += localized(best, delta, protocol).sum(axis=0)
         if self.loc_threshold is not None:
             at_fixed, _ = iou_curves(maps, boxes, [self.loc_threshold], protocol, sizes,
                                      box_size)
             fixed = localized(at_fixed, 0.5, protocol)
-            self._fixed += [fixed.sum(), (fixed & correct).sum()]
+            counts["fixed"] += [fixed.sum(), (fixed & correct).sum()]
 
     def _keep_for_overlay(self, images: np.ndarray, maps: np.ndarray, boxes: Any) -> None:
         missing = self.overlay_images - sum(len(part) for part in self._shown["image"])
@@ -193,7 +190,7 @@ class LocalizationEvaluator:
         parts["bbox"] = np.concatenate(padded)
         threshold = self.loc_threshold
         if threshold is None:
-            threshold = self.calibrated_threshold() if self._box_images else None
+            threshold = self.calibrated_threshold() if self._counts["images"][1] else None
         predicted = None if threshold is None else [
             boxes_from_score_map(score_map, threshold, protocol=self.protocol)
             for score_map in parts["maps"]]
@@ -201,19 +198,15 @@ class LocalizationEvaluator:
 
     def _totals(self) -> dict[str, np.ndarray]:
         """The counts summed over processes (a collective when there are several)."""
-        parts = {"images": np.array([self._images, self._box_images], np.float64),
-                 "localized": self._localized, "localized_correct": self._localized_correct,
-                 "localized_v2": self._localized_v2, "fixed": self._fixed,
-                 "foreground": self._foreground, "background": self._background}
         if jax.process_count() == 1:
-            return parts
-        gathered = multihost_utils.process_allgather(parts)  # each [processes, ...]
+            return self._counts
+        gathered = multihost_utils.process_allgather(self._counts)  # each [processes, ...]
         return {key: np.asarray(value).sum(axis=0) for key, value in gathered.items()}
 
     def calibrated_threshold(self) -> float:
         """The grid threshold at which the most images are localized (V1 boxes, IoU >= 0.5):
         where MaxBoxAcc is attained (this process's images only; the first such one)."""
-        return float(self.thresholds[int(np.argmax(self._localized))])
+        return float(self.thresholds[int(np.argmax(self._counts["localized"]))])
 
     def result(self) -> dict[str, float]:
         """The metrics over every image seen since the last ``reset``, on every process.
