@@ -85,6 +85,11 @@ def check_target_range(targets: Any, num_classes: int, name: str = "targets") ->
         )
 
 
+def _check_model_targets(model: nn.Module, targets: Any) -> None:
+    if isinstance(getattr(model, "num_classes", None), int):
+        check_target_range(targets, model.num_classes)
+
+
 def _target_matrix(targets: Array, batch: int) -> tuple[Array, bool]:
     """``targets [B]`` or ``[B, T]`` -> (``[B, T]`` int32, whether the input was ``[B]``)."""
     targets = jnp.asarray(targets)
@@ -342,9 +347,7 @@ def compute_maps(
     single = True
     if targets is not None:
         matrix, single = _target_matrix(targets, batch)
-        num_classes = getattr(model, "num_classes", None)
-        if isinstance(num_classes, int):
-            check_target_range(targets, num_classes)
+        _check_model_targets(model, targets)
     else:
         matrix = None
     run = functools.partial(_raw_maps, model, variables, spec=spec, relu=relu,
@@ -393,9 +396,7 @@ def make_map_fn(model: nn.Module, method: str = "auto", **options: Any) -> Calla
         return compute_maps(model, variables, images, targets, method=method, **options)
 
     def checked(variables, images, targets=None):
-        num_classes = getattr(model, "num_classes", None)
-        if targets is not None and isinstance(num_classes, int):
-            check_target_range(targets, num_classes)
+        _check_model_targets(model, targets)
         return map_fn(variables, images, targets)
 
     checked.jitted = map_fn  # the compiled function, e.g. for its cache size

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,12 +63,18 @@ def _as_float(x: Array) -> Array:
     return jnp.asarray(x, jnp.float32)
 
 
-def _check_pair(features: Array, gradients: Array) -> None:
+def _features(features: Array, dtype: Any = jnp.float32) -> Array:
+    """``features`` as an array of ``dtype`` (None: its own), checked to be ``[B, *S, C]``."""
+    features = jnp.asarray(features, dtype)
     if features.ndim < 3:
-        raise ValueError(
-            "features must have shape [batch, *spatial, channels]; got shape "
-            f"{tuple(features.shape)}"
-        )
+        raise ValueError("features must have shape [batch, *spatial, channels] (e.g. "
+                         f"[B, h, w, C]); got shape {tuple(features.shape)}")
+    return features
+
+
+def _pair(features: Array, gradients: Array) -> tuple[Array, Array]:
+    """Float32 ``features [B, *S, C]`` and ``gradients [B, T, *S, C]``, shapes checked."""
+    features, gradients = _features(features), _as_float(gradients)
     expected = (features.shape[0], gradients.shape[1] if gradients.ndim else 0,
                 *features.shape[1:])
     if gradients.ndim != features.ndim + 1 or tuple(gradients.shape) != expected:
@@ -76,6 +83,7 @@ def _check_pair(features: Array, gradients: Array) -> None:
             f"[{features.shape[0]}, T, {', '.join(map(str, features.shape[1:]))}]; got "
             f"{tuple(gradients.shape)}"
         )
+    return features, gradients
 
 
 def _positions(x: Array, leading: int) -> tuple[int, ...]:
@@ -99,10 +107,7 @@ def class_activation_map(features: Array, kernel: Array, bias: Array | None = No
     (``class_activation_map(f, **params["head"]["classifier"])``); it is checked for shape
     and deliberately not added: a constant shift says nothing about location.
     """
-    features, kernel = jnp.asarray(features), jnp.asarray(kernel)
-    if features.ndim < 3:
-        raise ValueError("features must have shape [batch, *spatial, channels] (e.g. "
-                         f"[B, h, w, C]); got shape {tuple(features.shape)}")
+    features, kernel = _features(features, None), jnp.asarray(kernel)
     if kernel.ndim != 2 or kernel.shape[0] != features.shape[-1]:
         raise ValueError(
             f"kernel must have shape [channels, classes] = [{features.shape[-1]}, K] to "
@@ -120,8 +125,7 @@ def class_activation_map(features: Array, kernel: Array, bias: Array | None = No
 
 def grad_cam_terms(features: Array, gradients: Array) -> Array:
     """Grad-CAM: ``mean_i(g_ic) * A_ic``; ``[B, *S, C], [B, T, *S, C] -> [B, T, *S, C]``."""
-    features, gradients = _as_float(features), _as_float(gradients)
-    _check_pair(features, gradients)
+    features, gradients = _pair(features, gradients)
     alpha = gradients.mean(axis=_positions(gradients, 2), keepdims=True)
     return alpha * features[:, None]
 
@@ -130,8 +134,7 @@ def hires_cam_terms(features: Array, gradients: Array) -> Array:
     """HiResCAM: ``g_ic * A_ic`` (element-wise, no averaging); shapes as ``grad_cam_terms``.
 
     Summed over channels and positions it is the first-order Taylor term of the logit."""
-    features, gradients = _as_float(features), _as_float(gradients)
-    _check_pair(features, gradients)
+    features, gradients = _pair(features, gradients)
     return gradients * features[:, None]
 
 
@@ -139,8 +142,7 @@ def grad_cam_pp_terms(features: Array, gradients: Array) -> Array:
     """Grad-CAM++: channel weights ``sum_i relu(g_ic) a_ic`` with
     ``a_ic = g_ic^2 / (2 g_ic^2 + sum_j(A_jc) g_ic^3 + 1e-6)`` (0 where ``g_ic == 0``), the
     closed form of Chattopadhyay et al. eq. 19; shapes as ``grad_cam_terms``."""
-    features, gradients = _as_float(features), _as_float(gradients)
-    _check_pair(features, gradients)
+    features, gradients = _pair(features, gradients)
     axes = _positions(gradients, 2)
     square = gradients**2
     total = features.sum(axis=_positions(features, 1), keepdims=True)[:, None]
@@ -153,8 +155,7 @@ def grad_cam_pp_terms(features: Array, gradients: Array) -> Array:
 def xgrad_cam_terms(features: Array, gradients: Array) -> Array:
     """XGrad-CAM: channel weights ``sum_i g_ic A_ic / (sum_j A_jc + 1e-7)``; shapes as
     ``grad_cam_terms``."""
-    features, gradients = _as_float(features), _as_float(gradients)
-    _check_pair(features, gradients)
+    features, gradients = _pair(features, gradients)
     total = features.sum(axis=_positions(features, 1), keepdims=True)
     share = (features / (total + XGRAD_CAM_EPS))[:, None]
     weights = (gradients * share).sum(axis=_positions(gradients, 2), keepdims=True)
@@ -163,8 +164,7 @@ def xgrad_cam_terms(features: Array, gradients: Array) -> Array:
 
 def layer_cam_terms(features: Array, gradients: Array) -> Array:
     """LayerCAM: ``relu(g_ic) * A_ic``; shapes as ``grad_cam_terms``."""
-    features, gradients = _as_float(features), _as_float(gradients)
-    _check_pair(features, gradients)
+    features, gradients = _pair(features, gradients)
     return jax.nn.relu(gradients) * features[:, None]
 
 
@@ -217,12 +217,7 @@ def principal_projection(terms: Array, spatial_ndim: int) -> Array:
 def eigen_cam_map(features: Array) -> Array:
     """Eigen-CAM: ``features [B, *S, C] -> [B, *S]``, the first principal component of the
     features (class-agnostic; see ``principal_projection`` for the sign)."""
-    features = _as_float(features)
-    if features.ndim < 3:
-        raise ValueError(
-            "features must have shape [batch, *spatial, channels]; got shape "
-            f"{tuple(features.shape)}"
-        )
+    features = _features(features)
     return principal_projection(features, features.ndim - 2)
 
 
@@ -335,12 +330,7 @@ def ablation_cam_weights(
     the same batched head calls as the ``C`` ablations (same arithmetic, so near-equal scores
     cancel cleanly). ``s == 0`` gives weight 0 rather than a division by zero.
     """
-    features = jnp.asarray(features)
-    if features.ndim < 3:
-        raise ValueError(
-            "features must have shape [batch, *spatial, channels]; got shape "
-            f"{tuple(features.shape)}"
-        )
+    features = _features(features, None)
     batch, channels = features.shape[0], features.shape[-1]
     # -1 ablates nothing (the reference score); padding entries repeat it and are dropped.
     ablated = jnp.arange(-1, channels, dtype=jnp.int32)

@@ -1,42 +1,34 @@
 """Vision Transformers whose head is a class token, GAP, MAP or any ``POOLS`` pool.
 
 Layout (ViT, Dosovitskiy et al. 2021; timm's ``VisionTransformer``): a strided
-convolution cuts the image into ``patch_size`` x ``patch_size`` patches and embeds each
-(``patch_embed``), an optional class token is prepended (``cls_token``), position
-embeddings are added (learned ``pos_embed``, or fixed 2-D sin-cos as in big_vision's
-"Better plain ViT baselines"), then ``depth`` pre-norm encoder blocks
+convolution embeds ``patch_size`` x ``patch_size`` patches (``patch_embed``), an optional
+class token is prepended (``cls_token``), position embeddings are added (learned
+``pos_embed``, or big_vision's fixed 2-D sin-cos), then ``depth`` pre-norm encoder blocks
 (``x + attn(norm1(x))``, ``x + mlp(norm2(x))``, with drop path), a final LayerNorm and the
-head, ``gapjax.layers.GAPHead`` as in every classifier. Its pool reads either the patch
-tokens on their grid ``[B, gh, gw, C]`` (``gap`` = timm ``global_pool="avg"``, ``map`` =
-timm ``"map"``, ``gem``, ``attention``, a fork's, ...; the class token, if any, attends in
-every block but is not pooled, timm's convention) or, for a pool that
-``reads_class_token`` (``token``), every token ``[B, 1 + N, C]``, class token first.
+head: ``gapjax.layers.GAPHead``, as in every classifier. Its pool reads the patch tokens on
+their grid ``[B, gh, gw, C]`` (``gap`` = timm ``global_pool="avg"``, ``map``, ``gem``, a
+fork's, ...; a class token attends in every block but is not pooled, timm's convention),
+or, for a pool that ``reads_class_token`` (``token``), all tokens, class token first.
+``fc_norm`` moves the final norm after the pool; ``None`` follows timm: after the pools
+that are means or maxima of the patches (weighting ``"uniform"`` or ``"channel"``: gap,
+gmp, avgmax), before it otherwise.
 
-``fc_norm`` (timm): the final LayerNorm moves after the pool (the head's ``fc_norm``).
-``None`` follows timm: after the pools that are means or maxima of the patches (weighting
-``"uniform"`` or ``"channel"``: gap, gmp, avgmax), before it otherwise.
+Parameter names mirror timm (``blocks.3.attn.qkv`` -> ``blocks_3/attn/qkv``, ``attn_pool``
+-> ``head/pool``, ``fc_norm`` -> ``head/fc_norm``, ``head`` -> ``head/classifier``; see
+``gapjax.pretrained``), and the parameter counts equal timm's
+``vit_{tiny,small,base,large}_patch16_224`` for every pool / class-token choice.
 
-Parameter names mirror timm, so its weights map with a rename (``blocks.3.attn.qkv`` ->
-``blocks_3/attn/qkv``, ``attn_pool`` -> ``head/pool``, ``fc_norm`` -> ``head/fc_norm``,
-``head`` -> ``head/classifier``; see ``gapjax.pretrained``) and the parameter counts equal
-timm's ``vit_{tiny,small,base,large}_patch16_224`` for every pool / class-token choice.
-
-The model contract (``gapjax.layers.Classifier``):
-
-* ``forward_features(images) -> [B, gh, gw, C]``: what the head pools, the final (normed)
-  patch tokens on their grid; ``head_class_maps`` / ``head_contributions`` are the head's
-  exact maps there (``map_kinds``).
-* A class-token head reads the patches only through the last block's attention, so
-  ``forward_features`` returns the tokens *entering the last block*, ``[B, gh, gw, 2C]``:
-  channels ``[:C]`` the patch tokens, ``[C:]`` the class token repeated at every position;
-  ``forward_head`` runs the last block, the final norm and the head, reading the class
-  token as a constant. The gradient of a logit with respect to these features is zero on
-  the class-token channels, so every gradient method of ``gapjax.cam`` works on the last
-  block's patch tokens (pytorch-grad-cam's ViT recipe: ``blocks[-1].norm1``'s input, class
-  token dropped); ``map_kinds`` is empty. ``__call__`` is the plain forward pass (same
-  logits; in training, gradients reach the class token).
-* ``forward_attention(images)``: every block's attention and the head's readout of the
-  final tokens, for attention rollout (``gapjax.cam``'s ``rollout`` method).
+The model contract (``gapjax.layers.Classifier``): ``forward_features(images)`` is what
+the head pools, the final (normed) patch tokens ``[B, gh, gw, C]``, with the head's exact
+maps (``map_kinds``). A class-token head reads the patches only through the last block's
+attention, so there ``forward_features`` returns the tokens *entering the last block*,
+``[B, gh, gw, 2C]`` (channels ``[:C]`` the patch tokens, ``[C:]`` the class token repeated)
+and ``forward_head`` runs the last block, the final norm and the head, reading the class
+token as a constant: the gradient with respect to the features is zero on its channels,
+so ``gapjax.cam``'s gradient methods work on the last block's patch tokens
+(pytorch-grad-cam's ViT recipe) and ``map_kinds`` is empty. ``__call__`` is the plain
+forward pass (same logits; gradients reach the class token). ``forward_attention`` gives
+every block's attention and the head's readout, for ``gapjax.cam``'s ``rollout``.
 """
 
 from __future__ import annotations

@@ -36,89 +36,89 @@ from gapjax.pooling.segments import Segments
 Array = jax.Array
 
 
-def _weights_result(pooled: Array, weights: Callable[[], Array], return_weights: bool):
-    """``pooled``, or ``(pooled, weights())`` when asked (weights are computed only then)."""
-    return (pooled, weights()) if return_weights else pooled
+class _FixedPool(Pool):
+    """A parameter-free pool: its pure ``function``, its declared weights
+    ``weights_function(x, mask)`` (computed only when asked) and its graph form
+    ``segment_function(Segments) -> [S, width]``."""
+
+    weights_function: ClassVar[Callable[[Array, Array | None], Array] | None] = None
+    segment_function: ClassVar[Callable[[Segments], Array]]
+
+    def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
+        pooled = type(self).function(x, mask)
+        return (pooled, type(self).weights_function(jnp.asarray(x), mask)) if return_weights \
+            else pooled
+
+    def segment(self, x, segment_ids, num_segments, mask=None):
+        sets = Segments(x, segment_ids, num_segments, mask)
+        return type(self).segment_function(sets).astype(result_dtype(x))
 
 
 @POOLS.register("gap", "mean")
-class GlobalAvgPool(Pool):
+class GlobalAvgPool(_FixedPool):
     """Global average pooling (``gap``): the uniform weighted sum."""
 
     weighting: ClassVar[str | None] = "uniform"
     function: ClassVar = staticmethod(gap)
-
-    def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
-        return _weights_result(gap(x, mask), lambda: uniform_weights(jnp.asarray(x), mask),
-                               return_weights)
-
-    def segment(self, x, segment_ids, num_segments, mask=None):
-        return Segments(x, segment_ids, num_segments, mask).mean().astype(result_dtype(x))
+    weights_function: ClassVar = staticmethod(uniform_weights)
+    segment_function: ClassVar = staticmethod(Segments.mean)
 
 
 @POOLS.register("gmp", "max")
-class GlobalMaxPool(Pool):
+class GlobalMaxPool(_FixedPool):
     """Global max pooling (``gmp``): per-channel one-hot weights at the first arg max."""
 
     weighting: ClassVar[str | None] = "channel"
     function: ClassVar = staticmethod(gmp)
-
-    def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
-        return _weights_result(gmp(x, mask), lambda: peak_weights(jnp.asarray(x), mask),
-                               return_weights)
-
-    def segment(self, x, segment_ids, num_segments, mask=None):
-        return Segments(x, segment_ids, num_segments, mask).max().astype(result_dtype(x))
+    weights_function: ClassVar = staticmethod(peak_weights)
+    segment_function: ClassVar = staticmethod(Segments.max)
 
 
 @POOLS.register("gsp", "sum")
-class GlobalSumPool(Pool):
+class GlobalSumPool(_FixedPool):
     """Global sum pooling (``gsp``): weight 1 at every real position."""
 
     weighting: ClassVar[str | None] = "position"
     function: ClassVar = staticmethod(gsp)
-
-    def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
-        x = jnp.asarray(x)
-        return _weights_result(gsp(x, mask), lambda: jnp.ones(x.shape[:-1], jnp.float32) if
-                               mask is None else jnp.asarray(mask, jnp.float32), return_weights)
-
-    def segment(self, x, segment_ids, num_segments, mask=None):
-        return Segments(x, segment_ids, num_segments, mask).sum().astype(result_dtype(x))
+    weights_function: ClassVar = staticmethod(lambda x, mask: jnp.ones(
+        x.shape[:-1], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32))
+    segment_function: ClassVar = staticmethod(Segments.sum)
 
 
 @POOLS.register("avgmax")
-class AvgMaxPool(Pool):
+class AvgMaxPool(_FixedPool):
     """``(gap + gmp) / 2``: per-channel weights ``1 / 2N + one-hot / 2``."""
 
     weighting: ClassVar[str | None] = "channel"
     function: ClassVar = staticmethod(avgmax)
-
-    def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
-        x = jnp.asarray(x)
-        return _weights_result(avgmax(x, mask), lambda: 0.5 * (
-            uniform_weights(x, mask)[..., None] + peak_weights(x, mask)), return_weights)
-
-    def segment(self, x, segment_ids, num_segments, mask=None):
-        sets = Segments(x, segment_ids, num_segments, mask)
-        return (0.5 * (sets.mean() + sets.max())).astype(result_dtype(x))
+    weights_function: ClassVar = staticmethod(lambda x, mask: 0.5 * (
+        uniform_weights(x, mask)[..., None] + peak_weights(x, mask)))
+    segment_function: ClassVar = staticmethod(lambda sets: 0.5 * (sets.mean() + sets.max()))
 
 
 @POOLS.register("catavgmax")
-class CatAvgMaxPool(Pool):
+class CatAvgMaxPool(_FixedPool):
     """``[gap, gmp]`` concatenated: ``[B, 2C]``."""
 
     function: ClassVar = staticmethod(catavgmax)
-
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        return catavgmax(x, mask)
+    segment_function: ClassVar = staticmethod(
+        lambda sets: jnp.concatenate([sets.mean(), sets.max()], axis=-1))
 
     def output_width(self, channels: int) -> int:
         return 2 * channels
 
-    def segment(self, x, segment_ids, num_segments, mask=None):
-        sets = Segments(x, segment_ids, num_segments, mask)
-        return jnp.concatenate([sets.mean(), sets.max()], axis=-1).astype(result_dtype(x))
+
+@POOLS.register("token")
+class ClassTokenPool(_FixedPool):
+    """The class token (``token``): position 0 of a token sequence that carries a class
+    token there, a ViT's class-token head (timm ``global_pool="token"``). Of any other set
+    it reads the first real position (row-major), with weight one."""
+
+    weighting: ClassVar[str | None] = "position"
+    function: ClassVar = staticmethod(first_token)
+    weights_function: ClassVar = staticmethod(first_weights)
+    segment_function: ClassVar = staticmethod(Segments.first)
+    reads_class_token: ClassVar[bool] = True
 
 
 class _LearnedExponent(Pool):
@@ -254,23 +254,3 @@ class AttentionPool(Pool):
         total = sets.gather(sets.sum(exps))
         probs = exps / jnp.where(total > 0, total, 1.0)
         return sets.sum(probs * sets.values).astype(result_dtype(x))
-
-
-
-
-@POOLS.register("token")
-class ClassTokenPool(Pool):
-    """The class token (``token``): position 0 of a token sequence that carries a class
-    token there, a ViT's class-token head (timm ``global_pool="token"``). Of any other set
-    it reads the first real position (row-major), with weight one."""
-
-    weighting: ClassVar[str | None] = "position"
-    function: ClassVar = staticmethod(first_token)
-    reads_class_token: ClassVar[bool] = True
-
-    def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
-        return _weights_result(first_token(x, mask), lambda: first_weights(x, mask),
-                               return_weights)
-
-    def segment(self, x, segment_ids, num_segments, mask=None):
-        return Segments(x, segment_ids, num_segments, mask).first().astype(result_dtype(x))

@@ -11,29 +11,22 @@ vector goes through an output projection and a pre-norm residual MLP:
     a   = sum_h sum_i alpha[h, i] v_{h,i} W_o^h + b_o        [C]   (W_o^h: rows h*D..(h+1)*D)
     y   = a + MLP(LayerNorm(a))                              [C]   (the pooled vector)
 
-It is registered as ``POOLS`` name ``"map"``, so it works wherever a pool does: the head
-of a ViT over its patch tokens, a GAP-style image head on a CNN feature map
-(``GAPHead(pool="map")``: positions ``[B, h, w, C]`` are the set), a padded point set
-``[B, N, C]`` with a mask, and a graph readout (``Pool.segment``).
-
-Parameter names follow timm's ``AttentionPoolLatent`` (``latent``, ``q``, ``kv``,
+Registered as ``POOLS`` name ``"map"``, it works wherever a pool does: a ViT's head over
+its patch tokens, a CNN's head over its feature map, a masked set ``[B, N, C]``, a graph
+readout. Parameter names follow timm's ``AttentionPoolLatent`` (``latent``, ``q``, ``kv``,
 ``proj``, ``norm``, ``mlp/fc1``, ``mlp/fc2``), so timm's ``attn_pool.*`` weights map one to
-one; big_vision's ``MAPHead`` has the same structure (probe, attention, LayerNorm, MLP).
+one; big_vision's ``MAPHead`` has the same structure.
 
-Exact per-position contributions (``contributions``). The attention path is linear in
-the values once the attention weights are fixed: ``sum_h alpha[h, i] v_{h,i} W_o^h`` is
-what position ``i`` adds to ``a``. The residual MLP is a function of the pooled ``a``, not
-of any single position, so its output (and the projection bias) is apportioned to the
-positions by the head-averaged attention weights ``w_i = mean_h alpha[h, i]``, which sum
-to one. So
+Exact per-position contributions (``contributions``). Once the attention weights are
+fixed, ``sum_h alpha[h, i] v_{h,i} W_o^h`` is exactly what position ``i`` adds to ``a``. The
+rest, ``b_o + MLP(LayerNorm(a))``, is a function of the pooled ``a``, not of any one
+position, so it is handed out by the head-averaged attention ``w_i = mean_h alpha[h, i]``
+(summing to one), a documented rule:
 
-    c_i = sum_h alpha[h, i] v_{h,i} W_o^h + w_i (b_o + MLP(LayerNorm(a)))   and
-    sum_i c_i = y  exactly.
+    c_i = sum_h alpha[h, i] v_{h,i} W_o^h + w_i (b_o + MLP(LayerNorm(a))),   sum_i c_i = y.
 
-The first term is the exact linear share of position ``i``; the second is a share of a
-non-linear term, by a documented rule. Because ``sum_h alpha[h, i]`` is linear in ``v``,
-a classifier ``logits = y W + b`` gets per-position logit contributions ``c_i W`` that sum
-to ``logits - b``.
+A classifier ``y W + b`` then gets per-position contributions ``c_i W`` summing to
+``logits - b``.
 """
 
 from __future__ import annotations
