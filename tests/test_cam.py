@@ -461,6 +461,8 @@ def test_clear_errors_for_bad_methods_models_and_shapes():
     with pytest.raises(ValueError, match=r"'cam' does not apply.*pool='gem'.*grad_cam"):
         cam.resolve_method(model, "cam")
     assert cam.resolve_method(TinyNet(pool="gmp"), "contribution") == "contribution"
+    with pytest.raises(ValueError, match=r"'rollout' does not apply.*grad_cam"):
+        cam.resolve_method(model, "rollout")  # no forward_attention: no rollout
 
     class NoContract(nn.Module):
         @nn.compact
