@@ -288,19 +288,16 @@ class GAPHead(nn.Module):
     """The pooling head of every classifier, CNN or ViT: pool -> optional LayerNorm ->
     optional pre-logits layer -> dropout -> classifier. ``[B, *S, C] -> float32 [B, K]``.
 
-    Submodules, named as the weight layouts expect: ``pool`` (any ``POOLS`` name, built
-    with ``pool_kwargs``), ``fc_norm`` (``norm=True``: a LayerNorm after the pool, timm
-    ViT's ``fc_norm``, ConvNeXt's head norm), ``pre_logits`` (``pre_logits=width``: a
-    Dense and the ``pre_logits_act`` activation, MobileNetV3's ``conv_head``) and
-    ``classifier`` (a Dense run in float32 whatever the compute dtype: a tiny matmul that
-    keeps logits and maps on the same arithmetic).
+    Submodules, named as the weight layouts expect: ``pool`` (any ``POOLS`` name, with
+    ``pool_kwargs``), ``fc_norm`` (``norm=True``: timm ViT's ``fc_norm``, ConvNeXt's head
+    norm), ``pre_logits`` (``pre_logits=width``: a Dense, then ``pre_logits_act``;
+    MobileNetV3's ``conv_head``), ``classifier`` (a Dense in float32 whatever the compute
+    dtype, so logits and maps share the arithmetic).
 
-    Exact maps (``output=``; ``map_kinds`` says which apply, eval mode): ``"contributions"``
-    ``[B, *S, K]`` sum over positions to ``logits - bias``: the pool's
-    ``Pool.contributions`` through the affine tail (a norm with the pooled vector's
-    statistics frozen, ``frozen_layer_norm``). ``"class_maps"`` (uniform pools) are the
-    contributions times the number of positions, so their mean plus the bias is the logit:
-    without a norm, ``W_k . x_i`` (CAM). A pre-logits nonlinearity leaves no exact maps.
+    Exact maps (``output=``, eval mode, where ``map_kinds`` allows): ``"contributions"``
+    ``[B, *S, K]``, the pool's ``Pool.contributions`` through the affine tail (a norm with
+    the pooled vector's statistics frozen), sum to ``logits - bias``; ``"class_maps"``
+    (uniform pools) are those times the number of positions (without a norm, ``W_k . x_i``).
     """
 
     num_classes: int

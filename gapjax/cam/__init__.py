@@ -7,9 +7,10 @@ pools, GMP's one-hot weights per channel, MAP) gives contributions that *sum* to
 logit. Other heads, and anyone who wants the maps people usually look at, get the
 gradient and perturbation family: Grad-CAM, HiResCAM, Grad-CAM++, XGrad-CAM, LayerCAM,
 Eigen-CAM, Score-CAM and Ablation-CAM, and models with attention get attention rollout:
-one registry ``CAM_METHODS`` (``gapjax.cam.methods``), with test-time-augmentation and
-principal-component ("eigen") smoothing. ``compute_maps`` / ``make_map_fn``
-(``gapjax.cam.compute``) run any of them on a model through the model contract.
+one registry ``CAM_METHODS`` (``gapjax.cam.methods``, with each method's pure function),
+with test-time-augmentation and principal-component ("eigen") smoothing. ``compute_maps``
+and ``make_map_fn`` (``gapjax.cam.compute``) run any of them on a model through the model
+contract.
 
 Layout: features ``[B, h, w, C]``, maps ``[B, h, w]`` for one target class per image
 (``targets [B]``) or ``[B, T, h, w]`` for ``T`` classes per image (``targets [B, T]``),
@@ -19,10 +20,7 @@ confidence) are in ``gapjax.cam.faithfulness``; the overlay command line is
 """
 
 from gapjax.cam.compute import (
-    AUGMENTATION_FACTORS,
-    AUGMENTATION_FLIPS,
     METHODS,
-    RESIZE_METHODS,
     CamOutput,
     available_methods,
     check_target_range,
@@ -36,33 +34,18 @@ from gapjax.cam.compute import (
 )
 from gapjax.cam.methods import (
     CAM_METHODS,
-    CamMethod,
-    ablation_cam_weights,
     attention_rollout,
     class_activation_map,
     eigen_cam_map,
     grad_cam_from_gradients,
-    grad_cam_pp_terms,
     grad_cam_terms,
-    hires_cam_terms,
-    layer_cam_terms,
-    principal_projection,
     reduce_terms,
-    score_cam_weights,
-    upsample_align_corners,
-    weighted_terms,
-    xgrad_cam_terms,
 )
 
 __all__ = [
-    "AUGMENTATION_FACTORS",
-    "AUGMENTATION_FLIPS",
     "CAM_METHODS",
     "METHODS",
-    "RESIZE_METHODS",
-    "CamMethod",
     "CamOutput",
-    "ablation_cam_weights",
     "attention_rollout",
     "available_methods",
     "check_target_range",
@@ -70,20 +53,12 @@ __all__ = [
     "compute_maps",
     "eigen_cam_map",
     "grad_cam_from_gradients",
-    "grad_cam_pp_terms",
     "grad_cam_terms",
-    "hires_cam_terms",
-    "layer_cam_terms",
     "make_map_fn",
     "method_names",
     "normalize_maps",
-    "principal_projection",
     "reduce_terms",
     "resize_maps",
     "resolve_method",
-    "score_cam_weights",
     "select_targets",
-    "upsample_align_corners",
-    "weighted_terms",
-    "xgrad_cam_terms",
 ]

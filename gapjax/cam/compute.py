@@ -197,13 +197,6 @@ def available_methods(model: nn.Module) -> tuple[str, ...]:
                  and (CAM_METHODS.get(name).needs != "attention" or attends))
 
 
-def _pool_weighting(model: nn.Module) -> str | None:
-    pool = getattr(model, "pool", None)
-    if not isinstance(pool, str) or pool not in POOLS:
-        return None
-    return getattr(POOLS.get(pool), "weighting", None)
-
-
 def resolve_method(model: nn.Module, method: str = "auto") -> str:
     """The concrete method for ``model``: ``auto`` -> exact CAM for a uniform (GAP) pool,
     contribution maps where the head has them (weighted, attention, a ViT's MAP head),
@@ -221,7 +214,9 @@ def resolve_method(model: nn.Module, method: str = "auto") -> str:
             return "cam"
         # Exact contributions unless they come from per-channel one-hot weights (GMP's
         # arg-max peaks, too sparse to localize with).
-        if "contribution" in available and _pool_weighting(model) != "channel":
+        pool = getattr(model, "pool", None)
+        channel = pool in POOLS and POOLS.get(pool).weighting == "channel"
+        if "contribution" in available and not channel:
             return "contribution"
         return "grad_cam"
     if method not in available:
