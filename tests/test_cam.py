@@ -20,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gapjax import cam, pooling
-from gapjax.cam import cli
 from gapjax.layers import FCHead, GAPHead, head_map_kinds, project
 
 NUM_CLASSES = 3
@@ -477,20 +476,3 @@ def test_clear_errors_for_bad_methods_models_and_shapes():
         cam.resize_maps(jnp.zeros((1, 2, 2)), (4, 4), "area")
     with pytest.raises(ValueError, match="gradients must have shape"):
         cam.grad_cam_terms(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)))
-
-
-# ----------------------------------------------------------------------------- drawing
-
-
-def test_overlay_grid_is_written_and_boxes_sit_on_pixel_edges(tmp_path):
-    patch = cli.box_patch([0.25, 0.5, 0.75, 1.0], (8, 16), edgecolor="lime")
-    assert (patch.get_x(), patch.get_y(), patch.get_width(), patch.get_height()) == (
-        7.5, 1.5, 8.0, 4.0)
-    images = np.random.default_rng(0).normal(size=(3, 8, 16, 1)).astype(np.float32)
-    maps = np.asarray(jax.jit(cam.normalize_maps)(images[..., 0]))
-    out = cli.draw_overlays(images, maps, titles=["a", "b", "c"],
-                            true_boxes=np.array([[[0.25, 0.5, 0.75, 1.0]]] * 3),
-                            predicted_boxes=[np.array([[0.0, 0.0, 0.5, 0.5]])] * 3,
-                            columns=2, out=str(tmp_path / "grid.png"))
-    with open(out, "rb") as png:
-        assert png.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,7 @@ Layout: features ``[B, h, w, C]``, maps ``[B, h, w]`` for one target class per i
 (``targets [B]``) or ``[B, T, h, w]`` for ``T`` classes per image (``targets [B, T]``),
 float32. Faithfulness metrics (deletion, insertion, ROAD, average drop / increase in
 confidence) are in ``gapjax.cam.faithfulness``; the overlay command line is
-``gapjax.cam.cli`` (``python -m gapjax.cam``).
+``gapjax.cli.cam`` (``python -m gapjax.cam``).
 """
 
 from gapjax.cam.compute import (

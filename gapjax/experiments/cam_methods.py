@@ -40,9 +40,9 @@ import numpy as np
 
 from gapjax import cam, imagenet, pretrained, wsol
 from gapjax.cam import faithfulness
-from gapjax.cam.cli import display_image
 from gapjax.data import make_iterator
 from gapjax.experiments import common
+from gapjax.wsol import display_image
 
 #: Where a ResNet-50 weight file is looked for when ``run`` is not given one.
 WEIGHTS_ENV = "GAPJAX_RESNET50_WEIGHTS"

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from gapjax import cam, wsol
-from gapjax.cam.cli import box_patch, display_image
 from gapjax.experiments import common
+from gapjax.wsol import box_patch, display_image
 
 POOLS_COMPARED = ("gap", "gmp", "gem", "lse", "attention")
 #: Map methods scored per pool: the exact one first where there is one, then Grad-CAM.

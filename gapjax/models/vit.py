@@ -485,3 +485,55 @@ __all__ = [
     "resample_pos_embed",
     "sincos_2d_posemb",
 ]
+
+
+# --------------------------------------------------------------------------------------
+# Weights: timm's vit_*_patch16_* (gapjax.pretrained finds this layout in LAYOUTS)
+# --------------------------------------------------------------------------------------
+# gapjax names follow timm's module for module (blocks_3/attn/qkv <-> blocks.3.attn.qkv);
+# the head is gathered under ``head``: head/classifier <-> head, head/fc_norm <-> fc_norm,
+# head/pool (the MAP pool) <-> attn_pool. Learned position embeddings saved at another
+# image size are resampled on load (``resample_pos_embed``). The block keeps its import so
+# that it stays apart from the model code above.
+from gapjax.models import layouts  # noqa: E402
+
+
+class ResamplePosEmbed(layouts.Transform):
+    """A ViT's learned ``pos_embed [1, P + n * n, C]``: identical when the file's grid is
+    the model's; otherwise the ``num_prefix_tokens`` rows are kept and the patch rows
+    resampled from the file's square grid to the model's."""
+
+    def __init__(self, num_prefix_tokens: int):
+        self.num_prefix_tokens = num_prefix_tokens
+        self.name = f"pos_embed(prefix={num_prefix_tokens})"
+
+    def adapt(self, tensor, shapes):
+        want = tuple(shapes[0])
+        if tensor.ndim != 3 or tensor.shape == want or tensor.shape[-1] != want[-1]:
+            return tensor  # equal, or a mismatch the shape check reports
+        patches = want[1] - self.num_prefix_tokens
+        side = math.isqrt(patches)
+        if side * side != patches:
+            raise ValueError(f"pos_embed: resampling needs a square patch grid; the model has "
+                             f"{patches} patches (image_size not square)")
+        layouts.logger.warning("pos_embed: resampling %d position embeddings to %d (a %dx%d "
+                               "grid)", tensor.shape[1] - self.num_prefix_tokens, patches,
+                               side, side)
+        return resample_pos_embed(tensor, (side, side), num_prefix_tokens=self.num_prefix_tokens)
+
+
+_VIT_LAYOUT = layouts.Layout(source="timm", renames=(
+    (r"^blocks_(\d+)", r"blocks.\1"), (r"^patch_embed$", "patch_embed/proj"),
+    (r"^head/classifier$", "head"), (r"^head/fc_norm$", "fc_norm"), (r"^head/pool", "attn_pool")))
+
+
+def _vit_tensors(shapes):
+    prefix = 1 if "params/cls_token" in shapes else 0
+    return [layouts.TorchTensor(row.key, row.leaves, ResamplePosEmbed(prefix))
+            if row.leaves == ("params/pos_embed",) else row for row in _VIT_LAYOUT.tensors(shapes)]
+
+
+layouts.LAYOUTS.add("vit_", layouts.Layout(
+    source="timm", tensors_fn=_vit_tensors,
+    torch_models="timm.create_model('vit_{tiny,small,base,large}_patch16_224', "
+                 "global_pool='token'|'avg'|'map', class_token=..., img_size=...)"))
