@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from gapjax import tasks
+from gapjax.data import dataset_info, make_iterator
 from gapjax.train import run
 from gapjax.train.defaults import base_config
 
@@ -146,8 +147,6 @@ def predict(
     ``with_features`` the pre-pool feature maps ``features [N, h, w, C]`` taken from the
     same forward pass (the model contract: ``forward_features`` then ``forward_head``).
     """
-    from gapjax.data import dataset_info, make_iterator
-
     info = dataset_info(dataset_config)
     task = tasks.get(info.task, num_classes=info.num_classes)
 
@@ -191,8 +190,6 @@ def train_test_accuracy(result: Any, config: ml_collections.ConfigDict,
                         *, max_train_examples: int | None = 2000) -> dict[str, float]:
     """Accuracy of a finished run on the train split (without augmentation) and the test
     split, and the train-test gap, in percentage points."""
-    from gapjax.data import dataset_info
-
     info = dataset_info(config.dataset)
     train_pred = predict(result.model, result.variables, config.dataset, info.train_split,
                          max_examples=max_train_examples)

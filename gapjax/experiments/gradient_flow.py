@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 
 from gapjax import gradflow
+from gapjax.data import dataset_info, make_iterator
 from gapjax.experiments import common
 from gapjax.pooling import POOLS
 from gapjax.train.metrics import read_metrics
@@ -107,8 +108,6 @@ def final_diagnostics(result: Any, config: ml_collections.ConfigDict,
 
     The batches have the size the training hook uses, so its compiled function is reused.
     """
-    from gapjax.data import dataset_info, make_iterator
-
     info = dataset_info(config.dataset)
     iterator = make_iterator(config.dataset, info.eval_split, batch_size=DIAGNOSTIC_EXAMPLES,
                              seed=0, train=False, process_index=0, process_count=1)

@@ -11,6 +11,8 @@ image configs add ``model.head``.
 
 from __future__ import annotations
 
+import ast
+
 import ml_collections
 
 PARALLEL_MODES = ("jit", "pmap")
@@ -32,6 +34,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"
     config.progress = "auto"
     config.gradflow_every = 0
+    # A fork's own modules (names or .py paths), imported before anything is built and
+    # recorded resolved, so every command reopening the run imports them again.
+    config.imports = ()
+    # Evaluations: name -> dict(type=<EVALUATORS name>, every=..., split=..., ...); the
+    # keys below (eval_every, eval.*, gradflow_every) add the default entries
+    # (gapjax.evaluators.base.specs).
+    config.evals = ml_collections.ConfigDict()
     # Fine-tuning: a weight file (.safetensors / .pth in config.model.name's torch naming)
     # or a gapjax workdir to start from; "" starts from scratch (gapjax.train.init_from).
     config.init_from = ""
@@ -96,10 +105,14 @@ def set_epochs(
     return steps_per_epoch
 
 
-#: Config sections whose keys are open-ended: a pool's options depend on the pool chosen,
-#: so ``--config.model.pool_kwargs.<option>=<value>`` may name a key the config file never
-#: set (ml_collections only overrides existing keys). The pool checks the option names.
-OPEN_SECTIONS = ("model.pool_kwargs",)
+def is_open_override(path: str) -> bool:
+    """Whether ``path`` (``model.pool_kwargs.p``) names a key of an open-ended section,
+    one the config file need not have set: the options of a model's ``*_kwargs`` dict
+    (they depend on the pool or module chosen, which checks their names) and
+    ``evals.<name>.<option>``."""
+    parts = path.split(".")
+    return len(parts) >= 3 and (parts[0] == "evals"
+                                or (parts[0] == "model" and parts[1].endswith("_kwargs")))
 
 
 def split_open_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -109,10 +122,9 @@ def split_open_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     applied by ``apply_open_overrides`` once the config is loaded).
     """
     remaining, overrides = [], {}
-    prefixes = tuple(f"--config.{section}." for section in OPEN_SECTIONS)
     for argument in argv:
-        if argument.startswith(prefixes) and "=" in argument:
-            path, value = argument[len("--config."):].split("=", 1)
+        path, equals, value = argument.removeprefix("--config.").partition("=")
+        if argument.startswith("--config.") and equals and is_open_override(path):
             overrides[path] = value
         else:
             remaining.append(argument)
@@ -120,18 +132,21 @@ def split_open_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def apply_open_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
-    """Sets the open-section overrides on ``config``; values are Python literals
-    (``5``, ``2.5``, ``True``, ``(1, 2)``) or else strings."""
-    import ast
-
+    """Sets the open-section overrides on ``config``, creating the sections they name;
+    values are Python literals (``5``, ``2.5``, ``True``, ``(1, 2)``) or else strings."""
     for path, raw in overrides.items():
         *sections, key = path.split(".")
         node = config
-        for section in sections:
-            node = node[section]
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        with node.unlocked():
-            node[key] = value
+        with config.unlocked():
+            for section in sections:
+                if node.get(section) is None:
+                    node[section] = ml_collections.ConfigDict()
+                node = node[section]
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+            try:
+                node[key] = value
+            except TypeError as error:  # another type than the config file's value
+                raise ValueError(f"--config.{path}={raw}: {error}") from None

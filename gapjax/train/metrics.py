@@ -261,6 +261,17 @@ class Progress:
         self._rate = rate
         return rate
 
+    def announce_duration(self, step: int, steps_per_second: float, timed_steps: int,
+                          longer_than: float) -> None:
+        """One line, when the steps left take longer than ``longer_than`` seconds at
+        ``steps_per_second`` (measured over ``timed_steps``)."""
+        seconds = (self.total_steps - step) / steps_per_second
+        if seconds > longer_than:
+            self.message(f"note: training will take about {_clock(seconds)} more on this "
+                         f"machine ({steps_per_second * self.batch_size:.0f} examples/s over "
+                         f"{timed_steps} timed steps, evaluations not included); Ctrl-C "
+                         "saves a checkpoint, and the same command resumes")
+
     def log(self, step: int, metrics: dict[str, float], rate: float | None = None) -> None:
         """Shows the latest metrics (and examples/s when given): training metrics in the
         bar or a progress line, evaluation metrics (``eval/...``) as their own line."""

@@ -39,6 +39,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flax import traverse_util
+
 CONFIG_FILE = "config.json"
 LOCK_FILE = "lock"
 CHECKPOINT_DIR = "checkpoints"
@@ -203,16 +205,9 @@ class WorkdirLock:
 # --------------------------------------------------------------------------------------
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(config: dict[str, Any]) -> dict[str, Any]:
     """``{"model": {"pool": "gap"}}`` -> ``{"model.pool": "gap"}`` (lists stay values)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+    return traverse_util.flatten_dict(config, sep=".")
 
 
 _ABSENT = object()
@@ -378,9 +373,11 @@ def _bind(workdir: Path, current: dict[str, Any], *, eval_only: bool, chief: boo
             notice(f"--eval_only evaluates the run as trained (config in {path}); ignored: "
                    f"{format_changes(meaning)}; nothing is appended to {METRICS_FILE}")
         accepted = flatten(record["config"])
-        accepted.update({key: new for key, old, new in changes
-                         if is_resumable(key, old, new) and new is not _ABSENT})
-        return Binding(workdir, _unflatten(accepted), meaning)
+        # Only the keys that may change on resume: a key of another model or dataset
+        # (absent from the record) must not reach the recorded model.
+        accepted.update({key: new for key, _, new in changes
+                         if key in RESUMABLE_KEYS and new is not _ABSENT})
+        return Binding(workdir, traverse_util.unflatten_dict(accepted, sep="."), meaning)
     if meaning:
         raise WorkdirError(
             f"config differs from the run in {workdir} (recorded in {CONFIG_FILE}): "
@@ -401,17 +398,6 @@ def _bind(workdir: Path, current: dict[str, Any], *, eval_only: bool, chief: boo
 
 def _plain(value: Any) -> Any:
     return None if value is _ABSENT else value
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        parts = key.split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return nested
 
 
 @contextlib.contextmanager
@@ -470,6 +456,11 @@ def _fork_into(source: Path, target: Path, config: dict[str, Any], chief: bool) 
                            "directory")
     if not source.is_dir():
         raise WorkdirError(f"--fork: {source} does not exist")
+    newest, total = max(committed_steps(source), default=0), config.get("total_steps")
+    if total is not None and newest >= int(total):
+        raise WorkdirError(f"--fork: {source} is already at step {newest}, and "
+                           f"config.total_steps={total}; raise it (e.g. --config.total_steps="
+                           f"{2 * newest}) to train the fork further")
     if not chief:
         return
     source_record = read_record(source)

@@ -1,0 +1,14 @@
+"""Evaluators: what a run measures as it trains (``config.evals``, ``EVALUATORS``).
+
+``classification`` (loss, accuracy, task metrics), ``localization`` (CAM localization,
+``gapjax.wsol``) and ``gradflow`` (gradient diagnostics, ``gapjax.gradflow``); a fork
+registers its own with ``@EVALUATORS.register("mine")``. See ``gapjax.evaluators.base``.
+"""
+
+from gapjax.evaluators.base import EVALUATORS, Evaluator, Run, build, specs
+from gapjax.evaluators.classification import ClassificationEval, eval_step, zero_eval_sums
+from gapjax.evaluators.gradflow import GradientFlowEval
+from gapjax.evaluators.localization import LocalizationEval
+
+__all__ = ["EVALUATORS", "ClassificationEval", "Evaluator", "GradientFlowEval",
+           "LocalizationEval", "Run", "build", "eval_step", "specs", "zero_eval_sums"]
