@@ -424,6 +424,12 @@ def open_workdir(workdir: str | Path, config: dict[str, Any], *, eval_only: bool
         raise WorkdirError("--fresh cannot be combined with --fork or --eval_only")
     if fork_from is not None and eval_only:
         raise WorkdirError("--fork cannot be combined with --eval_only")
+    newest = max(committed_steps(fork_from), default=0) if fork_from is not None else 0
+    total = int(config.get("total_steps", newest + 1))
+    if fork_from is not None and not has_run(workdir) and newest >= total:
+        raise WorkdirError(f"--fork: {fork_from} is already at step {newest}, and "
+                           f"config.total_steps={total}; raise it (e.g. --config.total_steps="
+                           f"{2 * newest}) to train the fork further")
     workdir = prepare(workdir) if chief else Path(workdir).absolute()
     lock = WorkdirLock(workdir)
     if chief:
@@ -456,11 +462,6 @@ def _fork_into(source: Path, target: Path, config: dict[str, Any], chief: bool) 
                            "directory")
     if not source.is_dir():
         raise WorkdirError(f"--fork: {source} does not exist")
-    newest, total = max(committed_steps(source), default=0), config.get("total_steps")
-    if total is not None and newest >= int(total):
-        raise WorkdirError(f"--fork: {source} is already at step {newest}, and "
-                           f"config.total_steps={total}; raise it (e.g. --config.total_steps="
-                           f"{2 * newest}) to train the fork further")
     if not chief:
         return
     source_record = read_record(source)
