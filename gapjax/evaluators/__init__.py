@@ -1,9 +1,5 @@
-"""Evaluators: what a run measures as it trains (``config.evals``, ``EVALUATORS``).
-
-``classification`` (loss, accuracy, task metrics), ``localization`` (CAM localization,
-``gapjax.wsol``) and ``gradflow`` (gradient diagnostics, ``gapjax.gradflow``); a fork
-registers its own with ``@EVALUATORS.register("mine")``. See ``gapjax.evaluators.base``.
-"""
+"""Evaluators (``config.evals``): ``classification``, ``localization``, ``gradflow`` and a
+fork's own (``@EVALUATORS.register("mine")``); see ``gapjax.evaluators.base``."""
 
 from gapjax.evaluators.base import EVALUATORS, Evaluator, Run, build, specs
 from gapjax.evaluators.classification import ClassificationEval, eval_step, zero_eval_sums

@@ -1,8 +1,7 @@
 """``classification``: the loss, accuracy and task metrics of a split (``eval/*``).
 
 ``eval_step`` is pure; the evaluator compiles it with the run's placement (jit over the
-mesh or pmap), so every sum covers the global batch. Every metric is weighted by
-``batch["weight"]`` (1 real row, 0 padding): padding rows never count.
+mesh or pmap), so every sum covers the global batch; padding rows (weight 0) never count.
 """
 
 from __future__ import annotations
@@ -28,13 +27,10 @@ def zero_eval_sums(task: Task) -> dict[str, jax.Array]:
 def eval_step(variables: dict[str, Any], batch: dict[str, Any], sums: dict[str, jax.Array],
               *, model: Any, task: Task, axis_name: str | None = None
               ) -> tuple[dict[str, jax.Array], jax.Array]:
-    """Adds one evaluation batch to the weighted ``sums`` (``zero_eval_sums(task)``); also
-    returns the logits ``[b, K]`` float32 (for ``task.summarize``).
-
-    ``sums[name]`` gathers ``sum_i w_i m_i`` of the task's per-example metric ``m``
-    (the loss without label smoothing, accuracy, ...), ``sums["weight"]`` ``sum_i w_i``;
-    under pmap (``axis_name``) over every device.
-    """
+    """Adds ``sum_i w_i m_i`` of each per-example metric ``m`` of the task (the loss
+    without label smoothing, accuracy, ...) and ``sum_i w_i`` (``weight``) to ``sums``
+    (``zero_eval_sums(task)``), over every device; also returns the logits ``[b, K]``
+    float32 (for ``task.summarize``)."""
     weight = batch["weight"].astype(jnp.float32)
     logits = model.apply(variables, task.model_inputs(batch), train=False)
     values = {**task.example_metrics(logits, batch["label"]), "weight": 1.0}

@@ -1,11 +1,4 @@
-"""``gradflow``: gradient-flow diagnostics of the training batch (``train/grad_<key>``).
-
-Every ``every`` steps (``config.gradflow_every``), ``gapjax.gradflow.training_diagnostics``
-of the state after the step on the first ``max_examples`` rows of the batch it trained
-on: gradient coverage, entropy and Gini of each label over positions, conflicts and
-collisions between labels. Needs a task with a spatial feature map and a per-label split
-of its loss (classification, multilabel).
-"""
+"""``gradflow``: gradient-flow diagnostics of the training batch (``train/grad_<key>``)."""
 
 from __future__ import annotations
 
@@ -19,8 +12,9 @@ from gapjax.evaluators.base import EVALUATORS, Evaluator
 @EVALUATORS.register("gradflow")
 @dataclasses.dataclass
 class GradientFlowEval(Evaluator):
-    """``train/grad_<key>`` for every key of ``training_diagnostics``; nothing under
-    ``--eval_only`` (there is no training batch)."""
+    """``gapjax.gradflow.training_diagnostics`` of the state after the step on the first
+    ``max_examples`` rows of the batch it trained on (coverage, entropy, Gini, conflicts,
+    collisions), as ``train/grad_<key>``; nothing under ``--eval_only`` (no batch)."""
 
     max_examples: int = gradflow.DEFAULT_MAX_EXAMPLES
 

@@ -1,12 +1,4 @@
-"""``localization``: weakly supervised localization from class maps (``gapjax.wsol``).
-
-Top-1 and GT-known localization, MaxBoxAcc, MaxBoxAccV2 and PxAP of the true class's maps
-(``method``: a ``gapjax.cam`` method, ``"auto"`` for the pool's exact map) under
-``protocol`` (``"gapjax"`` or ``"wsolevaluation"``, docs/wsol.md). The final split is
-scored at the map threshold calibrated on the eval split (``eval/loc_threshold``), as
-the wsolevaluation protocol prescribes; ``overlay_images`` > 0 writes a grid of that many
-maps as ``eval/cam_overlay`` (TensorBoard and ``DIR/images``) at every evaluation.
-"""
+"""``localization``: weakly supervised localization from class maps (``gapjax.wsol``)."""
 
 from __future__ import annotations
 
@@ -20,8 +12,12 @@ from gapjax.evaluators.base import EVALUATORS, Evaluator
 @EVALUATORS.register("localization")
 @dataclasses.dataclass
 class LocalizationEval(Evaluator):
-    """Wraps ``gapjax.wsol.LocalizationEvaluator`` over the split's batches (which need
-    ``bbox`` or ``segmentation``)."""
+    """Top-1 / GT-known localization, MaxBoxAcc(V2) and PxAP of the true class's maps
+    (``method``: a ``gapjax.cam`` method; ``protocol``: ``"gapjax"`` or
+    ``"wsolevaluation"``, docs/wsol.md) by ``gapjax.wsol.LocalizationEvaluator`` over
+    batches with ``bbox`` or ``segmentation``. The final split is scored at the threshold
+    calibrated on the eval split (``eval/loc_threshold``); ``overlay_images`` > 0 writes
+    that many maps as ``eval/cam_overlay`` (TensorBoard and ``DIR/images``)."""
 
     method: str = "auto"
     protocol: str = "gapjax"

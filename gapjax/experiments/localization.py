@@ -172,8 +172,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
         f"GAP + CAM reaches MaxBoxAccV2 {100 * gap_cam['max_box_acc_v2']:.1f}% against the "
         f"centre baseline's {100 * baseline['max_box_acc_v2']:.1f}% ({100 * margin:+.1f} "
         f"points; the claim asks for >= {100 * MARGIN:.0f}). Best maps: {best['pool']} "
-        f"{best['maps']} ({100 * best['max_box_acc_v2']:.1f}%)."
-    )
+        f"{best['maps']} ({100 * best['max_box_acc_v2']:.1f}%).")
     return {
         **common.section(
             "CAM and weakly supervised localization",

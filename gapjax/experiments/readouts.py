@@ -377,8 +377,7 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
         + "; ".join(f"{c['readout']}/{c['task']} {100 * c['gap']:.0f} points below sum"
                     for c in checks)
         + ("; Figure 3 pairs separated exactly as theory says." if fig3_holds
-           else "; Figure 3 separation differs from theory.")
-    )
+           else "; Figure 3 separation differs from theory."))
     numbers = {
         "accuracy": {r: {t: {"runs": matrix[r][t], "mean": float(np.mean(matrix[r][t])),
                              "std": float(np.std(matrix[r][t]))} for t in tasks}

@@ -315,9 +315,9 @@ def build_report(out_dir: Path | str, *, quick: bool = True, only: Sequence[str]
             def fn(path: Path, quick_mode: bool, name: str = name) -> dict[str, Any]:
                 return load_section(name)(path, quick=quick_mode)
         done[name] = run_section(name, fn, out_dir, quick)
-        failure = f": {done[name]['error'].splitlines()[0]}" if done[name]["error"] else ""
-        print(f"[report] {name}: {holds_text(done[name])} ({done[name]['seconds']:.0f} s)"
-              f"{failure}", file=sys.stderr, flush=True)
+        failure = (done[name]["error"] or "").splitlines()[:1]  # one line per section
+        print(f"[report] {name}: {holds_text(done[name])} ({done[name]['seconds']:.0f} s)",
+              *failure, file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
     machine = machine_description()
     (out_dir / "REPORT.md").write_text(
@@ -335,11 +335,8 @@ def build_report(out_dir: Path | str, *, quick: bool = True, only: Sequence[str]
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line (``error: ...``, status 2)."""
-
-    def error(self, message: str) -> None:
-        print(f"error: {message}; see --help", file=sys.stderr, flush=True)
-        sys.exit(2)
+    def error(self, message: str) -> None:  # one line, not the usage text
+        self.exit(2, f"error: {message}; see --help\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -348,8 +345,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--full", action="store_true", help="larger runs (quick by default)")
     parser.add_argument("--only", default="", help="comma-separated sections: "
                         + ", ".join(SECTION_MODULES))
-    parser.add_argument("--traceback", action="store_true",
-                        help="print the traceback of an error, and of each failed section")
+    parser.add_argument("--traceback", action="store_true", help="the traceback of an error")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in only if name not in SECTION_MODULES]
@@ -364,18 +360,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as error:  # an unwritable or full --out
         if args.traceback:
             raise
-        print(f"error: --out {args.out}: {error.strerror or error}"
-              f"{f' ({error.filename})' if error.filename else ''}", file=sys.stderr)
-        sys.exit(1)
+        parser.exit(1, f"error: --out {args.out}: {error.strerror or error} "
+                       f"({error.filename}); choose another --out or free space\n")
     failed = [name for name, section in results["sections"].items()
               if section["status"] != "ok"]
-    if args.traceback:
-        for name in failed:
-            print(f"[report] {name}:\n{results['sections'][name]['traceback']}",
-                  file=sys.stderr)
     print(f"wrote {args.out / 'REPORT.md'} and results.json in {results['seconds'] / 60:.1f} "
-          f"min" + (f"; failed sections: {', '.join(failed)} (REPORT.md has their "
-                    "tracebacks)" if failed else ""))
+          f"min" + (f"; failed sections (tracebacks in REPORT.md): {', '.join(failed)}"
+                    if failed else ""))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ of its own (``dataset.task`` for graphs, ...). Every key of ``config.model`` oth
 ``name`` is passed to ``gapjax.models.get`` as a keyword, so ``config.model`` holds only
 keys its model takes. Every model takes ``model.pool`` (the head's pool; a graph model's
 readout) and ``model.pool_kwargs`` (the pool's options, ``--config.model.pool_kwargs.p=4``);
-image configs add ``model.head``.
+image configs add ``model.head``. ``imports`` and ``evals``: see docs/training.md.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 
 import ml_collections
 
@@ -34,12 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"
     config.progress = "auto"
     config.gradflow_every = 0
-    # A fork's own modules (names or .py paths), imported before anything is built and
-    # recorded resolved, so every command reopening the run imports them again.
-    config.imports = ()
-    # Evaluations: name -> dict(type=<EVALUATORS name>, every=..., split=..., ...); the
-    # keys below (eval_every, eval.*, gradflow_every) add the default entries
-    # (gapjax.evaluators.base.specs).
+    config.imports = ()  # a fork's modules (names or .py paths), recorded resolved
+    # name -> dict(type=<EVALUATORS name>, every=..., ...); eval_every, eval.* and
+    # gradflow_every add the default entries (gapjax.evaluators.base.specs).
     config.evals = ml_collections.ConfigDict()
     # Fine-tuning: a weight file (.safetensors / .pth in config.model.name's torch naming)
     # or a gapjax workdir to start from; "" starts from scratch (gapjax.train.init_from).
@@ -105,30 +103,18 @@ def set_epochs(
     return steps_per_epoch
 
 
-def is_open_override(path: str) -> bool:
-    """Whether ``path`` (``model.pool_kwargs.p``) names a key of an open-ended section,
-    one the config file need not have set: the options of a model's ``*_kwargs`` dict
-    (they depend on the pool or module chosen, which checks their names) and
-    ``evals.<name>.<option>``."""
-    parts = path.split(".")
-    return len(parts) >= 3 and (parts[0] == "evals"
-                                or (parts[0] == "model" and parts[1].endswith("_kwargs")))
+#: ``--config.<key>=<value>`` flags whose key the config file need not have set: the
+#: options of a model's ``*_kwargs`` dicts (the pool or module checks their names) and the
+#: entries of ``config.evals``. ml_collections only overrides keys that exist.
+OPEN_OVERRIDE = re.compile(r"--config\.((?:model\.\w+_kwargs|evals\.\w+)\.[\w.]+)=(.*)", re.S)
 
 
 def split_open_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Takes ``--config.<open section>.<key>=<value>`` flags out of ``argv``.
-
-    Returns the remaining arguments and ``{"model.pool_kwargs.p": "5", ...}`` (raw strings,
-    applied by ``apply_open_overrides`` once the config is loaded).
-    """
-    remaining, overrides = [], {}
-    for argument in argv:
-        path, equals, value = argument.removeprefix("--config.").partition("=")
-        if argument.startswith("--config.") and equals and is_open_override(path):
-            overrides[path] = value
-        else:
-            remaining.append(argument)
-    return remaining, overrides
+    """Takes the open overrides out of ``argv``: returns the remaining arguments and
+    ``{"model.pool_kwargs.p": "5", ...}`` (raw strings, for ``apply_open_overrides``)."""
+    matches = [OPEN_OVERRIDE.fullmatch(argument) for argument in argv]
+    return ([argument for argument, match in zip(argv, matches) if not match],
+            {match[1]: match[2] for match in matches if match})
 
 
 def apply_open_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:

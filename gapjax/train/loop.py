@@ -41,9 +41,8 @@ from gapjax.train.optim import make_optimizer, make_schedule
 from gapjax.train.parallel import DataParallel
 from gapjax.train.state import NO_BAD_STEP, TrainState, create_train_state, reset_sums
 from gapjax.train.steps import train_step
-from gapjax.train.workdir import StopSignals, open_workdir
+from gapjax.train.workdir import CHECKPOINT_DIR, StopSignals, open_workdir
 
-CHECKPOINT_DIR = "checkpoints"
 #: A run whose training will take longer than this says so after its first timed steps.
 LONG_RUN_SECONDS = 600
 TIMED_STEPS = 10
@@ -217,8 +216,7 @@ def _raise_if_bad(bad_step: int, checkpointer: Checkpointer) -> None:
         raise NonFiniteLossError(
             f"training loss became non-finite (NaN or inf) at step {bad_step}; stopped "
             f"without saving; {where}. Lower config.optimizer.learning_rate or set "
-            f"config.optimizer.grad_clip"
-        )
+            f"config.optimizer.grad_clip")
 
 
 def _train(config: Any, state: TrainState, step_fn: Any, iterator: Any, start_step: int,
@@ -236,7 +234,7 @@ def _train(config: Any, state: TrainState, step_fn: Any, iterator: Any, start_st
     # Zeroing the sums must keep every leaf's placement (pmap checks its inputs' layout).
     reset = jax.jit(reset_sums, donate_argnums=(0,),
                     out_shardings=jax.tree.map(lambda leaf: leaf.sharding, step_state))
-    started = timed_from = time.perf_counter()
+    started = time.perf_counter()
     step = start_step
     try:
         if start_step >= total_steps:
@@ -248,12 +246,8 @@ def _train(config: Any, state: TrainState, step_fn: Any, iterator: Any, start_st
             step += 1
             progress.advance(step)
             if step - start_step in (1, 1 + TIMED_STEPS) and step < total_steps:
-                jax.block_until_ready(step_state.step)  # two syncs per run: a true rate
-                if step - start_step == 1:
-                    timed_from = time.perf_counter()
-                else:  # one line when the rest of the run takes long
-                    rate = TIMED_STEPS / (time.perf_counter() - timed_from)
-                    progress.announce_duration(step, rate, TIMED_STEPS, LONG_RUN_SECONDS)
+                jax.block_until_ready(step_state.step)  # two syncs per run time the steps
+                progress.time_step(step, LONG_RUN_SECONDS)
             record: dict[str, float] = {}
             if step % log_every == 0 or step == total_steps:
                 sums, bad = parallel.fetch((step_state.sums, step_state.first_bad_step))

@@ -43,8 +43,7 @@ def check_batch_size(batch_size: int, device_count: int, process_count: int) -> 
         raise BatchSizeError(
             f"config.batch_size={batch_size} is not divisible by the number of devices "
             f"({device_count} on {process_count} process(es)); choose a positive multiple "
-            f"of {multiple}"
-        )
+            f"of {multiple}")
 
 
 class DataParallel:
@@ -54,8 +53,7 @@ class DataParallel:
         if mode not in PARALLEL_MODES:
             raise ValueError(
                 f"config.parallel={mode!r} is not a parallel mode; choose one of: "
-                f"{', '.join(PARALLEL_MODES)}"
-            )
+                f"{', '.join(PARALLEL_MODES)}")
         self.mode = mode
         self.devices = list(devices or jax.devices())
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
@@ -102,8 +100,7 @@ class DataParallel:
                 raise ValueError(
                     f"batch leaf of shape {leaf.shape} does not split over "
                     f"{self.local_device_count} local devices; multi-process runs need every "
-                    "batch array to have a leading per-row axis"
-                )
+                    "batch array to have a leading per-row axis")
             return jax.device_put(leaf, self.replicated)
         global_shape = (leaf.shape[0] * processes, *leaf.shape[1:])
         return jax.make_array_from_process_local_data(self.sharded, leaf, global_shape)

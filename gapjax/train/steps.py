@@ -28,16 +28,8 @@ def _global_sum(value: jax.Array, axis_name: str | None) -> jax.Array:
     return value if axis_name is None else jax.lax.psum(value, axis_name)
 
 
-def train_step(
-    state: TrainState,
-    batch: Batch,
-    *,
-    model: Any,
-    tx: optax.GradientTransformation,
-    task: Task,
-    seed: int = 0,
-    axis_name: str | None = None,
-) -> TrainState:
+def train_step(state: TrainState, batch: Batch, *, model: Any, tx: optax.GradientTransformation,
+               task: Task, seed: int = 0, axis_name: str | None = None) -> TrainState:
     """One optimizer update on ``batch``; returns the new state (metrics summed on device).
 
     The loss is ``sum_i w_i l_i / sum_i w_i`` over the global batch, ``l_i`` the task's

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -77,16 +78,19 @@ def notice(message: str) -> None:
     print(f"note: {message}", file=sys.stderr, flush=True)
 
 
-def _write_json_atomically(path: Path, value: Any) -> None:
-    """Writes ``value`` as JSON to ``path`` through a temporary file and a rename, so the
-    file is always either the old or the new version, never a mix."""
+def write_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename, so the file is
+    always either the old or the new version, never a mix."""
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "w") as file:
-        json.dump(value, file, indent=1, sort_keys=True)
-        file.write("\n")
+        file.write(text)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    write_atomically(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
 
 
 def prepare(workdir: str | Path) -> Path:
@@ -107,14 +111,8 @@ def prepare(workdir: str | Path) -> Path:
 
 
 def _os_reason(error: OSError) -> str:
-    name = _errno_name(error.errno)
+    name = errno.errorcode.get(error.errno or 0, "")
     return f"{error.strerror or error} ({name})" if name else str(error)
-
-
-def _errno_name(number: int | None) -> str:
-    import errno
-
-    return errno.errorcode.get(number, "") if number is not None else ""
 
 
 # --------------------------------------------------------------------------------------
