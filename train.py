@@ -39,6 +39,9 @@ import threading
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gapjax.train import run
+from gapjax.train.defaults import apply_open_overrides, split_open_overrides
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/x.py:arg.",
     lock_config=True)
@@ -122,9 +125,6 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     if not _TRACEBACK.value:
         _quiet_background_failures()
-    from gapjax.train import run
-    from gapjax.train.defaults import apply_open_overrides
-
     workdir, fork = _WORKDIR.value, _FORK.value
     try:
         config = _CONFIG.value
@@ -164,8 +164,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     a config file that does not load, a bad ``--config.x.y=v`` override. The open-ended
     overrides are kept apart (ml_collections reads overrides from ``sys.argv`` and knows
     only the keys the config file set)."""
-    from gapjax.train.defaults import split_open_overrides
-
     argv, overrides = split_open_overrides(argv)
     sys.argv[:] = argv
     _OPEN_OVERRIDES.update(overrides)
