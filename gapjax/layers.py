@@ -52,14 +52,21 @@ def check_choice(field: str, value: Any, choices: Sequence[Any]) -> Any:
     return value
 
 
+def frozen(value: Any) -> Any:
+    """``value`` with every dict frozen and every list a tuple, at any depth, so a module
+    holding it (``pool_kwargs={"pools": ["mean", "max"]}``) stays hashable: jit caches key
+    on it."""
+    if isinstance(value, Mapping):
+        return FrozenDict({key: frozen(item) for key, item in value.items()})
+    return tuple(frozen(item) for item in value) if isinstance(value, list | tuple) else value
+
+
 def build_module(cls: type[nn.Module], model_name: str, kwargs: dict[str, Any]) -> nn.Module:
     """Instantiates the model ``cls(**kwargs)`` from ``config.model`` keys: every key must be
-    one of its options, ``num_classes`` a positive integer; ``pool_kwargs`` (a dict) is
-    frozen so the module stays hashable (jit caches key on it)."""
+    one of its options, ``num_classes`` a positive integer; option values are ``frozen``."""
     if "num_classes" in kwargs:
         check_num_classes(kwargs["num_classes"])
-    if isinstance(kwargs.get("pool_kwargs"), Mapping):
-        kwargs = {**kwargs, "pool_kwargs": FrozenDict(kwargs["pool_kwargs"])}
+    kwargs = {key: frozen(value) for key, value in kwargs.items()}
     return build_with_options(cls, f"model {model_name!r}", kwargs)
 
 

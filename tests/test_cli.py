@@ -196,7 +196,7 @@ runpy.run_module("gapjax.wsol", run_name="__main__")
 
 
 def test_a_fork_run_reopens_from_any_directory_without_pythonpath(tmp_path):
-    """config.json's ``imports`` brings the fork's pool back; its pool_kwargs hold."""
+    """The run's recorded ``imports`` bring the fork's pool back; its pool_kwargs hold."""
     fork = tmp_path / "fork"
     fork.mkdir()
     (fork / "apps_fork_pool.py").write_text(FORK_POOL)
@@ -209,6 +209,7 @@ def test_a_fork_run_reopens_from_any_directory_without_pythonpath(tmp_path):
     config.dataset.name, config.dataset.image_size = "gapjax_digits", 8
     config.model.name, config.model.widths = "cnn", (4, 8)
     config.model.pool, config.model.pool_kwargs = "apps_power_mean", {"power": 3.0}
+    config.imports = (str(fork / "apps_fork_pool.py"),)  # as train.run records it: resolved
     model = models.from_config(config, 10)
     assert model.pool_kwargs["power"] == 3.0
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
@@ -219,8 +220,7 @@ def test_a_fork_run_reopens_from_any_directory_without_pythonpath(tmp_path):
         config.to_json_best_effort())}, force=True)
     checkpointer.close()
     (workdir / "config.json").write_text(json.dumps({
-        "config": json.loads(config.to_json_best_effort()),
-        "imports": [str(fork / "apps_fork_pool.py")]}))
+        "config": json.loads(config.to_json_best_effort())}))
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

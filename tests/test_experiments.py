@@ -121,8 +121,6 @@ def test_standard_configs_are_shared_and_checked():
     other = common.standard_config(common.CLUTTERED, True, head="fc", pool="gap")
     assert common.config_key(first) == common.config_key(second) != common.config_key(other)
     assert first.model.widths == (16, 32, 64) and first.dataset.canvas_size == 32
-    assert common.standard_input_shape(common.CLUTTERED, True) == (32, 32, 1)
-    assert common.standard_input_shape(common.DIGITS, True) == (16, 16, 1)
     with pytest.raises(ValueError, match=r"'mnist'.*gapjax_cluttered_digits"):
         common.standard_config("mnist", True)
 
@@ -207,7 +205,7 @@ def test_report_only_selects_and_rejects_unknown_sections(tmp_path):
 
 
 def test_report_sections_cover_every_claim():
-    assert list(report.SECTION_MODULES) == ["heads", "cam", "cam_methods", "weighted", "se",
+    assert list(report.SECTIONS) == ["heads", "cam", "cam_methods", "weighted", "se",
                                             "gradflow", "readouts", "vit", "benchmarks"]
 
 
@@ -241,7 +239,7 @@ def test_report_command_errors_are_one_line(tmp_path, capsys):
                                  "--help"),
         (["--out", str(tmp_path), "--only", "heads,nope"], 2,
          f"error: --only: unknown section(s) nope; choose from "
-         f"{', '.join(report.SECTION_MODULES)}; see --help"),
+         f"{', '.join(report.SECTIONS)}; see --help"),
         (["--out", str(blocker / "out"), "--only", "heads"], 1,
          f"error: --out {blocker / 'out'}: Not a directory ({blocker / 'out'}); choose another "
          "--out or free space"),

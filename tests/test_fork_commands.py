@@ -130,9 +130,6 @@ def test_train_eval_only_from_elsewhere_under_another_config(fork_run, tmp_path)
     assert train_runs.read_records(run_dir) == records  # another config appends nothing
 
 
-# The CAM command re-imports config.imports once gapjax.cam.cli's load_run does (the
-# apps branch); until then it cannot build the fork's model.
-@pytest.mark.xfail(strict=True, reason="gapjax.cam.cli re-imports config.imports (apps)")
 def test_cam_command_from_elsewhere(fork_run, tmp_path):
     _, run_dir, trained = fork_run
     assert trained.returncode == 0, trained.stderr[-3000:]

@@ -347,7 +347,7 @@ def test_cli_missing_config_file_and_unwritable_workdir_are_one_line(tmp_path):
     unwritable = train_runs.run_train(blocker / "run")
     assert unwritable.returncode == 1
     assert unwritable.stderr.strip() == (f"error: cannot create workdir {blocker / 'run'}: "
-                                         "Not a directory (ENOTDIR)")
+                                         "Not a directory [errno 20 ENOTDIR]")
 
 
 def test_cli_refuses_a_changed_config_with_one_line(finished, tmp_path):

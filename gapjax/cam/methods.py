@@ -250,14 +250,6 @@ def align_corners_matrix(size_in: int, size_out: int) -> Array:
     return jnp.asarray(matrix)
 
 
-def upsample_align_corners(maps: Array, size: tuple[int, int]) -> Array:
-    """Bilinear upsampling with aligned corners: ``[B, h, w, C] -> [B, H, W, C]`` (float32)."""
-    maps = _as_float(maps)
-    rows = align_corners_matrix(maps.shape[1], int(size[0]))
-    cols = align_corners_matrix(maps.shape[2], int(size[1]))
-    return jnp.einsum("Hh,Ww,bhwc->bHWc", rows, cols, maps, precision=_EXACT)
-
-
 def _chunked(values: Array, chunk: int, fill: float) -> tuple[Array, int]:
     """``values [N, ...]`` padded with ``fill`` to ``[n_chunks, chunk, ...]``."""
     count = values.shape[0]

@@ -202,18 +202,13 @@ def abstract_variables(model: Any, input_shape: Sequence[int]) -> Any:
 
 
 class Stopwatch:
-    """Wall-clock seconds since creation; ``lap()`` returns and restarts."""
+    """Wall-clock seconds since creation."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        seconds, self.start = now - self.start, now
-        return seconds
 
 
 # --------------------------------------------------------------------------------------
@@ -383,13 +378,6 @@ def standard_config(dataset: str, quick: bool, *, model: str = "cnn", seed: int 
     return quick_config(dataset, model, steps=standard["steps"],
                         batch_size=standard["batch_size"], seed=seed,
                         dataset_options=dataset_options, **options)
-
-
-def standard_input_shape(dataset: str, quick: bool) -> tuple[int, int, int]:
-    """The image shape of the standard run on ``dataset``."""
-    options = STANDARD_RUNS[(dataset, quick)]["dataset"]
-    size = options.get("image_size", options.get("canvas_size"))
-    return (size, size, 1)
 
 
 def forward_flops(model: Any, input_shape: Sequence[int], batch: int = 1) -> float:

@@ -49,28 +49,18 @@ from gapjax.experiments import common
 
 SectionFn = Callable[[Path, bool], dict[str, Any]]
 
-#: Section name -> module path of its ``run``; the order is the report's.
-SECTION_MODULES: dict[str, str] = {
-    "heads": "gapjax.experiments.heads",
-    "cam": "gapjax.experiments.localization",
-    "cam_methods": "gapjax.experiments.cam_methods",
-    "weighted": "gapjax.experiments.weighted_pooling",
-    "se": "gapjax.experiments.squeeze_excite",
-    "gradflow": "gapjax.experiments.gradient_flow",
-    "readouts": "gapjax.experiments.readouts",
-    "vit": "gapjax.experiments.vit_heads",
-    "benchmarks": "gapjax.experiments.report",
-}
-TITLES = {
-    "heads": "Heads: FC vs GAP",
-    "cam": "CAM and weakly supervised localization",
-    "cam_methods": "CAM methods: localization, faithfulness and cost",
-    "weighted": "Weighted pooling",
-    "se": "Squeeze-and-Excitation",
-    "gradflow": "Gradient flow: GAP vs GMP",
-    "readouts": "Graph readouts",
-    "vit": "ViT heads: class token vs GAP vs MAP",
-    "benchmarks": "Benchmarks: pooling and CAM cost",
+#: Section name -> (module path of its ``run``, title); the order is the report's.
+SECTIONS: dict[str, tuple[str, str]] = {
+    "heads": ("gapjax.experiments.heads", "Heads: FC vs GAP"),
+    "cam": ("gapjax.experiments.localization", "CAM and weakly supervised localization"),
+    "cam_methods": ("gapjax.experiments.cam_methods",
+                    "CAM methods: localization, faithfulness and cost"),
+    "weighted": ("gapjax.experiments.weighted_pooling", "Weighted pooling"),
+    "se": ("gapjax.experiments.squeeze_excite", "Squeeze-and-Excitation"),
+    "gradflow": ("gapjax.experiments.gradient_flow", "Gradient flow: GAP vs GMP"),
+    "readouts": ("gapjax.experiments.readouts", "Graph readouts"),
+    "vit": ("gapjax.experiments.vit_heads", "ViT heads: class token vs GAP vs MAP"),
+    "benchmarks": ("gapjax.experiments.report", "Benchmarks: pooling and CAM cost"),
 }
 SECTION_KEYS = ("title", "claim", "method", "markdown", "numbers", "holds", "verdict", "figures")
 BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -158,7 +148,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
     met = [row[3] for row in rows]
     holds = None if not rows or errors else all(met)
     return common.section(
-        TITLES["benchmarks"],
+        SECTIONS["benchmarks"][1],
         claim=("Parameter-free pools run within 1.2x of the memory-bound yardstick "
                "(x.sum()) on an accelerator (on a CPU the ratios are information only); "
                "CAM maps cost <= 10% of a forward pass."),
@@ -181,10 +171,10 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
 
 def load_section(name: str) -> SectionFn:
     """The ``run`` function of section ``name``."""
-    if name not in SECTION_MODULES:
+    if name not in SECTIONS:
         raise ValueError(f"unknown report section {name!r}; choose from "
-                         f"{', '.join(SECTION_MODULES)}")
-    return importlib.import_module(SECTION_MODULES[name]).run
+                         f"{', '.join(SECTIONS)}")
+    return importlib.import_module(SECTIONS[name][0]).run
 
 
 def normalize_section(name: str, result: Any, new_figures: Sequence[str]) -> dict[str, Any]:
@@ -205,9 +195,9 @@ def normalize_section(name: str, result: Any, new_figures: Sequence[str]) -> dic
         if not isinstance(text, str):
             text = "```json\n" + json.dumps(common.to_jsonable(numbers), indent=1)[:6000] + "\n```"
         section = {
-            "title": result.get("title", TITLES.get(name, name)),
+            "title": result.get("title", SECTIONS.get(name, (name, name))[1]),
             "claim": result.get("claim", "(the section module states no claim)"),
-            "method": result.get("method", f"{SECTION_MODULES.get(name, name)}.run"),
+            "method": result.get("method", f"{SECTIONS.get(name, (name,))[0]}.run"),
             "markdown": text,
             "numbers": numbers,
             "holds": result.get("holds"),
@@ -230,9 +220,9 @@ def run_section(name: str, fn: SectionFn, out_dir: Path, quick: bool) -> dict[st
         section = normalize_section(name, result, new_figures)
         section.update(status="ok", error=None)
     except Exception as exc:  # one failing section must not lose the others
-        section = {"title": TITLES.get(name, name), "claim": "", "method": "", "markdown": "",
-                   "numbers": {}, "holds": None, "verdict": "section failed", "figures": [],
-                   "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+        section = {"title": SECTIONS.get(name, (name, name))[1], "claim": "", "method": "",
+                   "markdown": "", "numbers": {}, "holds": None, "verdict": "section failed",
+                   "figures": [], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                    "traceback": traceback.format_exc(limit=8)}
     section["seconds"] = time.perf_counter() - start
     return section
@@ -293,12 +283,12 @@ def build_report(out_dir: Path | str, *, quick: bool = True, only: Sequence[str]
     """Runs the sections (all, or ``only``) and writes REPORT.md and results.json.
 
     ``sections`` maps names to ``run`` functions; default: every entry of
-    ``SECTION_MODULES``, imported when its turn comes (so a section whose module is missing
+    ``SECTIONS``, imported when its turn comes (so a section whose module is missing
     or broken fails alone). Returns the results dict written to results.json.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(sections) if sections is not None else list(SECTION_MODULES)
+    names = list(sections) if sections is not None else list(SECTIONS)
     if only:
         unknown = [name for name in only if name not in names]
         if unknown:
@@ -344,14 +334,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--full", action="store_true", help="larger runs (quick by default)")
     parser.add_argument("--only", default="", help="comma-separated sections: "
-                        + ", ".join(SECTION_MODULES))
+                        + ", ".join(SECTIONS))
     parser.add_argument("--traceback", action="store_true", help="the traceback of an error")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = [name for name in only if name not in SECTION_MODULES]
+    unknown = [name for name in only if name not in SECTIONS]
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from "
-                     f"{', '.join(SECTION_MODULES)}")
+                     f"{', '.join(SECTIONS)}")
     command = "python -m gapjax.experiments.report " + " ".join(
         sys.argv[1:] if argv is None else argv)
     try:

@@ -27,13 +27,10 @@ def from_config(config: Any, num_classes: int, axis_name: str | None = None) -> 
     num_classes=num_classes, dtype=config.dtype, axis_name=axis_name, **other model keys)``.
 
     ``config.model`` holds only keys the model takes (an unknown one is an error naming
-    the valid options); lists become tuples and nested dicts plain dicts.
+    the valid options); nested dicts arrive as plain dicts (frozen by ``build_module``).
     """
-    kwargs = {}
-    for key, value in config.model.items():
-        if key != "name":
-            kwargs[key] = (tuple(value) if isinstance(value, list)
-                           else value.to_dict() if hasattr(value, "to_dict") else value)
+    kwargs = {key: value.to_dict() if hasattr(value, "to_dict") else value
+              for key, value in config.model.items() if key != "name"}
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     return get(config.model.name, num_classes=num_classes, dtype=dtype, axis_name=axis_name,
                **kwargs)

@@ -1,9 +1,6 @@
-"""Training: ``run(config, workdir) -> TrainResult`` (``loop``) and the pieces it is made of:
-``defaults`` (every config key), ``optim``, ``state``, ``steps``, ``parallel``,
-``checkpoint``, ``metrics``, ``workdir``.
-
-Re-exported on first use: ``steps``, ``state`` and ``optim`` need only jax, flax and optax,
-so an accelerator machine without TFDS or grain can still import them.
+"""Training: ``run(config, workdir)`` (``loop``) and its pieces (``defaults``, ``optim``,
+``state``, ``steps``, ``parallel``, ``checkpoint``, ``metrics``, ``workdir``). Names are
+re-exported on first use, so ``steps``, ``state`` and ``optim`` import without TFDS or grain.
 """
 
 import importlib

@@ -149,7 +149,7 @@ class Checkpointer:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as error:
             raise CheckpointError(f"cannot open checkpoint directory {self.directory}: "
-                                  f"{_describe(error)}") from None
+                                  f"{describe_error(error)}") from None
         self._grain = _grain_args()
         self._pending: int | None = None  # the step of a save not yet known to be committed
         self._failed = False
@@ -229,7 +229,7 @@ class Checkpointer:
         previous = (f"the previous checkpoint (step {kept[-1]}) is kept" if kept
                     else "no earlier checkpoint exists")
         number = _errno(error) if error is not None else None
-        reason = _describe(error) if error is not None else "the step was not committed"
+        reason = describe_error(error) if error is not None else "the step was not committed"
         return CheckpointSaveError(
             f"saving checkpoint {path} failed: {reason}; stopped; {previous}. Free space or "
             "fix the directory, then rerun the same command to resume", path, number)
@@ -343,7 +343,7 @@ class Checkpointer:
     def _restore_failed(self, step: int, error: BaseException) -> CheckpointError:
         step_dir = self.directory / str(step)
         where = _damaged_file(step_dir, error)
-        return CheckpointError(f"cannot restore checkpoint {where}: {_describe(error)}")
+        return CheckpointError(f"cannot restore checkpoint {where}: {describe_error(error)}")
 
     def _set_aside(self, steps: list[int], restored: int) -> None:
         """Moves the unreadable ``steps`` out of the checkpoint directory (so the run can
@@ -398,10 +398,9 @@ class Run:
 def load_run(workdir: str | Path) -> Run:
     """The newest intact checkpoint of the run in ``workdir`` (read-only).
 
-    The modules the run recorded are imported first (``config.json``'s ``imports``, the
-    ``config.imports`` entries resolved when the run started; else the saved config's
-    ``imports``), so ``gapjax.models.from_config(run.config, num_classes)`` rebuilds a
-    fork's model exactly as it was trained, ``pool_kwargs`` and ``attn_kwargs`` included.
+    The modules the run recorded are imported first (the saved config's ``imports``,
+    resolved when the run started), so ``gapjax.models.from_config(run.config, K)``
+    rebuilds a fork's model as it was trained, ``pool_kwargs`` and ``attn_kwargs`` included.
     A workdir without a checkpoint raises ``CheckpointError`` (one line).
     """
     workdir = Path(workdir).expanduser().absolute()
@@ -416,13 +415,7 @@ def load_run(workdir: str | Path) -> Run:
     finally:
         checkpointer.close()
     config = ml_collections.ConfigDict(restored.meta["config"])
-    record_path = workdir / CONFIG_FILE
-    try:
-        record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {record_path}: {_describe(error)}") from None
-    recorded = record.get("imports") if isinstance(record, dict) else None
-    import_modules(recorded or config.get("imports") or ())
+    import_modules(config.get("imports") or ())  # recorded resolved: any working directory
     state = restored.state
     variables = {key: state[key] for key in ("params", "batch_stats") if state.get(key)}
     return Run(config, variables, restored.step, workdir)
@@ -478,7 +471,7 @@ def _errno(error: BaseException) -> int | None:
     return None
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     """The first line of ``error``'s message, with its errno named when there is one:
     ``No space left on device [errno 28 ENOSPC]``."""
     number = _errno(error)

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from gapjax import data, evaluators, models, tasks
 from gapjax.pooling import POOLS
 from gapjax.registry import import_modules, resolve_import
-from gapjax.train.checkpoint import Checkpointer
+from gapjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from gapjax.train.defaults import DTYPES
 from gapjax.train.init_from import initialize
 from gapjax.train.metrics import MetricWriter, NullWriter, Progress, read_metrics
@@ -41,7 +41,7 @@ from gapjax.train.optim import make_optimizer, make_schedule
 from gapjax.train.parallel import DataParallel
 from gapjax.train.state import NO_BAD_STEP, TrainState, create_train_state, reset_sums
 from gapjax.train.steps import train_step
-from gapjax.train.workdir import CHECKPOINT_DIR, StopSignals, open_workdir
+from gapjax.train.workdir import StopSignals, open_workdir
 
 #: A run whose training will take longer than this says so after its first timed steps.
 LONG_RUN_SECONDS = 600
@@ -115,7 +115,7 @@ def _check_choices(config: Any) -> None:
         raise ValueError(f"config.dtype={config.dtype!r} is not supported; choose one of: "
                          f"{', '.join(DTYPES)}")
     models.MODELS.get(config.model.name)
-    if config.model.get("pool") not in (None, "token"):  # token: a ViT's class token
+    if config.model.get("pool") is not None:
         POOLS.get(config.model.pool)
     for key in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
         if int(config[key]) <= 0:

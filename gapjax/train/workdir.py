@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import errno
 import fcntl
 import json
 import os
@@ -42,12 +41,17 @@ from typing import Any
 
 from flax import traverse_util
 
-CONFIG_FILE = "config.json"
+from gapjax.train.checkpoint import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    DAMAGED_DIR,
+    committed_steps,
+    describe_error,
+)
+
 LOCK_FILE = "lock"
-CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-DAMAGED_DIR = "damaged_checkpoints"
 IMAGES_DIR = "images"
 
 # Keys that may change when a run is resumed: how long it trains, how often it logs,
@@ -103,16 +107,11 @@ def prepare(workdir: str | Path) -> Path:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise WorkdirError(f"cannot create workdir {workdir}: {_os_reason(error)}") from None
+        raise WorkdirError(f"cannot create workdir {workdir}: {describe_error(error)}") from None
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise WorkdirError(f"workdir {workdir} is not writable (permission denied); choose "
                            "another --workdir or fix its permissions")
     return workdir
-
-
-def _os_reason(error: OSError) -> str:
-    name = errno.errorcode.get(error.errno or 0, "")
-    return f"{error.strerror or error} ({name})" if name else str(error)
 
 
 # --------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ class WorkdirLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as error:
                 raise WorkdirError(f"cannot create lock file {self.path}: "
-                                   f"{_os_reason(error)}") from None
+                                   f"{describe_error(error)}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -241,19 +240,15 @@ def is_resumable(key: str, old: Any = None, new: Any = None) -> bool:
     return key in RESUMABLE_KEYS or old is _ABSENT or new is _ABSENT
 
 
-def committed_steps(workdir: str | Path) -> list[int]:
-    """Steps of the complete checkpoints in ``workdir/checkpoints`` (Orbax renames a step
-    directory to its number only once it is complete)."""
-    directory = Path(workdir) / CHECKPOINT_DIR
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+def run_steps(workdir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints of the run in ``workdir``, ascending."""
+    return committed_steps(Path(workdir) / CHECKPOINT_DIR)
 
 
 def has_run(workdir: str | Path) -> bool:
     """Whether ``workdir`` holds anything of a run (a checkpoint or a metrics record)."""
     metrics = Path(workdir) / METRICS_FILE
-    return bool(committed_steps(workdir)) or (metrics.exists() and metrics.stat().st_size > 0)
+    return bool(run_steps(workdir)) or (metrics.exists() and metrics.stat().st_size > 0)
 
 
 def read_record(workdir: str | Path) -> dict[str, Any] | None:
@@ -273,7 +268,7 @@ def read_record(workdir: str | Path) -> dict[str, Any] | None:
             raise WorkdirError(f"{path} has no 'config' object; restore it or pass --fresh "
                                "to start over")
         return record
-    for step in reversed(committed_steps(workdir)):
+    for step in reversed(run_steps(workdir)):
         meta = Path(workdir) / CHECKPOINT_DIR / str(step) / "meta" / "metadata"
         try:
             config = json.loads(meta.read_text()).get("config")
@@ -304,7 +299,7 @@ def clear_run(workdir: str | Path) -> list[str]:
 def _copy_run(source: Path, target: Path) -> int:
     """Copies ``source``'s complete checkpoints and its metrics up to the newest of them
     into ``target``; returns that step."""
-    steps = committed_steps(source)
+    steps = run_steps(source)
     if not steps:
         raise WorkdirError(f"--fork: {source} has no checkpoint to branch from")
     (target / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
@@ -385,7 +380,7 @@ def _bind(workdir: Path, current: dict[str, Any], *, eval_only: bool, chief: boo
     if changes:
         notice(f"config changes accepted on resume: {format_changes(changes)}")
         if chief:
-            steps = committed_steps(workdir)
+            steps = run_steps(workdir)
             record.setdefault("resumed", []).append({
                 "step": steps[-1] if steps else 0,
                 "changes": {key: [_plain(old), _plain(new)] for key, old, new in changes}})
@@ -422,7 +417,7 @@ def open_workdir(workdir: str | Path, config: dict[str, Any], *, eval_only: bool
         raise WorkdirError("--fresh cannot be combined with --fork or --eval_only")
     if fork_from is not None and eval_only:
         raise WorkdirError("--fork cannot be combined with --eval_only")
-    newest = max(committed_steps(fork_from), default=0) if fork_from is not None else 0
+    newest = max(run_steps(fork_from), default=0) if fork_from is not None else 0
     total = int(config.get("total_steps", newest + 1))
     if fork_from is not None and not has_run(workdir) and newest >= total:
         raise WorkdirError(f"--fork: {fork_from} is already at step {newest}, and "
