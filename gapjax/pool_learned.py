@@ -207,9 +207,9 @@ class DeepSetsPool(Pool):
     """Deep Sets (Zaheer et al., 2017; PyG's ``DeepSetsAggregation``):
     ``rho(aggregate_i phi(x_i))``: ``[B, *S, C] -> [B, features or C]``.
 
-    ``phi`` (``local``): ``local_layers`` Dense layers of width ``hidden``, ReLU after each
+    ``phi`` (``local_nn``): ``local_layers`` Dense layers of width ``hidden``, ReLU after each
     (so the summed features are non-negative, as in the paper's sum decomposition);
-    ``rho`` (``global``): ``global_layers`` Dense layers, ReLU between them, the last of
+    ``rho`` (``global_nn``): ``global_layers`` Dense layers, ReLU between them, the last of
     width ``features``. PyG takes both networks from the user; these are its common choice.
 
     Attributes:
@@ -230,11 +230,10 @@ class DeepSetsPool(Pool):
     def setup(self):
         _check_count("deepsets", "local_layers", self.local_layers, 0)
         _check_count("deepsets", "global_layers", self.global_layers, 0)
-        self.local = MLP(self.local_layers, self.hidden, self.hidden, activate_last=True,
-                         dtype=self.dtype)
+        self.local_nn = MLP(self.local_layers, self.hidden, self.hidden, activate_last=True,
+                            dtype=self.dtype)
         self.reduce = make_pool(self.aggregate, dtype=self.dtype)
-        self.global_ = MLP(self.global_layers, self.hidden, self.features, dtype=self.dtype,
-                           name="global")
+        self.global_nn = MLP(self.global_layers, self.hidden, self.features, dtype=self.dtype)
 
     def output_width(self, channels: int) -> int:
         if self.features and self.global_layers:
@@ -246,14 +245,15 @@ class DeepSetsPool(Pool):
         sets, flat_mask = _as_sets(x, mask)
         # Zeroed first: a non-finite pad through phi would turn the gradient of phi's
         # weights into NaN even though the aggregate masks phi's output there.
-        local = self.local(_zero_masked(sets, flat_mask))
-        out = self.global_(self.reduce(local, flat_mask))
+        local = self.local_nn(_zero_masked(sets, flat_mask))
+        out = self.global_nn(self.reduce(local, flat_mask))
         return _empty_to_zeros(out, _counts(sets, flat_mask), sets)
 
     def segment(self, x, segment_ids, num_segments, mask=None):
         sets = Segments(x, segment_ids, num_segments, mask)
-        local = self.local(sets.values.astype(self.dtype or sets.x.dtype))
-        out = self.global_(self.reduce.segment(local, sets.ids, num_segments, sets.real))
+        local = self.local_nn(sets.values if self.dtype is None else
+                              sets.values.astype(self.dtype))
+        out = self.global_nn(self.reduce.segment(local, sets.ids, num_segments, sets.real))
         return _empty_to_zeros(out, sets.counts, sets.x)
 
 
