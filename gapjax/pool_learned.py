@@ -480,6 +480,7 @@ class GraphMultisetTransformerPool(Pool):
 
 __all__ = [
     "MLP",
+    "TORCH_LAYERNORM_EPSILON",
     "DeepSetsPool",
     "GraphMultisetTransformerPool",
     "LSTMCell",
@@ -487,7 +488,6 @@ __all__ = [
     "PoolingByMultiheadAttention",
     "Set2SetPool",
     "SetTransformerPool",
-    "TORCH_LAYERNORM_EPSILON",
     "symmetric_uniform",
     "torch_linear",
 ]

@@ -202,7 +202,7 @@ def _median_index(sets: Array, mask: Array | None) -> Array:
     """Position ``[B, C]`` of each channel's lower median among the real positions of
     ``sets [B, N, C]`` (N > 0): rank ``(n - 1) // 2`` in a stable sort, so of tied values
     the earlier position ranks first."""
-    batch, count, channels = sets.shape
+    batch, _, channels = sets.shape
     values = jax.lax.stop_gradient(_zero_masked(sets, mask))
     padding = jnp.zeros(sets.shape, jnp.int32) if mask is None else jnp.broadcast_to(
         (~mask)[..., None], sets.shape).astype(jnp.int32)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -33,6 +32,8 @@ EMPTY = 2
 NUM_GRAPHS = len(SIZES)
 C = 4
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+#: Compilation dominates these tests on the CPU; the fusion emitters' compile time most.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def random_batch(seed: int = 0, channels: int = C) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +52,7 @@ def pyg_readout(module, x: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 def gapjax_readout(name: str, x: np.ndarray, index: np.ndarray, **options) -> np.ndarray:
     readout = functools.partial(graph.readout, name, num_graphs=NUM_GRAPHS, **options)
-    return np.asarray(jax.jit(readout)(x, index))
+    return np.asarray(jax.jit(readout, compiler_options=FAST_COMPILE)(x, index))
 
 
 # --------------------------------------------------------------------------------------
@@ -206,15 +207,11 @@ LEARNED = {
     "softmax_per_channel": ("softmax", {"learn_t": True, "per_channel": True},
                             lambda: aggr.SoftmaxAggregation(learn=True, channels=C),
                             port_softmax),
-    "set2set": ("set2set", {"steps": 3}, lambda: aggr.Set2Set(C, processing_steps=3),
-                port_set2set),
     "set2set_two_layers": ("set2set", {"steps": 2, "num_layers": 2},
                            lambda: aggr.Set2Set(C, processing_steps=2, num_layers=2),
                            port_set2set),
     "deepsets": ("deepsets", {"hidden": 6, "features": 5}, lambda: deepsets_reference(6, 5),
                  port_deepsets),
-    "set_transformer": ("set_transformer", {},
-                        lambda: aggr.SetTransformerAggregation(C), port_set_transformer),
     "set_transformer_full": (
         "set_transformer",
         {"seeds": 2, "encoder_blocks": 2, "decoder_blocks": 1, "heads": 2, "layer_norm": True},
@@ -225,7 +222,6 @@ LEARNED = {
         "set_transformer", {"seeds": 3, "concat": False, "heads": 4},
         lambda: aggr.SetTransformerAggregation(C, num_seed_points=3, heads=4, concat=False),
         port_set_transformer),
-    "gmt": ("gmt", {"k": 3}, lambda: aggr.GraphMultisetTransformer(C, k=3), port_gmt),
     "gmt_full": ("gmt", {"k": 2, "encoder_blocks": 2, "heads": 2, "layer_norm": True},
                  lambda: aggr.GraphMultisetTransformer(C, k=2, num_encoder_blocks=2, heads=2,
                                                        layer_norm=True), port_gmt),
@@ -239,7 +235,8 @@ def test_learned_readouts_equal_pyg_on_the_same_weights(case):
     theirs_module = perturbed(reference(), seed=1)
     x, index = random_batch(2)
     module = make_pool(name, **options)
-    variables = module.init(jax.random.key(0), x, index, NUM_GRAPHS, method="segment")
+    variables = jax.eval_shape(functools.partial(module.init, num_segments=NUM_GRAPHS,
+                                                 method="segment"), jax.random.key(0), x, index)
     ported = {"params": port(theirs_module)}
     # Same tree, same shapes: every Flax parameter has its PyG counterpart and back.
     assert jax.tree.structure(ported) == jax.tree.structure(variables), case
@@ -247,7 +244,8 @@ def test_learned_readouts_equal_pyg_on_the_same_weights(case):
         assert ours_leaf.shape == theirs_leaf.shape, case
 
     ours = np.asarray(jax.jit(functools.partial(module.apply, method="segment"),
-                              static_argnums=3)(ported, x, index, NUM_GRAPHS))
+                              static_argnums=3, compiler_options=FAST_COMPILE)(
+                                  ported, x, index, NUM_GRAPHS))
     theirs = pyg_readout(theirs_module, x, index)
     assert ours.shape == theirs.shape == (NUM_GRAPHS, module.output_width(C))
     real = np.asarray(SIZES) > 0
