@@ -35,6 +35,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitter
 def jit(fn, **kwargs):
     return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
 
+
 #: Options a pool needs to be built at all (PNA's training-set degree statistics) or on
 #: C = 4 channels (MAP's heads), and richer settings of the learned readouts.
 REQUIRED = {"pna": {"avg_log_degree": 1.3, "avg_degree": 3.0, "scalers": SCALERS},
@@ -56,6 +57,16 @@ CASES = {**{name: (name, REQUIRED.get(name, {})) for name in POOLS.names()
             if name not in POSITIONAL}, **VARIANTS}
 
 
+#: Readouts that see a set through normalised weights, order statistics or moments: a
+#: repeated element changes nothing, so {a} and {a, a} read out the same (docs/readouts.md,
+#: "injective on multisets").
+MULTIPLICITY_BLIND = ("gap", "gmp", "avgmax", "catavgmax", "gem", "lse", "attention", "map",
+                      "std", "var", "min", "median", "softmax", "multi", "set2set",
+                      "set_transformer", "gmt")
+#: Readouts that count: the sum and what is built on it, degree scalers, sorted rows.
+COUNTING = ("gsp", "vpa", "pna", "deepsets", "sort", "multi_with_options")
+
+
 def test_every_readout_is_registered():
     assert set(READOUTS) <= set(POOLS.names())
     for name in READOUTS:
@@ -64,9 +75,10 @@ def test_every_readout_is_registered():
 
 
 def _data(seed: int):
-    """Three blocks of the same ``B`` sets ``[3, B, N, C]``: masked positions holding inf,
-    -inf and the float32 extremes; the same with zeros there; the first block with its
-    positions permuted. Also the ``mask [3, B, N]`` (rows: all real, some, one, none)."""
+    """Four blocks of ``B`` sets ``[4, B, N, C]`` and their ``masks [4, B, N]``: sets
+    (rows: all real, some, one, none) whose masked positions hold inf, -inf and the float32
+    extremes; the same with zeros there; the first block with its positions permuted; one
+    vector ``a`` repeated: ``{a}``, ``{a, a}``, ``{a, a, a}``, ``{a} * N``."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(B, N, C)).astype(np.float32)
     mask = np.zeros((B, N), bool)
@@ -76,8 +88,10 @@ def _data(seed: int):
     clean = np.where(mask[..., None], x, 0.0).astype(np.float32)
     garbage = np.where(mask[..., None], x, rng.choice(GARBAGE, size=x.shape)).astype(np.float32)
     order = rng.permutation(N)
-    blocks = np.stack([garbage, clean, garbage[:, order]])
-    return blocks, np.stack([mask, mask, mask[:, order]])
+    repeated = np.broadcast_to(x[0, 0], (B, N, C))
+    copies = np.arange(N)[None, :] < np.asarray([1, 2, 3, N])[:, None]
+    blocks = np.stack([garbage, clean, garbage[:, order], repeated])
+    return blocks, np.stack([mask, mask, mask[:, order], copies])
 
 
 def _readout_weights(out: jax.Array) -> jax.Array:
@@ -137,7 +151,7 @@ def test_every_pool_reads_out_sets_images_and_graphs_alike(case):
         blocks, masks = _data(seed)
         node_order = np.random.default_rng(seed).permutation(B * N)
         out = jax.tree.map(np.asarray, run(jax.random.key(seed), blocks, masks, node_order))
-        garbage, clean, permuted = out["sets"]
+        garbage, clean, permuted, repeated = out["sets"]
         assert clean.shape == (B, module.output_width(C)), case
         assert np.isfinite(out["sets"]).all() and np.abs(clean[0]).max() > 0, case
         # Garbage behind the mask, another position order, the image and graph layouts,
@@ -149,11 +163,18 @@ def test_every_pool_reads_out_sets_images_and_graphs_alike(case):
                                        err_msg=f"{case}: {label}")
         # A set without real positions reads out zeros.
         np.testing.assert_array_equal(clean[3], 0.0, err_msg=case)
+        # {a}, {a, a}, ...: the same readout unless the pool counts.
+        kind = case if case in COUNTING + MULTIPLICITY_BLIND else name
+        if kind in COUNTING:
+            assert (np.abs(repeated[1:] - repeated[0]).max(axis=1) > 1e-3).all(), case
+        elif kind in MULTIPLICITY_BLIND:
+            np.testing.assert_allclose(repeated[1:], np.broadcast_to(repeated[0], (B - 1,
+                                       repeated.shape[1])), **TOLERANCE, err_msg=case)
         # Gradients: finite everywhere; zero on masked positions (and on the empty set);
         # the same with or without garbage, in the set and in the segment form.
         for key in ("x_grads", "param_grads", "node_grads", "segment_param_grads"):
             assert _finite(out[key]), f"{case}: {key}"
-        garbage_grads, clean_grads, _ = out["x_grads"]
+        garbage_grads, clean_grads = out["x_grads"][:2]
         hidden = ~masks[0]
         assert np.abs(garbage_grads[hidden]).max() == 0.0, case
         assert np.abs(out["node_grads"][hidden.ravel()]).max() == 0.0, case
@@ -330,6 +351,7 @@ def test_declared_weights_of_the_readouts_rebuild_them():
         if name in ("min", "median", "softmax"):  # a distribution over each channel
             np.testing.assert_allclose(full.sum(axis=(1, 2))[:2], 1.0, rtol=1e-6)
             np.testing.assert_array_equal(full[2], 0.0)
+
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
