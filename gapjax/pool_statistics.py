@@ -142,6 +142,24 @@ def detached_pool(name: str, options: Any) -> Pool:
     return pool_class(parent=None, **options)
 
 
+def _member_specs(field: str, names: Any, options: Any) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, options)`` per member pool; ``options`` is None, one mapping per name (a
+    sequence aligned with ``names``) or a mapping from name to options."""
+    names = _names(field, names)
+    if options is None:
+        return [(name, {}) for name in names]
+    if hasattr(options, "items"):
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ValueError(f"{field}_kwargs names pools {unknown} that are not among "
+                             f"{field}={names!r}")
+        return [(name, dict(options.get(name) or {})) for name in names]
+    if isinstance(options, Sequence) and len(options) == len(names):
+        return [(name, dict(option or {})) for name, option in zip(names, options)]
+    raise ValueError(f"{field}_kwargs={options!r} is not valid; give one mapping per pool "
+                     f"({len(names)}) or a mapping from pool name to its options")
+
+
 # --------------------------------------------------------------------------------------
 # Pure functions
 # --------------------------------------------------------------------------------------
@@ -326,13 +344,16 @@ def sort_pool(x: Array, k: int = 10, mask: Array | None = None) -> Array:
     return rows.reshape(batch, k * channels).astype(_result_dtype(sets))
 
 
-def multi(x: Array, pools: Any = ("mean", "max", "std"), mask: Array | None = None) -> Array:
+def multi(x: Array, pools: Any = ("mean", "max", "std"), pools_kwargs: Any = None,
+          mask: Array | None = None) -> Array:
     """Several pools concatenated (PyG's ``MultiAggregation`` with ``mode="cat"``):
-    ``[B, *S, C] -> [B, sum of widths]``; ``pools`` are ``POOLS`` names (a tuple or a
-    comma-separated string), each applied by ``gapjax.pooling.pool``."""
-    names = _names("multi: pools", pools)
+    ``[B, *S, C] -> [B, sum of widths]``. ``pools`` are ``POOLS`` names (a tuple or a
+    comma-separated string), ``pools_kwargs`` their options (one mapping per pool, or
+    ``{name: options}``); each is applied by ``gapjax.pooling.pool`` (a pool with
+    parameters at its initial values)."""
     dtype = _result_dtype(jnp.asarray(x))
-    return jnp.concatenate([pool(name, x, mask).astype(dtype) for name in names], axis=-1)
+    return jnp.concatenate([pool(name, x, mask, **options).astype(dtype) for name, options
+                            in _member_specs("multi: pools", pools, pools_kwargs)], axis=-1)
 
 
 def degree_scalers(pooled: Array, degree: Array, scalers: Sequence[str],
@@ -388,7 +409,7 @@ def pna(x: Array, avg_log_degree: float | None = None, avg_degree: float | None 
     scalers = _names("pna: scalers", scalers, SCALERS)
     _check_degrees(scalers, avg_log_degree, avg_degree)
     sets, flat_mask = _as_sets(x, mask)
-    pooled = multi(x, aggregators, mask)
+    pooled = multi(x, aggregators, mask=mask)
     scaled = degree_scalers(pooled, _counts(sets, flat_mask), scalers, avg_log_degree,
                             avg_degree)
     return scaled.astype(_result_dtype(sets))
@@ -593,24 +614,6 @@ class SortPool(Pool):
         return picked.reshape(num_segments, k * channels).astype(dtype)
 
 
-def _member_specs(field: str, names: Any, options: Any) -> list[tuple[str, dict[str, Any]]]:
-    """``(name, options)`` per member pool; ``options`` is None, one mapping per name (a
-    sequence aligned with ``names``) or a mapping from name to options."""
-    names = _names(field, names)
-    if options is None:
-        return [(name, {}) for name in names]
-    if hasattr(options, "items"):
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            raise ValueError(f"{field}_kwargs names pools {unknown} that are not among "
-                             f"{field}={names!r}")
-        return [(name, dict(options.get(name) or {})) for name in names]
-    if isinstance(options, Sequence) and len(options) == len(names):
-        return [(name, dict(option or {})) for name, option in zip(names, options)]
-    raise ValueError(f"{field}_kwargs={options!r} is not valid; give one mapping per pool "
-                     f"({len(names)}) or a mapping from pool name to its options")
-
-
 @POOLS.register("multi")
 class MultiPool(Pool):
     """Several pools concatenated (``multi``): ``[B, *S, C] -> [B, sum of their widths]``.
@@ -623,6 +626,7 @@ class MultiPool(Pool):
       dtype: compute dtype handed to members that take one.
     """
 
+    function: ClassVar = staticmethod(multi)
     pools: Any = ("mean", "max", "std")
     pools_kwargs: Any = None
     dtype: Any = None

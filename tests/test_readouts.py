@@ -254,7 +254,9 @@ def test_multi_and_pna_are_their_members_concatenated_and_scaled():
     @jit
     def compute(x, mask):
         members = [pooling.pool(name, x, mask) for name in ("mean", "min", "max", "std")]
-        return {"multi": pool_statistics.multi(x, "mean,max,std", mask),
+        return {"multi": pool_statistics.multi(x, "mean,max,std", mask=mask),
+                "multi_by_name": pooling.pool("multi", x, mask, pools=("softmax", "min"),
+                                              pools_kwargs={"softmax": {"t": 0.0}}),
                 "members": members,
                 "pna": pool_statistics.pna(x, scalers=SCALERS, mask=mask, **statistics),
                 "pna_module": pna_module.apply({}, x, mask)}
@@ -262,6 +264,9 @@ def test_multi_and_pna_are_their_members_concatenated_and_scaled():
     out = jax.tree.map(np.asarray, compute(x, mask))
     mean, smallest, largest, spread = out["members"]
     np.testing.assert_array_equal(out["multi"], np.concatenate([mean, largest, spread], -1))
+    # Options reach the members: softmax at t = 0 is the mean.
+    np.testing.assert_allclose(out["multi_by_name"], np.concatenate([mean, smallest], -1),
+                               rtol=1e-6, atol=1e-7)
     aggregated = np.concatenate([mean, smallest, largest, spread], -1)
     n = np.asarray([[5.0], [2.0], [1.0]])
     log_degree, degree = statistics["avg_log_degree"], statistics["avg_degree"]
