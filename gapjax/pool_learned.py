@@ -17,7 +17,8 @@ weights into these variables and compares to 1e-5): Dense kernels are PyTorch's 
 transposed; an LSTM cell's ``ih`` / ``hh`` kernels hold PyTorch's gates in its order
 (input, forget, cell, output); a multihead attention block's ``query`` / ``key`` /
 ``value`` are the three row blocks of PyTorch's ``in_proj_weight`` and ``out`` its
-``out_proj``. Initialisers follow PyTorch's defaults for the same layers.
+``out_proj``. Initialisers follow PyTorch's defaults for the same layers (deepsets' MLPs,
+which PyG leaves to the user, start from Flax's defaults).
 
 Conventions of the pool family hold: attention softmaxes and sums accumulate in float32,
 padding never reaches a result or a gradient (it is zeroed before any layer and masked as
@@ -230,6 +231,9 @@ class DeepSetsPool(Pool):
     def setup(self):
         _check_count("deepsets", "local_layers", self.local_layers, 0)
         _check_count("deepsets", "global_layers", self.global_layers, 0)
+        if self.features is not None and not self.global_layers:
+            raise ValueError(f"deepsets: features={self.features!r} needs global_layers >= 1 "
+                             f"(rho's last layer has that width); got global_layers=0")
         self.local_nn = MLP(self.local_layers, self.hidden, self.hidden, activate_last=True,
                             dtype=self.dtype)
         self.reduce = make_pool(self.aggregate, dtype=self.dtype)

@@ -56,6 +56,7 @@ from gapjax.pooling import (
     make_pool,
     pool,
 )
+from gapjax.registry import UnknownNameError
 
 Array = jax.Array
 
@@ -120,7 +121,10 @@ def _names(field: str, value: Any, choices: Sequence[str] | None = None) -> tupl
                          f"or a comma-separated string")
     for name in value:
         if choices is None:
-            POOLS.canonical(name)  # an unknown pool: one line listing the choices
+            try:
+                POOLS.canonical(name)
+            except UnknownNameError as error:  # the registry's line, naming the field
+                raise UnknownNameError(f"{field}: {error}") from None
         elif name not in choices:
             raise ValueError(f"{field}: {name!r} is not valid; choose from: "
                              + ", ".join(repr(choice) for choice in choices))

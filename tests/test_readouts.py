@@ -390,7 +390,7 @@ def test_options_are_checked_with_one_clear_line():
         make_pool("pna", scalers="identity,log").init(key, x)
     with pytest.raises(ValueError, match=r"pna: avg_log_degree=-1.0 is not valid"):
         make_pool("pna", avg_log_degree=-1.0).init(key, x)
-    with pytest.raises(KeyError, match=r"unknown pool 'maen'.*did you mean 'mean'"):
+    with pytest.raises(KeyError, match=r"multi: pools: unknown pool 'maen'.*did you mean 'mean'"):
         make_pool("multi", pools=("maen", "max")).init(key, x)
     with pytest.raises(ValueError, match=r"multi: pools_kwargs names pools \['gem'\]"):
         make_pool("multi", pools=("mean",), pools_kwargs={"gem": {"p": 2}}).init(key, x)
@@ -405,6 +405,8 @@ def test_options_are_checked_with_one_clear_line():
         make_pool("set_transformer", heads=3).init(key, x)
     with pytest.raises(ValueError, match=r"set2set: steps=0 is not valid"):
         make_pool("set2set", steps=0).init(key, x)
+    with pytest.raises(ValueError, match=r"deepsets: features=3 needs global_layers >= 1"):
+        make_pool("deepsets", features=3, global_layers=0).init(key, x)
     with pytest.raises(ValueError, match=r"pna_degree_statistics: histogram must be"):
         pool_statistics.pna_degree_statistics([0, 0])
 
