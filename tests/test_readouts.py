@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gapjax import graph, models, pool_learned, pool_statistics, pooling  # noqa: F401
-from gapjax.pool_statistics import SCALERS
+from gapjax import graph, models, pooling
 from gapjax.pooling import POOLS, make_pool
+from gapjax.pooling import statistics as pool_statistics
+from gapjax.pooling.statistics import SCALERS
 
 READOUTS = ("std", "var", "min", "median", "softmax", "vpa", "multi", "pna", "set2set", "sort",
             "deepsets", "set_transformer", "gmt")
@@ -51,8 +52,8 @@ VARIANTS = {
     "multi_with_options": ("multi", {"pools": ("sort", "gem"), "pools_kwargs": {"sort": {"k": 2}}}),
 }
 #: Not functions of a set: learned weights indexed by position (a layout's parameter, of
-#: the layout's shape).
-POSITIONAL = {"weighted"}
+#: the layout's shape), and the class token (position 0 of a token sequence).
+POSITIONAL = {"weighted", *(name for name in POOLS.names() if POOLS.get(name).reads_class_token)}
 CASES = {**{name: (name, REQUIRED.get(name, {})) for name in POOLS.names()
             if name not in POSITIONAL}, **VARIANTS}
 

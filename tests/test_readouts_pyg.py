@@ -21,8 +21,9 @@ import jax
 import numpy as np
 import pytest
 
-from gapjax import graph, pool_learned, pool_statistics  # noqa: F401  (registers the readouts)
+from gapjax import graph
 from gapjax.pooling import make_pool
+from gapjax.pooling import statistics as pool_statistics
 
 torch = pytest.importorskip("torch")
 aggr = pytest.importorskip("torch_geometric.nn.aggr")

@@ -42,20 +42,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gapjax.pooling import (
-    POOLS,
-    Pool,
-    Segments,
-    _as_sets,
-    _counts,
-    _result_dtype,
-    _zero_masked,
+from gapjax.pooling.base import POOLS, Pool, make_pool, pool
+from gapjax.pooling.functions import (
+    as_sets,
     attention_weights,
     check_positive,
     gmp,
-    make_pool,
-    pool,
+    real_counts,
+    result_dtype,
+    zero_masked,
 )
+from gapjax.pooling.segments import Segments
 from gapjax.registry import UnknownNameError
 
 Array = jax.Array
@@ -69,9 +66,9 @@ SCALERS = ("identity", "amplification", "attenuation", "linear", "inverse_linear
 # --------------------------------------------------------------------------------------
 
 
-def _real_counts(sets: Array, mask: Array | None) -> Array:
+def _counts_at_least_one(sets: Array, mask: Array | None) -> Array:
     """Real positions per row ``[B, 1]`` float32, at least 1 (a divisor)."""
-    return jnp.maximum(_counts(sets, mask), 1.0)
+    return jnp.maximum(real_counts(sets, mask), 1.0)
 
 
 def _safe_sqrt(value: Array) -> Array:
@@ -172,8 +169,8 @@ def _member_specs(field: str, names: Any, options: Any) -> list[tuple[str, dict[
 def _variance(sets: Array, mask: Array | None) -> Array:
     """Two-pass population variance of ``sets [B, N, C]`` over real positions, float32
     ``[B, C]`` (0 for a row without any): no cancellation, never negative."""
-    values = _zero_masked(sets, mask).astype(jnp.float32)
-    counts = _real_counts(sets, mask)
+    values = zero_masked(sets, mask).astype(jnp.float32)
+    counts = _counts_at_least_one(sets, mask)
     mean = values.sum(axis=1) / counts
     deviations = values - mean[:, None, :]
     if mask is not None:
@@ -184,8 +181,8 @@ def _variance(sets: Array, mask: Array | None) -> Array:
 def var(x: Array, mask: Array | None = None) -> Array:
     """Variance pooling ``mean_i (x_i - mean x)^2`` (population, as PyG's
     ``VarAggregation``): ``[B, *S, C] -> [B, C]``; 0 for one position or none."""
-    sets, mask = _as_sets(x, mask)
-    return _variance(sets, mask).astype(_result_dtype(sets))
+    sets, mask = as_sets(x, mask)
+    return _variance(sets, mask).astype(result_dtype(sets))
 
 
 def std(x: Array, mask: Array | None = None) -> Array:
@@ -195,8 +192,8 @@ def std(x: Array, mask: Array | None = None) -> Array:
     gradient there. PyG's ``StdAggregation`` clamps the variance at 1e-5 and returns 0 for
     any std below ``sqrt(1e-5)``; this one is exact down to zero.
     """
-    sets, mask = _as_sets(x, mask)
-    return _safe_sqrt(_variance(sets, mask)).astype(_result_dtype(sets))
+    sets, mask = as_sets(x, mask)
+    return _safe_sqrt(_variance(sets, mask)).astype(result_dtype(sets))
 
 
 def gmin(x: Array, mask: Array | None = None) -> Array:
@@ -210,7 +207,7 @@ def gmin(x: Array, mask: Array | None = None) -> Array:
 
 def _min_weights(x: Array, mask: Array | None) -> Array:
     """``min``'s weights ``[B, *S, C]``: one-hot at the first minimal real position."""
-    sets, flat_mask = _as_sets(x, mask)
+    sets, flat_mask = as_sets(x, mask)
     smallest = gmin(sets, flat_mask)
     hit = sets == smallest[:, None, :]
     if flat_mask is not None:
@@ -225,14 +222,14 @@ def _median_index(sets: Array, mask: Array | None) -> Array:
     ``sets [B, N, C]`` (N > 0): rank ``(n - 1) // 2`` in a stable sort, so of tied values
     the earlier position ranks first."""
     batch, _, channels = sets.shape
-    values = jax.lax.stop_gradient(_zero_masked(sets, mask))
+    values = jax.lax.stop_gradient(zero_masked(sets, mask))
     padding = jnp.zeros(sets.shape, jnp.int32) if mask is None else jnp.broadcast_to(
         (~mask)[..., None], sets.shape).astype(jnp.int32)
     positions = jax.lax.broadcasted_iota(jnp.int32, sets.shape, 1)
     # Sorted by (padding last, value): the real values come first in ascending order.
     _, _, order = jax.lax.sort((padding, _unsigned_zero(values), positions), dimension=1,
                                is_stable=True, num_keys=2)
-    counts = _counts(sets, mask).astype(jnp.int32)  # [B, 1]
+    counts = real_counts(sets, mask).astype(jnp.int32)  # [B, 1]
     rank = jnp.maximum(counts - 1, 0) // 2
     return jnp.take_along_axis(order, jnp.broadcast_to(rank[:, :, None], (batch, 1, channels)),
                                axis=1)[:, 0]
@@ -245,20 +242,20 @@ def median(x: Array, mask: Array | None = None) -> Array:
     The gradient is one-hot at the median's position; a row without real positions pools
     to 0.
     """
-    sets, mask = _as_sets(x, mask)
-    dtype = _result_dtype(sets)
+    sets, mask = as_sets(x, mask)
+    dtype = result_dtype(sets)
     if sets.shape[1] == 0:
         return jnp.zeros((sets.shape[0], sets.shape[2]), dtype)
     index = _median_index(sets, mask)
-    picked = jnp.take_along_axis(_zero_masked(sets, mask), index[:, None, :], axis=1)[:, 0]
-    return jnp.where(_counts(sets, mask) > 0, picked, jnp.zeros((), picked.dtype)).astype(dtype)
+    picked = jnp.take_along_axis(zero_masked(sets, mask), index[:, None, :], axis=1)[:, 0]
+    return jnp.where(real_counts(sets, mask) > 0, picked, jnp.zeros((), picked.dtype)).astype(dtype)
 
 
 def _median_weights(x: Array, mask: Array | None) -> Array:
-    sets, flat_mask = _as_sets(x, mask)
+    sets, flat_mask = as_sets(x, mask)
     if sets.shape[1] == 0:
         return jnp.zeros(jnp.shape(x), jnp.float32)
-    real = (_counts(sets, flat_mask) > 0)[:, :, None]
+    real = (real_counts(sets, flat_mask) > 0)[:, :, None]
     weights = _one_hot_positions(_median_index(sets, flat_mask), sets.shape[1], real)
     return weights.reshape(jnp.shape(x))
 
@@ -270,16 +267,16 @@ def vpa(x: Array, mask: Array | None = None) -> Array:
     For n independent inputs of equal variance the output keeps that variance, between
     the sum (grows like n) and the mean (shrinks like 1/n).
     """
-    sets, mask = _as_sets(x, mask)
-    total = _zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32)
-    return (total / jnp.sqrt(_real_counts(sets, mask))).astype(_result_dtype(sets))
+    sets, mask = as_sets(x, mask)
+    total = zero_masked(sets, mask).sum(axis=1, dtype=jnp.float32)
+    return (total / jnp.sqrt(_counts_at_least_one(sets, mask))).astype(result_dtype(sets))
 
 
 def _vpa_weights(x: Array, mask: Array | None) -> Array:
     x = jnp.asarray(x)
     real = jnp.ones(x.shape[:-1], bool) if mask is None else jnp.asarray(mask, bool)
-    sets, flat_mask = _as_sets(x, mask)
-    scale = 1.0 / jnp.sqrt(_real_counts(sets, flat_mask))  # [B, 1]
+    sets, flat_mask = as_sets(x, mask)
+    scale = 1.0 / jnp.sqrt(_counts_at_least_one(sets, flat_mask))  # [B, 1]
     return jnp.where(real, scale.reshape((x.shape[0],) + (1,) * (x.ndim - 2)), 0.0)
 
 
@@ -287,7 +284,7 @@ def _softmax_weights(sets: Array, mask: Array | None, t: Array) -> Array:
     """Per-channel softmax over the real positions of ``t * sets``: ``[B, N, C]`` float32
     summing to one over real positions (zeros for a row without any)."""
     batch, count, channels = sets.shape
-    scores = t * _zero_masked(sets, mask).astype(jnp.float32)  # [B, N, C]
+    scores = t * zero_masked(sets, mask).astype(jnp.float32)  # [B, N, C]
     # One softmax row per (set, channel): [B * C, N].
     rows = jnp.swapaxes(scores, 1, 2).reshape(batch * channels, count)
     row_mask = None if mask is None else jnp.broadcast_to(
@@ -304,11 +301,11 @@ def softmax(x: Array, t: Array | float = 1.0, mask: Array | None = None) -> Arra
     is the mean, ``t -> inf`` the max, ``t -> -inf`` the min. The largest score is
     subtracted first, so nothing overflows.
     """
-    sets, mask = _as_sets(x, mask)
+    sets, mask = as_sets(x, mask)
     t = _channel_parameter(t, "t", "softmax", sets.shape[-1])
     weights = _softmax_weights(sets, mask, t)
-    pooled = (weights * _zero_masked(sets, mask).astype(jnp.float32)).sum(axis=1)
-    return pooled.astype(_result_dtype(sets))
+    pooled = (weights * zero_masked(sets, mask).astype(jnp.float32)).sum(axis=1)
+    return pooled.astype(result_dtype(sets))
 
 
 def _check_k(k: Any) -> int:
@@ -327,9 +324,9 @@ def sort_pool(x: Array, k: int = 10, mask: Array | None = None) -> Array:
     (a stable sort), so the pool is permutation invariant up to ties in the last channel.
     """
     k = _check_k(k)
-    sets, mask = _as_sets(x, mask)
+    sets, mask = as_sets(x, mask)
     batch, count, channels = sets.shape
-    values = _zero_masked(sets, mask)
+    values = zero_masked(sets, mask)
     kept = min(k, count)
     if kept:
         padding = jnp.zeros((batch, count), jnp.int32) if mask is None else (~mask).astype(
@@ -340,12 +337,12 @@ def sort_pool(x: Array, k: int = 10, mask: Array | None = None) -> Array:
                                    num_keys=2)
         rows = jnp.take_along_axis(values, order[:, :kept, None], axis=1)  # [B, kept, C]
         slots = jnp.arange(kept)[None, :, None]
-        rows = jnp.where(slots < _counts(sets, mask)[:, :, None], rows,
+        rows = jnp.where(slots < real_counts(sets, mask)[:, :, None], rows,
                          jnp.zeros((), rows.dtype))
     else:
         rows = jnp.zeros((batch, 0, channels), values.dtype)
     rows = jnp.pad(rows, ((0, 0), (0, k - kept), (0, 0)))
-    return rows.reshape(batch, k * channels).astype(_result_dtype(sets))
+    return rows.reshape(batch, k * channels).astype(result_dtype(sets))
 
 
 def multi(x: Array, pools: Any = ("mean", "max", "std"), pools_kwargs: Any = None,
@@ -355,7 +352,7 @@ def multi(x: Array, pools: Any = ("mean", "max", "std"), pools_kwargs: Any = Non
     comma-separated string), ``pools_kwargs`` their options (one mapping per pool, or
     ``{name: options}``); each is applied by ``gapjax.pooling.pool`` (a pool with
     parameters at its initial values)."""
-    dtype = _result_dtype(jnp.asarray(x))
+    dtype = result_dtype(jnp.asarray(x))
     return jnp.concatenate([pool(name, x, mask, **options).astype(dtype) for name, options
                             in _member_specs("multi: pools", pools, pools_kwargs)], axis=-1)
 
@@ -412,11 +409,11 @@ def pna(x: Array, avg_log_degree: float | None = None, avg_degree: float | None 
     aggregators = _names("pna: aggregators", aggregators)
     scalers = _names("pna: scalers", scalers, SCALERS)
     _check_degrees(scalers, avg_log_degree, avg_degree)
-    sets, flat_mask = _as_sets(x, mask)
+    sets, flat_mask = as_sets(x, mask)
     pooled = multi(x, aggregators, mask=mask)
-    scaled = degree_scalers(pooled, _counts(sets, flat_mask), scalers, avg_log_degree,
+    scaled = degree_scalers(pooled, real_counts(sets, flat_mask), scalers, avg_log_degree,
                             avg_degree)
-    return scaled.astype(_result_dtype(sets))
+    return scaled.astype(result_dtype(sets))
 
 
 def pna_degree_statistics(histogram: Any) -> dict[str, float]:
@@ -459,7 +456,7 @@ class VarPool(Pool):
 
     def segment(self, x, segment_ids, num_segments, mask=None):
         sets = Segments(x, segment_ids, num_segments, mask)
-        return _segment_variance(sets).astype(_result_dtype(sets.x))
+        return _segment_variance(sets).astype(result_dtype(sets.x))
 
 
 @POOLS.register("std")
@@ -473,7 +470,7 @@ class StdPool(Pool):
 
     def segment(self, x, segment_ids, num_segments, mask=None):
         sets = Segments(x, segment_ids, num_segments, mask)
-        return _safe_sqrt(_segment_variance(sets)).astype(_result_dtype(sets.x))
+        return _safe_sqrt(_segment_variance(sets)).astype(result_dtype(sets.x))
 
 
 @POOLS.register("min")
@@ -488,7 +485,7 @@ class MinPool(Pool):
 
     def segment(self, x, segment_ids, num_segments, mask=None):
         sets = Segments(x, segment_ids, num_segments, mask)
-        return (-sets.max(-sets.values)).astype(_result_dtype(sets.x))
+        return (-sets.max(-sets.values)).astype(result_dtype(sets.x))
 
 
 @POOLS.register("median")
@@ -507,7 +504,7 @@ class MedianPool(Pool):
         sets = Segments(x, segment_ids, num_segments, mask)
         nodes, channels = sets.values.shape
         if nodes == 0:
-            return jnp.zeros((num_segments, channels), _result_dtype(sets.x))
+            return jnp.zeros((num_segments, channels), result_dtype(sets.x))
         # One stable sort of all nodes by (segment, value), dropped nodes last: each
         # segment's values are then a sorted run starting at its offset.
         segment_key = jnp.broadcast_to(jnp.where(sets.real, sets.ids, num_segments)[:, None],
@@ -520,7 +517,7 @@ class MedianPool(Pool):
         rank = _segment_starts(sets.counts) + jnp.maximum(counts - 1, 0) // 2
         node = order[jnp.clip(rank, 0, nodes - 1)]  # [S, C]
         picked = jnp.take_along_axis(sets.values, node, axis=0)
-        return jnp.where(sets.counts > 0, picked, 0.0).astype(_result_dtype(sets.x))
+        return jnp.where(sets.counts > 0, picked, 0.0).astype(result_dtype(sets.x))
 
 
 @POOLS.register("vpa")
@@ -537,7 +534,7 @@ class VariancePreservingPool(Pool):
     def segment(self, x, segment_ids, num_segments, mask=None):
         sets = Segments(x, segment_ids, num_segments, mask)
         pooled = sets.sum() / jnp.sqrt(jnp.maximum(sets.counts, 1.0))
-        return pooled.astype(_result_dtype(sets.x))
+        return pooled.astype(result_dtype(sets.x))
 
 
 @POOLS.register("softmax")
@@ -566,11 +563,11 @@ class SoftmaxPool(Pool):
         return self.param("t", nn.initializers.constant(self.t), shape, jnp.float32)
 
     def __call__(self, x: Array, mask: Array | None = None, return_weights: bool = False):
-        sets, flat_mask = _as_sets(x, mask)
+        sets, flat_mask = as_sets(x, mask)
         t = self.temperature(sets.shape[-1])
         weights = _softmax_weights(sets, flat_mask, t)
-        pooled = (weights * _zero_masked(sets, flat_mask).astype(jnp.float32)).sum(axis=1)
-        return _weights_result(pooled.astype(_result_dtype(sets)),
+        pooled = (weights * zero_masked(sets, flat_mask).astype(jnp.float32)).sum(axis=1)
+        return _weights_result(pooled.astype(result_dtype(sets)),
                                lambda: weights.reshape(jnp.shape(x)), return_weights)
 
     def segment(self, x, segment_ids, num_segments, mask=None):
@@ -581,7 +578,7 @@ class SoftmaxPool(Pool):
         exps = jnp.where(sets.real[:, None], jnp.exp(scores - sets.gather(peak)), 0.0)
         total = sets.gather(sets.sum(exps))
         weights = exps / jnp.where(total > 0, total, 1.0)
-        return sets.sum(weights * sets.values).astype(_result_dtype(sets.x))
+        return sets.sum(weights * sets.values).astype(result_dtype(sets.x))
 
 
 @POOLS.register("sort")
@@ -602,7 +599,7 @@ class SortPool(Pool):
         k = _check_k(self.k)
         sets = Segments(x, segment_ids, num_segments, mask)
         nodes, channels = sets.values.shape
-        dtype = _result_dtype(sets.x)
+        dtype = result_dtype(sets.x)
         if nodes == 0:
             return jnp.zeros((num_segments, k * channels), dtype)
         # One stable sort of all nodes by (segment, descending last channel): segment s
@@ -646,12 +643,12 @@ class MultiPool(Pool):
                                                       self.pools_kwargs))
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        dtype = _result_dtype(jnp.asarray(x))
+        dtype = result_dtype(jnp.asarray(x))
         return jnp.concatenate([member(x, mask).astype(dtype) for member in self.members],
                                axis=-1)
 
     def segment(self, x, segment_ids, num_segments, mask=None):
-        dtype = _result_dtype(jnp.asarray(x))
+        dtype = result_dtype(jnp.asarray(x))
         return jnp.concatenate([member.segment(x, segment_ids, num_segments, mask).astype(dtype)
                                 for member in self.members], axis=-1)
 
@@ -704,14 +701,14 @@ class PNAPool(Pool):
         return degree_scalers(pooled, degree, self.scaler_names, **self.statistics).astype(dtype)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        sets, flat_mask = _as_sets(x, mask)
-        return self._scale(self.aggregate(x, mask), _counts(sets, flat_mask),
-                           _result_dtype(sets))
+        sets, flat_mask = as_sets(x, mask)
+        return self._scale(self.aggregate(x, mask), real_counts(sets, flat_mask),
+                           result_dtype(sets))
 
     def segment(self, x, segment_ids, num_segments, mask=None):
         sets = Segments(x, segment_ids, num_segments, mask)
         return self._scale(self.aggregate.segment(x, segment_ids, num_segments, mask),
-                           sets.counts, _result_dtype(sets.x))
+                           sets.counts, result_dtype(sets.x))
 
 
 __all__ = [

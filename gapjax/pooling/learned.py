@@ -35,18 +35,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gapjax.pool_statistics import detached_pool
-from gapjax.pooling import (
-    POOLS,
-    Pool,
-    Segments,
-    _as_sets,
-    _counts,
-    _result_dtype,
-    _zero_masked,
+from gapjax.pooling.base import POOLS, Pool, make_pool
+from gapjax.pooling.functions import (
+    as_sets,
     attention_weights,
-    make_pool,
+    real_counts,
+    result_dtype,
+    zero_masked,
 )
+from gapjax.pooling.segments import Segments
+from gapjax.pooling.statistics import detached_pool
 
 Array = jax.Array
 
@@ -80,7 +78,7 @@ def _check_count(pool_name: str, field: str, value: Any, minimum: int) -> int:
 
 def _empty_to_zeros(pooled: Array, counts: Array, like: Array) -> Array:
     """Rows of sets without real positions set to 0; the result in ``like``'s pool dtype."""
-    return jnp.where(counts > 0, pooled.astype(jnp.float32), 0.0).astype(_result_dtype(like))
+    return jnp.where(counts > 0, pooled.astype(jnp.float32), 0.0).astype(result_dtype(like))
 
 
 # --------------------------------------------------------------------------------------
@@ -150,15 +148,15 @@ class Set2SetPool(Pool):
         return q_star
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        sets, flat_mask = _as_sets(x, mask)
-        values = _zero_masked(sets, flat_mask).astype(jnp.float32)
+        sets, flat_mask = as_sets(x, mask)
+        values = zero_masked(sets, flat_mask).astype(jnp.float32)
 
         def attend(q):
             weights = attention_weights(jnp.einsum("bnc,bc->bn", values, q), flat_mask)
             return jnp.einsum("bn,bnc->bc", weights, values)
 
         out = self._process(attend, sets.shape[0], sets.shape[-1])
-        return _empty_to_zeros(out, _counts(sets, flat_mask), sets)
+        return _empty_to_zeros(out, real_counts(sets, flat_mask), sets)
 
     def segment(self, x, segment_ids, num_segments, mask=None):
         sets = Segments(x, segment_ids, num_segments, mask)
@@ -246,12 +244,12 @@ class DeepSetsPool(Pool):
         return detached_pool(self.aggregate, {}).output_width(width)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        sets, flat_mask = _as_sets(x, mask)
+        sets, flat_mask = as_sets(x, mask)
         # Zeroed first: a non-finite pad through phi would turn the gradient of phi's
         # weights into NaN even though the aggregate masks phi's output there.
-        local = self.local_nn(_zero_masked(sets, flat_mask))
+        local = self.local_nn(zero_masked(sets, flat_mask))
         out = self.global_nn(self.reduce(local, flat_mask))
-        return _empty_to_zeros(out, _counts(sets, flat_mask), sets)
+        return _empty_to_zeros(out, real_counts(sets, flat_mask), sets)
 
     def segment(self, x, segment_ids, num_segments, mask=None):
         sets = Segments(x, segment_ids, num_segments, mask)
@@ -367,9 +365,9 @@ def _membership(sets: Segments) -> Array:
 
 def _set_inputs(x: Array, mask: Array | None, dtype: Any) -> tuple[Array, Array | None, Array]:
     """``(sets [B, N, C] zero-padded in the compute dtype, mask [B, N] | None, counts)``."""
-    sets, flat_mask = _as_sets(x, mask)
-    values = _zero_masked(sets, flat_mask)
-    return values.astype(dtype or values.dtype), flat_mask, _counts(sets, flat_mask)
+    sets, flat_mask = as_sets(x, mask)
+    values = zero_masked(sets, flat_mask)
+    return values.astype(dtype or values.dtype), flat_mask, real_counts(sets, flat_mask)
 
 
 @POOLS.register("set_transformer")
