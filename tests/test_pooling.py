@@ -503,10 +503,14 @@ def test_weights_and_scores_of_the_wrong_shape_are_clear_errors():
 
 
 def _weights_and_contributions(x, mask):
-    """Per registered pool: ``(pooled, declared weights or None, contributions or None)``."""
+    """Per registered pool that declares weights or exact contributions: ``(pooled,
+    declared weights or None, contributions or None)``."""
     out = {}
     for name in POOLS.names():
-        module, pool_class = pooling.make_pool(name), POOLS.get(name)
+        pool_class = POOLS.get(name)
+        if pool_class.weighting is None and "contribution" not in pool_class.exact_maps():
+            continue  # nothing declared to check (and some need options: pna's degrees)
+        module = pooling.make_pool(name)
         variables = module.init(jax.random.key(0), x, mask)
         weights = (module.apply(variables, x, mask, return_weights=True)[1]
                    if pool_class.weighting is not None else None)
