@@ -848,3 +848,20 @@ __all__ = [
     "state_dict_from_variables",
     "variables_from_state_dict",
 ]
+
+
+# --------------------------------------------------------------------------------------
+# Modern GAP backbones (EfficientNet, MobileNetV3, RegNetY, ConvNeXt): each model file
+# holds its timm layout as data (TIMM_LAYOUTS: renames, named kernel transforms); they
+# are registered here until the layouts move beside their models.
+# --------------------------------------------------------------------------------------
+
+from gapjax.models import convnext, efficientnet, mobilenetv3, regnet  # noqa: E402
+
+_TRANSFORMS = {"conv": CONV, "dense": DENSE, "conv1x1_dense": CONV1X1_DENSE}
+for _family in (efficientnet, mobilenetv3, regnet, convnext):
+    for _prefix, _spec in _family.TIMM_LAYOUTS.items():
+        LAYOUTS.add(_prefix, Layout(
+            source="timm", renames=_spec["renames"],
+            kernels=tuple((pattern, _TRANSFORMS[kind]) for pattern, kind in _spec["kernels"]),
+            torch_models=_spec["torch_models"]))
