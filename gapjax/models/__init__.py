@@ -58,5 +58,14 @@ def names() -> list[str]:
 
 
 # Importing the zoo modules registers their models.
-from gapjax.models import cnn, gnn, resnet, vgg, vit  # noqa: E402,F401
-from gapjax.models import convnext, efficientnet, mobilenetv3, regnet  # noqa: E402,F401
+from gapjax.models import (  # noqa: E402,F401
+    cnn,
+    convnext,
+    efficientnet,
+    gnn,
+    mobilenetv3,
+    regnet,
+    resnet,
+    vgg,
+    vit,
+)

@@ -125,7 +125,7 @@ def scale_stage_depth(rows: Sequence[StageSpec], multiplier: float) -> list[Stag
     first, each at least 1 (so the first row is the last to grow)."""
     repeats = [row.repeats for row in rows]
     remaining = sum(repeats)
-    remaining_scaled = int(math.ceil(remaining * multiplier))
+    remaining_scaled = math.ceil(remaining * multiplier)
     scaled = []
     for count in reversed(repeats):
         share = max(1, round(count / remaining * remaining_scaled))

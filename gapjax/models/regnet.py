@@ -2,12 +2,13 @@
 ``'regnety_032'``).
 
 Layout (Radosavovic et al. 2020; timm's ``RegNet``): the stem (``stem_conv`` 3x3/2 -
-``stem_bn`` - ReLU, 32 channels), four stages ``s1..s4`` of bottleneck blocks ``b1..``, then the GAP head
-(any ``POOLS`` pool + Dense ``classifier``, timm's ``head.fc``). A block is ``conv1``
-(1x1) - ``conv2`` (3x3 grouped, stride on the first block of a stage) - ``se`` - ``conv3``
-(1x1, no activation), plus the shortcut (``downsample``: 1x1 strided conv - BN when the
-shape changes), then ReLU. Each ``convN`` is a conv + BN (timm's ``ConvNormAct``). The SE
-reduces to ``round(block input * se_ratio)`` (0.25 in RegNetY) with ReLU and a sigmoid.
+``stem_bn`` - ReLU, 32 channels), four stages ``s1..s4`` of bottleneck blocks ``b1..``,
+then the GAP head (any ``POOLS`` pool + Dense ``classifier``, timm's ``head.fc``). A
+block is ``conv1`` (1x1) - ``conv2`` (3x3 grouped, stride on the first block of a stage)
+- ``se`` - ``conv3`` (1x1, no activation), plus the shortcut (``downsample``: 1x1
+strided conv - BN when the shape changes), then ReLU. Each ``convN`` is a conv + BN
+(timm's ``ConvNormAct``). The SE reduces to ``round(block input * se_ratio)`` (0.25 in
+RegNetY) with ReLU and a sigmoid.
 
 Widths and depths come from the RegNet design rule (``regnet_stages``): block ``j`` of
 ``depth`` wants width ``w0 + wa * j``; widths are snapped to ``w0 * wm^k`` and to
@@ -24,7 +25,6 @@ exact (``map_kinds == ("cam", "contribution")``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -114,7 +114,7 @@ class RegNetBottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        bottleneck = int(round(self.width * self.bottle_ratio))
+        bottleneck = round(self.width * self.bottle_ratio)
         options = {"dtype": self.dtype, "axis_name": self.axis_name}
         y = ConvNormAct(bottleneck, 1, name="conv1", **options)(x, train)
         y = ConvNormAct(bottleneck, 3, self.stride, groups=bottleneck // self.group_size,
@@ -177,7 +177,7 @@ class RegNet(Classifier):
             for index in range(depth):
                 x = RegNetBottleneck(
                     width, 2 if index == 0 else 1, group,
-                    int(round(x.shape[-1] * self.se_ratio)), self.bottle_ratio,
+                    round(x.shape[-1] * self.se_ratio), self.bottle_ratio,
                     rates[stage][index], self.zero_init_residual, self.se_squeeze, dtype,
                     self.axis_name, name=f"s{stage + 1}_b{index + 1}")(x, train)
         return x
