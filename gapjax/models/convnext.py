@@ -29,6 +29,7 @@ weights.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -47,7 +48,7 @@ Array = jax.Array
 TRUNC_NORMAL = nn.initializers.truncated_normal(0.02)
 
 
-def _layer_norm(dtype, name: str) -> nn.LayerNorm:
+def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=dtype, name=name)
 
 
@@ -58,7 +59,7 @@ class ConvNeXtBlock(nn.Module):
     mlp_ratio: float = 4.0
     layer_scale_init: float = 1e-6
     drop_path: float = 0.0
-    dtype: object = None
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
