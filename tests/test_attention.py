@@ -41,7 +41,12 @@ from gapjax.attention import (
     make_attention,
     make_divisible,
 )
-from gapjax.attention.functional import FCA_FREQUENCIES, fca_frequencies
+from gapjax.attention.functional import (
+    FCA_FREQUENCIES,
+    fca_frequencies,
+    multispectral_pool,
+    pooled_dct_filters,
+)
 from gapjax.pooling import POOLS, Pool, gap
 from gapjax.registry import UnknownNameError
 
@@ -388,6 +393,19 @@ def test_fca_equals_the_multispectral_definition():
     gates = 1.0 / (1.0 + np.exp(-(np.maximum(pooled @ w1, 0.0) @ w2)))
     ours = jax.jit(module.apply)(variables, x)
     assert relative_error(ours, x * gates[:, None, None, :]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("size", [(14, 14), (10, 9), (7, 7)])
+def test_fca_folds_adaptive_pooling_into_its_filters(size):
+    """On a map of another size FcaNet first average-pools it to the DCT grid with
+    PyTorch's adaptive bins; the folded filter bank gives the same pooled vector."""
+    x = np.random.default_rng(0).normal(size=(2, *size, 32)).astype(np.float32)
+    frequencies = FCA_FREQUENCIES["low"][:8]
+    grid = torch.nn.functional.adaptive_avg_pool2d(
+        torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), (7, 7)).numpy().transpose(0, 2, 3, 1)
+    expected = np.einsum("bhwc,hwc->bc", grid, dct_filters(7, 7, frequencies, 32))
+    folded = pooled_dct_filters(*size, 7, 7, frequencies, 32)
+    assert relative_error(multispectral_pool(x, folded), expected) <= TOLERANCE
 
 
 def test_fca_lowest_frequency_is_se_on_gap_times_sqrt_hw():

@@ -24,13 +24,12 @@ from gapjax.attention.base import (
 )
 from gapjax.attention.functional import (
     activation,
-    adaptive_avg_pool,
     avg_pool_excluding_padding,
-    dct_filters,
     eca_kernel_size,
     fca_frequencies,
     multispectral_pool,
     nearest_resize,
+    pooled_dct_filters,
     scale_by,
     softmax_context,
     style_pool,
@@ -410,8 +409,9 @@ class FrequencyChannelAttention(Attention):
                              "is 0; lower reduction")
         frequencies = [(u * (self.dct_h // 7), v * (self.dct_w // 7))
                        for u, v in fca_frequencies(self.freq_sel_method)]
-        filters = dct_filters(self.dct_h, self.dct_w, frequencies, channels)
-        pooled = multispectral_pool(adaptive_avg_pool(x, (self.dct_h, self.dct_w)), filters)
+        filters = pooled_dct_filters(*x.shape[1:3], self.dct_h, self.dct_w, frequencies,
+                                     channels)
+        pooled = multispectral_pool(x, filters)
         h = nn.Dense(hidden, use_bias=False, dtype=self.dtype, name="fc1")(pooled)
         h = activation(self.act_layer)(h)
         logits = nn.Dense(channels, use_bias=False, dtype=self.dtype, name="fc2")(h)

@@ -166,17 +166,6 @@ def adaptive_bins(size: int, bins: int) -> np.ndarray:
     return matrix
 
 
-def adaptive_avg_pool(x: Array, output_size: tuple[int, int]) -> Array:
-    """``[B, H, W, C] -> float32 [B, oh, ow, C]`` with PyTorch's adaptive bins (unchanged,
-    in float32, when the size already matches)."""
-    height, width = x.shape[1:3]
-    if (height, width) == tuple(output_size):
-        return x.astype(jnp.float32)
-    rows = jnp.asarray(adaptive_bins(height, output_size[0]))
-    cols = jnp.asarray(adaptive_bins(width, output_size[1]))
-    return jnp.einsum("ih,bhwc,jw->bijc", rows, x.astype(jnp.float32), cols, precision=_EXACT)
-
-
 def avg_pool_excluding_padding(x: Array, window: int, stride: int, padding: int) -> Array:
     """Average pooling of ``x [B, H, W, C]`` over ``window x window`` patches with the
     given stride and symmetric zero padding, dividing by the number of real positions in
@@ -267,6 +256,19 @@ def dct_filters(height: int, width: int, frequencies: Sequence[tuple[int, int]],
     return np.repeat(np.stack(bases, axis=-1), group, axis=-1).astype(np.float32)
 
 
+def pooled_dct_filters(height: int, width: int, dct_h: int, dct_w: int,
+                       frequencies: Sequence[tuple[int, int]], channels: int) -> np.ndarray:
+    """``dct_filters`` on a ``dct_h x dct_w`` grid, applied after PyTorch's adaptive
+    average pooling of a ``height x width`` map to that grid, folded into one filter bank
+    ``[height, width, C]`` (both steps are linear, so pooling with the folded bank equals
+    pooling the pooled map, without materialising it)."""
+    filters = dct_filters(dct_h, dct_w, frequencies, channels).astype(np.float64)
+    if (height, width) == (dct_h, dct_w):
+        return filters.astype(np.float32)
+    rows, cols = adaptive_bins(height, dct_h), adaptive_bins(width, dct_w)
+    return np.einsum("ih,jw,ijc->hwc", rows, cols, filters).astype(np.float32)
+
+
 def multispectral_pool(x: Array, filters: Array | np.ndarray) -> Array:
     """``sum_hw x[b, h, w, c] filters[h, w, c]``: ``[B, h, w, C] -> float32 [B, C]``."""
     return jnp.einsum("bhwc,hwc->bc", x.astype(jnp.float32), jnp.asarray(filters),
@@ -283,7 +285,6 @@ __all__ = [
     "FCA_FREQUENCIES",
     "GATE_RANGES",
     "activation",
-    "adaptive_avg_pool",
     "adaptive_bins",
     "avg_pool_excluding_padding",
     "channel_mean_max",
@@ -296,6 +297,7 @@ __all__ = [
     "multispectral_pool",
     "nearest_indices",
     "nearest_resize",
+    "pooled_dct_filters",
     "rows_as_sets",
     "safe_sqrt",
     "scale_by",
