@@ -20,6 +20,7 @@ from gapjax.attention.functional import (
     activation,
     channel_mean_max,
     columns_as_sets,
+    depthwise_conv_1d,
     rows_as_sets,
     scale_by,
 )
@@ -221,20 +222,42 @@ class SimpleCoordinateAttention(_StripPools):
         return self.finish(x, self.gate(logits))
 
 
+class _StripConv(_Layer):
+    """A depthwise convolution along one strip axis with ``nn.Conv``'s parameters for
+    timm's ``Conv2d(C, C, (k, 1) or (1, k), groups=C)``: ``kernel [k, 1, 1, C]`` (rows,
+    ``axis="h"``) or ``[1, k, 1, C]`` (columns, ``"w"``), optional ``bias [C]``; computed
+    by ``depthwise_conv_1d`` on ``[B, L, C]`` strips, in float32, cast to the compute
+    dtype."""
+
+    axis: str
+    kernel_size: int
+    bias: bool
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, strips: Array) -> Array:
+        channels, size = strips.shape[-1], self.kernel_size
+        shape = (size, 1, 1, channels) if self.axis == "h" else (1, size, 1, channels)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32) \
+            if self.bias else None
+        out = depthwise_conv_1d(strips, kernel.reshape(size, channels), bias)
+        return out.astype(self.dtype or jnp.result_type(strips.dtype, jnp.float32))
+
+
 class _DepthwiseStrips(_StripPools):
     """Depthwise 1-D convolutions along each strip: ``conv_h`` (kernel ``k x 1`` over
-    the rows' vectors) and ``conv_w`` (``1 x k``), zero padding ``k // 2``."""
+    the rows' vectors) and ``conv_w`` (``1 x k``), zero padding ``k // 2``, k odd."""
 
     def strip_convs(self, rows: Array, cols: Array) -> tuple[Array, Array]:
         """``[B, H, C], [B, W, C] -> [B, H, 1, C], [B, 1, W, C]``."""
-        channels, size = rows.shape[-1], self.kernel_size
-        check_positive("kernel_size", size, integer=True)
-        pad = size // 2
-        conv_h = self.conv(channels, (size, 1), bias=self.bias, groups=channels,
-                           padding=((pad, pad), (0, 0)), name="conv_h")
-        conv_w = self.conv(channels, (1, size), bias=self.bias, groups=channels,
-                           padding=((0, 0), (pad, pad)), name="conv_w")
-        return conv_h(rows[:, :, None, :]), conv_w(cols[:, None, :, :])
+        size = self.kernel_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+            raise ValueError(f"kernel_size={size!r} is not valid; it must be a positive odd "
+                             "integer")
+        h = _StripConv("h", size, self.bias, self.dtype, name="conv_h")(rows)
+        w = _StripConv("w", size, self.bias, self.dtype, name="conv_w")(cols)
+        return h[:, :, None, :], w[:, None, :, :]
 
 
 @ATTENTIONS.register("ela")
