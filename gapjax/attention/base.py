@@ -61,8 +61,9 @@ def check_positive(field: str, value: Any, integer: bool = False) -> None:
 
 class _Layer(nn.Module):
     """Helpers shared by the attention modules and their submodules, which declare the
-    fields ``dtype`` and ``axis_name`` they read. Each helper returns a submodule (named
-    like timm's) or an array; called from a compact method."""
+    fields the helpers read (``dtype``; ``axis_name`` for ``norm``, ``gate_layer`` for
+    ``gate``). Each helper returns a submodule (named like timm's) or an array; called
+    from a compact method."""
 
     def conv(self, features: int, kernel_size: Sequence[int] = (1, 1), *, bias: bool,
              name: str, padding: Any = "VALID", groups: int = 1, strides: int = 1,
