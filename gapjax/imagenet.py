@@ -135,7 +135,7 @@ def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
             raise FileNotFoundError(f"--image {str(item)!r} does not exist")
     if not paths:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in "
-                         f"{', '.join(map(str, inputs))}")
+                         f"{', '.join(map(str, inputs))}; name image files or folders of them")
     return paths
 
 
@@ -230,24 +230,7 @@ def class_name(index: int, num_classes: int = NUM_CLASSES) -> str:
     return f"class {index}"
 
 
-__all__ = [
-    "CROP",
-    "MEAN",
-    "NUM_CLASSES",
-    "RESIZE",
-    "STD",
-    "center_crop",
-    "class_descriptions",
-    "class_name",
-    "class_names",
-    "crop_box",
-    "denormalize",
-    "eval_crop_region",
-    "eval_transform",
-    "image_paths",
-    "load_image",
-    "normalize",
-    "resize_shorter",
-    "resized_size",
-    "wordnet_ids",
-]
+__all__ = ["CROP", "MEAN", "NUM_CLASSES", "RESIZE", "STD", "center_crop", "class_descriptions",
+           "class_name", "class_names", "crop_box", "denormalize", "eval_crop_region",
+           "eval_transform", "image_paths", "load_image", "normalize", "resize_shorter",
+           "resized_size", "wordnet_ids"]

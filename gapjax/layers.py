@@ -7,8 +7,9 @@
 * ``LocalGate`` is the same bottleneck MLP applied at every pixel (a pair of 1x1
   convolutions) with no pooling, so each gate sees only its own pixel. It has exactly the
   parameters of ``SqueezeExcite``; the only difference is the global context.
-* ``GAPHead`` pools (any ``POOLS`` name) and applies one Dense; ``FCHead`` flattens the
-  map and applies the classic VGG stack of Dense layers.
+* ``GAPHead`` pools (any ``POOLS`` name), optionally normalises and transforms the pooled
+  vector, and applies one Dense: the head of CNNs and ViTs alike, with exact maps where it
+  is affine after the pool. ``FCHead`` flattens the map and applies the classic VGG stack.
 
 Pure functions (``make_divisible``, ``se_reduced_channels``, ``scale_channels``,
 ``adaptive_avg_pool``, ``GATES``) hold the arithmetic; the Linen modules own parameters.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 from flax.core import FrozenDict
 
 from gapjax.pooling import POOLS, make_pool
+from gapjax.pooling.map import LAYERNORM_EPSILON, gelu
 from gapjax.registry import build_with_options
 
 Array = jax.Array
@@ -245,41 +247,57 @@ def make_attention(
 #: What a head computes, by the ``output`` argument of its ``__call__`` (and of
 #: ``Classifier.__call__``, which adds ``"features"`` and ``"head"``).
 HEAD_OUTPUTS = ("logits", "class_maps", "contributions")
+#: Activations of ``GAPHead``'s optional pre-logits layer, by name.
+PRE_LOGITS_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "hard_swish": jax.nn.hard_swish, "relu": jax.nn.relu, "gelu": gelu, "tanh": jnp.tanh,
+    "silu": jax.nn.silu,
+}
 
-# Exact products: on accelerators the default matmul precision (bf16 passes) would break
-# the 1e-5 additivity that makes class maps trustworthy.
-_EXACT = jax.lax.Precision.HIGHEST
+
+def project(features: Array, kernel: Array) -> Array:
+    """A linear classifier at every position: ``[B, *S, C], [C, K] -> [B, *S, K]`` float32.
+
+    The one projection behind every exact map (CAM, contributions): exact products, since
+    on accelerators the default matmul precision (bf16 passes) would break the 1e-5
+    additivity that makes the maps trustworthy."""
+    return jnp.einsum("...c,ck->...k", jnp.asarray(features, jnp.float32),
+                      jnp.asarray(kernel, jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
-def linear_maps(features: Array, kernel: Array, weights: Array | None = None) -> Array:
-    """Per-location class scores of a linear classifier: ``[B, *S, C], [C, K] -> [B, *S, K]``.
+def frozen_layer_norm(shares: Array, weights: Array, params: Mapping[str, Array]) -> Array:
+    """A LayerNorm after the pool, split over positions with its statistics frozen.
 
-    Without ``weights``: ``W_k . x_i`` (the class activation map). With position weights
-    ``[B, *S]``: ``w_i (W_k . x_i)``; with channel weights ``[B, *S, C]``:
-    ``sum_c w_ic x_ic W_ck``. Either way the map summed over positions is the classifier
-    applied to the weighted sum ``sum_i w_i x_i`` (without bias). Float32, exact products.
-    """
-    features = jnp.asarray(features, jnp.float32)
-    if weights is not None and jnp.ndim(weights) == features.ndim:
-        features = features * jnp.asarray(weights, jnp.float32)
-    maps = jnp.einsum("...c,ck->...k", features, jnp.asarray(kernel, jnp.float32),
-                      precision=_EXACT)
-    if weights is not None and jnp.ndim(weights) == features.ndim - 1:
-        maps = jnp.asarray(weights, jnp.float32)[..., None] * maps
-    return maps
+    ``shares [B, *S, C]`` sum over positions to the pooled vector ``p``; ``weights``
+    (``[B, *S, 1 or C]``, summing to one) hand out what is no position's own. With ``mu``,
+    ``sigma`` of ``p`` fixed, ``LayerNorm(p) = sum_i [(s_i - w_i mu) / sigma * scale +
+    w_i bias]``: the norm is affine, and the split stays exact (float32)."""
+    pooled = shares.sum(axis=tuple(range(1, shares.ndim - 1)), keepdims=True)
+    mean = pooled.mean(axis=-1, keepdims=True)
+    variance = jnp.square(pooled - mean).mean(axis=-1, keepdims=True)
+    scaled = (shares - weights * mean) * jax.lax.rsqrt(variance + LAYERNORM_EPSILON)
+    return scaled * params["scale"] + weights * params["bias"]
+
+
+def head_map_kinds(pool: str, pre_logits: int | None = None) -> tuple[str, ...]:
+    """Exact maps of a ``GAPHead`` with ``pool``: the pool's ``exact_maps()``, or none
+    after a pre-logits nonlinearity."""
+    return () if pre_logits else POOLS.get(pool).exact_maps()
 
 
 class GAPHead(nn.Module):
-    """Global pooling, optional dropout, one Dense: ``[B, *S, C] -> float32 logits [B, K]``.
+    """The pooling head of every classifier, CNN or ViT: pool -> optional LayerNorm ->
+    optional pre-logits layer -> dropout -> classifier. ``[B, *S, C] -> float32 [B, K]``.
 
-    ``pool`` is any ``POOLS`` name, built with ``pool_kwargs``. The classifier (``Dense``
-    named ``classifier``, kernel ``[width, K]``) runs in float32 whatever the compute dtype:
-    it is a tiny matmul and keeps logits and class maps on the same arithmetic.
+    Submodules, named as the weight layouts expect: ``pool`` (any ``POOLS`` name, with
+    ``pool_kwargs``), ``fc_norm`` (``norm=True``: timm ViT's ``fc_norm``, ConvNeXt's head
+    norm), ``pre_logits`` (``pre_logits=width``: a Dense, then ``pre_logits_act``;
+    MobileNetV3's ``conv_head``), ``classifier`` (a Dense in float32 whatever the compute
+    dtype, so logits and maps share the arithmetic).
 
-    ``output="class_maps"`` gives ``W_k . x_i`` at every position ``[B, *S, K]`` (CAM: for
-    a uniform pool, its mean plus the bias is the logit); ``output="contributions"`` the
-    pool-weighted maps that sum to ``logits - bias`` exactly, for pools that declare a
-    ``weighting``.
+    Exact maps (``output=``, eval mode, where ``map_kinds`` allows): ``"contributions"``
+    ``[B, *S, K]``, the pool's ``Pool.contributions`` through the affine tail (a norm with
+    the pooled vector's statistics frozen), sum to ``logits - bias``; ``"class_maps"``
+    (uniform pools) are those times the number of positions (without a norm, ``W_k . x_i``).
     """
 
     num_classes: int
@@ -287,33 +305,43 @@ class GAPHead(nn.Module):
     pool_kwargs: Any = None
     dropout: float = 0.0
     dtype: Any = None
+    norm: bool = False
+    pre_logits: int | None = None
+    pre_logits_act: str = "hard_swish"
+
+    @property
+    def map_kinds(self) -> tuple[str, ...]:
+        """The exact maps of this head (``head_map_kinds``; no variables needed)."""
+        return head_map_kinds(self.pool, self.pre_logits)
 
     @nn.compact
     def __call__(self, features: Array, train: bool = False, output: str = "logits") -> Array:
         check_choice("output", output, HEAD_OUTPUTS)
         pool = make_pool(self.pool, dtype=self.dtype, name="pool", **dict(self.pool_kwargs or {}))
-        classifier = nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier")
-        if output == "logits":
-            pooled = pool(features).astype(jnp.float32)
-            if self.dropout > 0:
-                pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
-            return classifier(pooled)
-        kernel = self.variables["params"]["classifier"]["kernel"]
-        if pool.output_width(features.shape[-1]) != kernel.shape[0]:
-            raise ValueError(
-                f"pool {self.pool!r} changes the width of the features ({features.shape[-1]} "
-                f"-> {kernel.shape[0]}), so the classifier has no per-location form; use "
-                "method='grad_cam'"
-            )
-        if output == "class_maps":
-            return linear_maps(features, kernel)
-        if type(pool).weighting is None:
-            raise ValueError(
-                f"pool {self.pool!r} is not a weighted sum of positions (its weighting is "
-                "None), so the logit has no exact per-location split; use method='grad_cam'"
-            )
-        _, weights = pool(features, return_weights=True)
-        return linear_maps(features, kernel, weights)
+        if output != "logits":
+            kind = "cam" if output == "class_maps" else "contribution"
+            if kind not in self.map_kinds:
+                raise ValueError(
+                    f"pool {self.pool!r}{' with a pre-logits layer' if self.pre_logits else ''}"
+                    f" gives no exact {kind!r} maps; use method='grad_cam'")
+            params = self.variables["params"]
+            shares, weights = pool.contributions(features)
+            if self.norm:
+                shares = frozen_layer_norm(shares, weights, params["fc_norm"])
+            maps = project(shares, params["classifier"]["kernel"])
+            return maps * math.prod(features.shape[1:-1]) if kind == "cam" else maps
+        pooled = pool(features).astype(jnp.float32)
+        if self.norm:
+            pooled = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype,
+                                  name="fc_norm")(pooled).astype(jnp.float32)
+        if self.pre_logits:
+            activation = PRE_LOGITS_ACTIVATIONS[check_choice(
+                "pre_logits_act", self.pre_logits_act, tuple(PRE_LOGITS_ACTIVATIONS))]
+            pooled = activation(nn.Dense(self.pre_logits, dtype=self.dtype, name="pre_logits")(
+                pooled)).astype(jnp.float32)
+        if self.dropout > 0:
+            pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier")(pooled)
 
 
 class FCHead(nn.Module):
@@ -327,6 +355,9 @@ class FCHead(nn.Module):
     as it is, so its first Dense is sized by the input size used at ``init``; applying
     it to another size raises an error that says so. It has no per-location maps.
     """
+
+    #: A flatten head has no exact per-location maps.
+    map_kinds: ClassVar[tuple[str, ...]] = ()
 
     num_classes: int
     widths: Sequence[int] = (4096, 4096)
@@ -400,7 +431,7 @@ class Classifier(nn.Module):
     * ``apply(v, features, train=False, method="forward_head") -> logits [B, K]``;
     * ``apply(v, features, method="head_class_maps") -> [B, h, w, K]``: ``W_k . x_i``;
     * ``apply(v, features, method="head_contributions") -> [B, h, w, K]``: per-location
-      contributions summing to ``logits - bias`` (pools with a ``weighting``);
+      contributions summing to ``logits - bias`` (pools with contributions);
     * ``model.map_kinds``: the exact maps the head allows (``"cam"``, ``"contribution"``).
 
     ``__call__`` is ``forward_head(forward_features(x))``. Subclasses implement
@@ -441,23 +472,26 @@ class Classifier(nn.Module):
 
     @property
     def map_kinds(self) -> tuple[str, ...]:
-        """Exact per-location maps the head allows: ``("cam", "contribution")`` for a
-        uniform pool, ``("contribution",)`` for a pool with position or channel weights,
-        ``()`` otherwise (FC head; GeM, LSE, catavgmax, ... use Grad-CAM)."""
-        if self.head != "gap" or self.pool not in POOLS:
+        """Exact per-location maps the head allows (``GAPHead.map_kinds``): ``("cam",
+        "contribution")`` for a uniform pool, ``("contribution",)`` for a pool with
+        contributions, ``()`` otherwise (FC head; GeM, LSE, ... use Grad-CAM)."""
+        if self.head != "gap":
             return ()
-        weighting = POOLS.get(self.pool).weighting
-        if weighting == "uniform":
-            return ("cam", "contribution")
-        return ("contribution",) if weighting is not None else ()
+        return head_map_kinds(self.pool, self.head_options().get("pre_logits"))
+
+    def head_options(self) -> dict[str, Any]:
+        """``GAPHead`` options beyond the pool and dropout (``norm``, ``pre_logits``,
+        ``pre_logits_act``, ``pool_kwargs``) that a model family sets; none by default."""
+        return {}
 
     def make_head(self) -> nn.Module:
         """The head submodule, named ``head``."""
         check_choice("head", self.head, HEADS)
         if self.head == "gap":
+            options = {"pool_kwargs": self.pool_kwargs, **self.head_options()}
             dropout = 0.0 if self.dropout is None else self.dropout
-            return GAPHead(self.num_classes, self.pool, self.pool_kwargs, dropout,
-                           self.compute_dtype, name="head")
+            return GAPHead(self.num_classes, self.pool, dropout=dropout,
+                           dtype=self.compute_dtype, name="head", **options)
         dropout = 0.5 if self.dropout is None else self.dropout
         return FCHead(
             self.num_classes, tuple(self.fc_widths), dropout, self.resolved_fc_grid(),
@@ -529,6 +563,7 @@ __all__ = [
     "HEADS",
     "HEAD_OUTPUTS",
     "OUTPUTS",
+    "PRE_LOGITS_ACTIVATIONS",
     "Classifier",
     "FCHead",
     "GAPHead",
@@ -539,10 +574,12 @@ __all__ = [
     "check_choice",
     "check_num_classes",
     "conv_kernel_init",
+    "frozen_layer_norm",
     "hard_sigmoid",
-    "linear_maps",
+    "head_map_kinds",
     "make_attention",
     "make_divisible",
+    "project",
     "scale_channels",
     "se_reduced_channels",
 ]

@@ -11,49 +11,32 @@ requested ``num_classes`` differs from the file's, the classifier is re-initiali
 one line says so (``reinit_head=True`` re-initialises the whole head, e.g. a GAP head
 with a GeM pool on a torchvision trunk).
 
-Extension point: ``LAYOUTS``
-----------------------------
-The mapping between the two namings is data, in one place: a ``Layout`` per architecture
-family, registered in ``LAYOUTS`` under a model-name prefix (``"resnet"``, ``"seresnet"``,
-``"vgg"``, ``"vit_"``; the longest registered prefix of a model name wins). A layout turns
-the gapjax variable tree (flattened to ``{"params/layer1_0/conv1/kernel": shape}``) into a
-list of ``TorchTensor(key, leaves, transform)`` rows: one torch state-dict key, the gapjax
-leaves it holds (usually one; a fused tensor such as a ViT's ``qkv`` may hold several) and
-the ``Transform`` between the two layouts (``CONV`` OIHW <-> HWIO, ``DENSE`` [out, in] <->
-[in, out], ``CONV1X1_DENSE`` for timm's 1x1-conv SE layers, ``FlattenDense`` for a dense
-layer after an NCHW flatten, ``COUNTER`` for BatchNorm's ``num_batches_tracked``, which
-gapjax does not keep). Most layouts are written as module renames (regex on the gapjax
-module path -> torch module path) plus per-module kernel transforms, and
-``Layout.tensors`` fills in the leaf names (kernel -> weight, scale -> weight, mean ->
-running_mean, ...). A new family (e.g. ``vit_`` in timm's naming) adds
-
-    LAYOUTS.add("vit_", Layout(source="timm", renames=..., kernels=..., tensors_fn=...))
-
-where ``tensors_fn(shapes) -> list[TorchTensor]`` may replace the generic builder
-entirely. ``describe(name)`` returns a model's table (torch key, shape, gapjax leaves,
-transform).
+This module is the engine; the mapping between the two namings is data that lives beside
+each model: a ``Layout`` per family in ``gapjax.models.layouts.LAYOUTS`` (see that module
+for how a family adds one and for the transforms; ``LAYOUTS`` and ``Layout`` are
+re-exported here). ``describe(name)`` returns a
+model's table (torch key, shape, gapjax leaves, transform).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
+from flax import traverse_util
 
-from gapjax.registry import Registry
+from gapjax import models
+from gapjax.models.layouts import IDENTITY, LAYOUTS, Layout, Shape, TorchTensor, Transform
 
 logger = logging.getLogger(__name__)
 
-Shape = tuple[int, ...]
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 #: Keys under which training scripts wrap the state dict, tried in this order.
@@ -61,207 +44,6 @@ WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "model_state", "state
                 "module", "params")
 #: Prefixes that wrappers add to every key (DataParallel, torch.compile).
 KEY_PREFIXES = ("module.", "_orig_mod.")
-
-
-# --------------------------------------------------------------------------------------
-# Transforms: one torch tensor <-> the gapjax leaves it holds
-# --------------------------------------------------------------------------------------
-
-
-class Transform:
-    """Converts between a torch tensor and gapjax leaves (NumPy arrays).
-
-    ``torch_shape(leaf_shapes)`` is the torch shape the leaves need, ``to_flax(tensor,
-    leaf_shapes) -> tuple of leaves`` and ``to_torch(leaves) -> tensor`` convert values.
-    ``adapt(tensor, leaf_shapes)`` runs first on load and may resize a file's tensor to the
-    model (a ViT's position embeddings at another image size); default: unchanged.
-    """
-
-    name = "identity"
-
-    def adapt(self, tensor: np.ndarray, shapes: Sequence[Shape]) -> np.ndarray:
-        return tensor
-
-    def torch_shape(self, shapes: Sequence[Shape]) -> Shape:
-        return tuple(shapes[0])
-
-    def to_flax(self, tensor: np.ndarray, shapes: Sequence[Shape]) -> tuple[np.ndarray, ...]:
-        return (tensor.reshape(shapes[0]),)
-
-    def to_torch(self, leaves: Sequence[np.ndarray]) -> np.ndarray:
-        return np.asarray(leaves[0])
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-class _Permute(Transform):
-    """A transpose: gapjax axes ``perm`` give the torch layout (and the inverse back)."""
-
-    def __init__(self, name: str, perm: tuple[int, ...]):
-        self.name, self.perm = name, perm
-        self.inverse = tuple(int(i) for i in np.argsort(perm))
-
-    def torch_shape(self, shapes):
-        return tuple(shapes[0][axis] for axis in self.perm)
-
-    def to_flax(self, tensor, shapes):
-        return (np.transpose(tensor, self.inverse),)
-
-    def to_torch(self, leaves):
-        return np.transpose(np.asarray(leaves[0]), self.perm)
-
-
-class _Conv1x1Dense(Transform):
-    """A Dense kernel ``[in, out]`` held by torch as a 1x1 convolution ``[out, in, 1, 1]``."""
-
-    name = "conv1x1_dense"
-
-    def torch_shape(self, shapes):
-        fan_in, fan_out = shapes[0]
-        return (fan_out, fan_in, 1, 1)
-
-    def to_flax(self, tensor, shapes):
-        return (tensor[:, :, 0, 0].T,)
-
-    def to_torch(self, leaves):
-        return np.asarray(leaves[0]).T[:, :, None, None]
-
-
-@dataclasses.dataclass(frozen=True)
-class FlattenDense(Transform):
-    """A Dense layer after a flatten: gapjax flattens NHWC (``h, w, c``), torch NCHW
-    (``c, h, w``), so the kernel rows are permuted: ``[h*w*C, out] <-> [out, C*h*w]``."""
-
-    grid: tuple[int, int]
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"flatten_dense{self.grid}"
-
-    def torch_shape(self, shapes):
-        fan_in, fan_out = shapes[0]
-        return (fan_out, fan_in)
-
-    def to_flax(self, tensor, shapes):
-        fan_in, fan_out = shapes[0]
-        height, width = self.grid
-        channels = fan_in // (height * width)
-        grid = tensor.reshape(fan_out, channels, height, width)
-        return (np.transpose(grid, (2, 3, 1, 0)).reshape(fan_in, fan_out),)
-
-    def to_torch(self, leaves):
-        kernel = np.asarray(leaves[0])
-        fan_in, fan_out = kernel.shape
-        height, width = self.grid
-        channels = fan_in // (height * width)
-        grid = kernel.reshape(height, width, channels, fan_out)
-        return np.transpose(grid, (3, 2, 0, 1)).reshape(fan_out, fan_in)
-
-
-class _Counter(Transform):
-    """BatchNorm's ``num_batches_tracked``: read and dropped (gapjax keeps no counter),
-    written as 0 (it only matters to torch's ``momentum=None``)."""
-
-    name = "counter"
-
-    def torch_shape(self, shapes):
-        return ()
-
-    def to_flax(self, tensor, shapes):
-        return ()
-
-    def to_torch(self, leaves):
-        return np.zeros((), np.int64)
-
-
-IDENTITY = Transform()
-CONV = _Permute("conv", (3, 2, 0, 1))  # HWIO -> OIHW
-DENSE = _Permute("dense", (1, 0))  # [in, out] -> [out, in]
-CONV1X1_DENSE = _Conv1x1Dense()
-COUNTER = _Counter()
-
-
-@dataclasses.dataclass(frozen=True)
-class TorchTensor:
-    """One row of a layout: torch ``key`` <-> gapjax ``leaves`` (``"params/a/b/kernel"``)
-    via ``transform``."""
-
-    key: str
-    leaves: tuple[str, ...]
-    transform: Transform
-
-
-# --------------------------------------------------------------------------------------
-# Layouts
-# --------------------------------------------------------------------------------------
-
-Rules = Sequence[tuple[str, Any]]
-RulesOrFn = Rules | Callable[[Mapping[str, Shape]], Rules]
-
-#: gapjax leaf name -> torch parameter name, per collection.
-LEAF_NAMES = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """How one architecture family is named and laid out in torch.
-
-    Attributes:
-      source: where the weights come from (``"torchvision"``, ``"timm"``), for messages.
-      renames: ``(regex, replacement)`` pairs applied in order (``re.sub``) to a gapjax
-        module path (``"layer1_0/downsample_conv"``); ``/`` then becomes ``.``. Or a
-        function of the flattened shapes returning such pairs.
-      kernels: ``(regex, Transform)`` pairs on the gapjax module path choosing a kernel's
-        transform (first match); default ``CONV`` for rank 4, ``DENSE`` for rank 2. Or a
-        function of the shapes returning such pairs.
-      tensors_fn: replaces the generic builder: ``shapes -> list[TorchTensor]``.
-      torch_models: the names under which ``source`` builds these models (documentation
-        and tests), e.g. ``"torchvision.models.<name>"``.
-    """
-
-    source: str
-    renames: RulesOrFn = ()
-    kernels: RulesOrFn = ()
-    tensors_fn: Callable[[Mapping[str, Shape]], list[TorchTensor]] | None = None
-    torch_models: str = ""
-
-    def tensors(self, shapes: Mapping[str, Shape]) -> list[TorchTensor]:
-        """The torch tensors of a gapjax variable tree, ``shapes = {"params/..": shape}``."""
-        if self.tensors_fn is not None:
-            return self.tensors_fn(shapes)
-        renames = self.renames(shapes) if callable(self.renames) else self.renames
-        kernels = self.kernels(shapes) if callable(self.kernels) else self.kernels
-        rows: list[TorchTensor] = []
-        for path, shape in shapes.items():
-            collection, *modules, leaf = path.split("/")
-            module = "/".join(modules)
-            torch_module = module
-            for pattern, replacement in renames:
-                torch_module = re.sub(pattern, replacement, torch_module)
-            torch_module = torch_module.replace("/", ".")
-            transform: Transform = IDENTITY
-            if leaf == "kernel":
-                transform = next(
-                    (t for pattern, t in kernels if re.search(pattern, module)),
-                    CONV if len(shape) == 4 else DENSE if len(shape) == 2 else IDENTITY,
-                )
-            torch_leaf = LEAF_NAMES.get((collection, leaf), leaf)
-            prefix = f"{torch_module}." if torch_module else ""
-            rows.append(TorchTensor(prefix + torch_leaf, (path,), transform))
-            if (collection, leaf) == ("batch_stats", "mean"):
-                rows.append(TorchTensor(prefix + "num_batches_tracked", (), COUNTER))
-        return rows
-
-
-#: Model-name prefix -> Layout. The longest registered prefix of a model name wins.
-LAYOUTS: Registry[Layout] = Registry("weight layout")
 
 
 def layout_for(name: str) -> Layout:
@@ -276,253 +58,34 @@ def layout_for(name: str) -> Layout:
 
 def names() -> list[str]:
     """Registered model names that have a weight layout."""
-    from gapjax import models
-
     prefixes = LAYOUTS.names()
     return [name for name in models.names() if any(name.startswith(p) for p in prefixes)]
 
 
-# ResNet (torchvision) and SE-ResNet (timm): the same names, timm adds se.fc1 / se.fc2
-# (1x1 convolutions with bias).
-_RESNET_RENAMES = (
-    (r"layer(\d+)_(\d+)", r"layer\1.\2"),
-    (r"downsample_conv", "downsample.0"),
-    (r"downsample_bn", "downsample.1"),
-    (r"se/reduce", "se/fc1"),
-    (r"se/expand", "se/fc2"),
-    (r"^head/classifier$", "fc"),
-)
-_RESNET_KERNELS = ((r"(^|/)se/(reduce|expand)$", CONV1X1_DENSE),)
-
-LAYOUTS.add("resnet", Layout(
-    source="torchvision", renames=_RESNET_RENAMES, kernels=_RESNET_KERNELS,
-    torch_models="torchvision.models.<name>()"))
-LAYOUTS.add("seresnet", Layout(
-    source="timm", renames=_RESNET_RENAMES, kernels=_RESNET_KERNELS,
-    torch_models="timm.create_model('<name>')"))
+#: gapjax's own naming, for a gapjax run's variables as a state dict (``gapjax_state_dict``):
+#: the key of ``params/layer1_0/conv1/kernel`` is ``layer1_0.conv1.kernel``.
+GAPJAX_NAMING = Layout(source="gapjax", tensors_fn=lambda shapes: [
+    TorchTensor(".".join(path.split("/")[1:]), (path,), IDENTITY) for path in shapes])
 
 
-def _modules(shapes: Mapping[str, Shape]) -> dict[str, dict[str, Shape]]:
-    """``{module path: {leaf: shape}}`` of the ``params`` collection."""
-    modules: dict[str, dict[str, Shape]] = {}
-    for path, shape in shapes.items():
-        collection, *parts, leaf = path.split("/")
-        if collection == "params":
-            modules.setdefault("/".join(parts), {})[leaf] = shape
-    return modules
-
-
-def _vgg_renames(shapes: Mapping[str, Shape]) -> list[tuple[str, str]]:
-    """torchvision's ``features.<i>`` indices (conv, [bn], relu per layer, a max pool per
-    block) and ``classifier.<3 n>`` for the n-th Dense of the head."""
-    modules = _modules(shapes)
-    convs = sorted(
-        (tuple(int(n) for n in match.groups()), path)
-        for path in modules if (match := re.fullmatch(r"conv(\d+)_(\d+)", path))
-    )
-    renames, index, block = [], 0, None
-    for (block_index, conv_index), _ in convs:
-        if block is not None and block_index != block:
-            index += 1  # the max pool closing the previous block
-        block = block_index
-        renames.append((rf"^conv{block_index}_{conv_index}$", f"features.{index}"))
-        index += 1
-        bn = f"bn{block_index}_{conv_index}"
-        if bn in modules or any(p.startswith(f"batch_stats/{bn}/") for p in shapes):
-            renames.append((rf"^{bn}$", f"features.{index}"))
-            index += 1
-        index += 1  # ReLU
-    hidden = sorted(int(m.group(1)) for path in modules
-                    if (m := re.fullmatch(r"head/fc(\d+)", path)))
-    for position, number in enumerate(hidden):
-        renames.append((rf"^head/fc{number}$", f"classifier.{3 * position}"))
-    renames.append((r"^head/classifier$", f"classifier.{3 * len(hidden)}"))
-    return renames
-
-
-def _vgg_kernels(shapes: Mapping[str, Shape]) -> list[tuple[str, Transform]]:
-    """The head's first Dense reads the NCHW flatten of a square grid in torch."""
-    modules = _modules(shapes)
-    convs = [path for path in modules if re.fullmatch(r"conv\d+_\d+", path)]
-    if not convs:
-        return []
-    last = max(convs, key=lambda p: tuple(int(n) for n in p[4:].split("_")))
-    channels = modules[last]["kernel"][-1]
-    first = "head/fc1" if "head/fc1" in modules else "head/classifier"
-    fan_in = modules.get(first, {}).get("kernel", (channels,))[0]
-    cells = fan_in // channels
-    side = math.isqrt(cells)
-    if cells > 1 and side * side == cells and fan_in == cells * channels:
-        return [(rf"^{first}$", FlattenDense((side, side)))]
-    return []
-
-
-LAYOUTS.add("vgg", Layout(
-    source="torchvision", renames=_vgg_renames, kernels=_vgg_kernels,
-    torch_models="torchvision.models.<name>()"))
-
-
-# --------------------------------------------------------------------------------------
-# ViT (timm naming): vit_ti16 / vit_s16 / vit_b16 / vit_l16 <-> timm vit_*_patch16_*
-# --------------------------------------------------------------------------------------
-# gapjax names follow timm's module for module (blocks_3/attn/qkv <-> blocks.3.attn.qkv);
-# the head is gathered under ``head``: head/classifier <-> head, head/fc_norm <-> fc_norm,
-# head/pool (the MAP pool) <-> attn_pool. Learned position embeddings saved at another
-# image size are resampled on load (class-token row kept, patch rows resized on their
-# square grid, bicubic with antialiasing, as timm's resample_abs_pos_embed).
-
-_VIT_RENAMES = (
-    (r"^blocks_(\d+)", r"blocks.\1"),
-    (r"^patch_embed$", "patch_embed/proj"),
-    (r"^head/classifier$", "head"),
-    (r"^head/fc_norm$", "fc_norm"),
-    (r"^head/pool", "attn_pool"),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class ResamplePosEmbed(Transform):
-    """A ViT's learned ``pos_embed [1, P + n * n, C]``: identical when the file's grid is
-    the model's; otherwise the ``num_prefix_tokens`` rows are kept and the patch rows
-    resampled from the file's square grid to the model's
-    (``gapjax.models.vit.resample_pos_embed``)."""
-
-    num_prefix_tokens: int
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"pos_embed(prefix={self.num_prefix_tokens})"
-
-    def adapt(self, tensor, shapes):
-        from gapjax.models.vit import resample_pos_embed
-
-        want = tuple(shapes[0])
-        if tensor.ndim != 3 or tensor.shape == want or tensor.shape[-1] != want[-1]:
-            return tensor  # equal, or a mismatch the shape check reports
-        patches = want[1] - self.num_prefix_tokens
-        side = math.isqrt(patches)
-        if side * side != patches:
-            raise ValueError(f"pos_embed: resampling needs a square patch grid; the model has "
-                             f"{patches} patches (image_size not square)")
-        logger.warning("pos_embed: resampling %d position embeddings to %d (a %dx%d grid)",
-                       tensor.shape[1] - self.num_prefix_tokens, patches, side, side)
-        return resample_pos_embed(tensor, (side, side),
-                                  num_prefix_tokens=self.num_prefix_tokens)
-
-
-def _vit_tensors(shapes: Mapping[str, Shape]) -> list[TorchTensor]:
-    prefix = 1 if "params/cls_token" in shapes else 0
-    rows = Layout(source="timm", renames=_VIT_RENAMES).tensors(shapes)
-    return [dataclasses.replace(row, transform=ResamplePosEmbed(prefix))
-            if row.leaves == ("params/pos_embed",) else row for row in rows]
-
-
-LAYOUTS.add("vit_", Layout(
-    source="timm", tensors_fn=_vit_tensors,
-    torch_models="timm.create_model('vit_{tiny,small,base,large}_patch16_224', "
-                 "global_pool='token'|'avg'|'map', class_token=..., img_size=...)"))
-
-
-# --------------------------------------------------------------------------------------
-# Reading and writing files
-# --------------------------------------------------------------------------------------
-
-
-def _torch_to_numpy(value: Any) -> np.ndarray:
-    import torch
-
-    tensor = value.detach().cpu()
-    if tensor.dtype in (torch.bfloat16, torch.float16):
-        tensor = tensor.float()
-    return tensor.numpy()
-
-
-def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
-    """The state dict inside a checkpoint (``{"state_dict": ...}``, ``{"model": ...}``)."""
-    import torch
-
-    for _ in range(4):  # wrappers nest at most a few levels
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-        if any(isinstance(value, torch.Tensor) for value in obj.values()):
-            return obj
-        inner = next((key for key in WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
-        if inner is None:
-            raise ValueError(
-                f"{path} holds no tensors at its top level and none of the wrapper keys "
-                f"{', '.join(WRAPPER_KEYS)}; its keys are: {', '.join(map(str, list(obj)[:10]))}"
-            )
-        obj = obj[inner]
-    raise ValueError(f"{path}: no state dict found within 4 levels of wrapping")
-
-
-def _strip_prefixes(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    for prefix in KEY_PREFIXES:
-        if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items()}
-    return state
-
-
-def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """``{torch key: NumPy array}`` from a ``.safetensors`` file (no torch needed) or a
-    ``.pth`` / ``.pt`` / ``.bin`` file (needs torch; wrapped checkpoints and ``module.``
-    prefixes are unwrapped). Half-precision tensors are returned as float32."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weight file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == SAFETENSORS_SUFFIX:
-        from safetensors.numpy import load_file
-
-        state = dict(load_file(str(path)))
-    elif suffix in TORCH_SUFFIXES:
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(
-                f"reading {path.name} ({suffix}) needs PyTorch: pip install -e \".[reference]\" "
-                "(or convert the file to .safetensors, which needs no torch)"
-            ) from None
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        state = {str(key): _torch_to_numpy(value)
-                 for key, value in _unwrap(obj, str(path)).items()
-                 if isinstance(value, torch.Tensor)}
-    else:
-        raise ValueError(
-            f"weight file {str(path)!r}: unknown suffix {suffix!r}; choose one of: "
-            f"{SAFETENSORS_SUFFIX}, {', '.join(TORCH_SUFFIXES)}"
-        )
-    return _strip_prefixes(state)
-
-
-# --------------------------------------------------------------------------------------
-# Variables <-> tensors
-# --------------------------------------------------------------------------------------
+def gapjax_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``variables`` (``params``, ``batch_stats``) keyed in ``GAPJAX_NAMING``."""
+    flat = traverse_util.flatten_dict(
+        {key: variables[key] for key in ("params", "batch_stats") if variables.get(key)})
+    return {".".join(path[1:]): np.asarray(leaf) for path, leaf in flat.items()}
 
 
 def flatten_shapes(variables: Mapping[str, Any]) -> dict[str, Shape]:
     """``{"params/layer1_0/conv1/kernel": shape}`` of a variable tree (or of shapes)."""
-    flat = {}
-    for key_path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-        path = "/".join(str(getattr(k, "key", k)) for k in key_path)
-        flat[path] = tuple(int(n) for n in leaf.shape)
-    return flat
+    flat = traverse_util.flatten_dict(dict(variables), sep="/")
+    return {path: tuple(int(n) for n in np.shape(leaf)) for path, leaf in flat.items()}
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def _checked_tensors(name: str, shapes: Mapping[str, Shape]) -> list[TorchTensor]:
-    """The layout's rows, checked to cover every leaf exactly once with unique keys."""
-    rows = layout_for(name).tensors(shapes)
+def _checked_tensors(name: str, shapes: Mapping[str, Shape], layout: Layout | None = None
+                     ) -> list[TorchTensor]:
+    """The rows of ``layout`` (default: model ``name``'s), checked to cover every leaf
+    exactly once with unique keys."""
+    rows = (layout or layout_for(name)).tensors(shapes)
     covered = [leaf for row in rows for leaf in row.leaves]
     keys = [row.key for row in rows]
     problems = []
@@ -548,8 +111,6 @@ def describe(name: str, **model_kwargs: Any) -> list[tuple[str, Shape, tuple[str
 
 
 def _build(name: str, num_classes: int, model_kwargs: Mapping[str, Any]) -> Any:
-    from gapjax import models
-
     return models.get(name, num_classes=int(num_classes), **model_kwargs)
 
 
@@ -603,12 +164,9 @@ def _initial_head(model: Any, abstract: Mapping[str, Any], seed: int) -> dict[st
             key, jnp.zeros(features.shape, features.dtype))
     else:
         variables = jax.jit(model.init)(key, jnp.zeros(images.shape, images.dtype))
-    flat = {}
-    for key_path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-        path = "/".join(str(getattr(k, "key", k)) for k in key_path)
-        if path.split("/")[1:2] == ["head"]:
-            flat[path] = np.asarray(leaf)
-    return flat
+    flat = traverse_util.flatten_dict(dict(variables), sep="/")
+    return {path: np.asarray(leaf) for path, leaf in flat.items()
+            if path.split("/")[1:2] == ["head"]}
 
 
 def _sample(keys: Sequence[str], limit: int = 5) -> str:
@@ -651,6 +209,7 @@ def load_leaves(
     source: str = "the file",
     shapes: Mapping[str, Shape] | None = None,
     new_modules: Sequence[str] = (),
+    layout: Layout | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str], str | None]:
     """The gapjax leaves of ``model`` held by a torch ``state`` dict, checked strictly.
 
@@ -661,12 +220,14 @@ def load_leaves(
     are skipped like the head, those it holds are loaded. Returns ``(flat leaves
     {"params/..": array}, skipped leaf paths, the resolved skip_head)``. ``shapes``
     (``flatten_shapes`` of the model's variables) defaults to the model traced at 224x224
-    (32x32 for the cifar stem). Raises ValueError on missing or unexpected keys and on any
-    shape mismatch, naming keys and shapes.
+    (32x32 for the cifar stem). ``layout``: the file's naming (default: model ``name``'s;
+    ``GAPJAX_NAMING`` for a gapjax run). Raises ValueError on missing or unexpected keys and
+    on any shape mismatch, naming keys and shapes.
     """
     if shapes is None:
         shapes = flatten_shapes(_abstract_variables(model))
-    rows = _checked_tensors(name, shapes)
+    layout = layout or layout_for(name)
+    rows = _checked_tensors(name, shapes, layout)
     absent_new = {row.key for row in rows if row.key not in state
                   and any(leaf.split("/")[1:2] == [module] for leaf in row.leaves
                           for module in new_modules)}
@@ -688,7 +249,6 @@ def load_leaves(
     expected = {row.key for row in used}
     missing = expected - set(state)
     unexpected = set(state) - expected - dropped
-    layout = layout_for(name)
     if missing or unexpected:
         parts = []
         if missing:
@@ -737,7 +297,7 @@ def variables_from_state_dict(
         fresh = _initial_head(model, _abstract_variables(model), seed)
         for leaf in skipped:
             flat[leaf] = fresh[leaf]
-    return jax.tree.map(jnp.asarray, _unflatten(flat))
+    return jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="/"))
 
 
 def load(
@@ -800,9 +360,8 @@ def state_dict_from_variables(name: str, variables: Mapping[str, Any]) -> dict[s
     """``{torch key: NumPy array}`` of gapjax ``variables`` of model ``name``."""
     variables = {key: value for key, value in variables.items()
                  if key in ("params", "batch_stats")}
-    flat_values = {}
-    for key_path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-        flat_values["/".join(str(getattr(k, "key", k)) for k in key_path)] = np.asarray(leaf)
+    flat_values = {path: np.asarray(leaf) for path, leaf
+                   in traverse_util.flatten_dict(variables, sep="/").items()}
     shapes = {path: tuple(value.shape) for path, value in flat_values.items()}
     state = {}
     for row in _checked_tensors(name, shapes):
@@ -815,36 +374,95 @@ def save(name: str, variables: Mapping[str, Any], path: str | Path) -> Path:
     """Writes ``variables`` of model ``name`` to ``path`` (``.safetensors``) in the torch
     naming: ``torchvision.models.<name>()`` / ``timm.create_model(name)`` accept it with
     ``load_state_dict(..., strict=True)`` (BatchNorm counters are written as 0)."""
-    from safetensors.numpy import save_file
-
     path = Path(path)
     if path.suffix.lower() != SAFETENSORS_SUFFIX:
         raise ValueError(f"save writes safetensors: the path must end in {SAFETENSORS_SUFFIX}; "
                          f"got {str(path)!r}")
     state = state_dict_from_variables(name, variables)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt", "gapjax_model": name})
+    # Written through open() so the file honours the umask (safetensors' save_file makes
+    # it 0600).
+    path.write_bytes(safetensors.numpy.save(state, metadata={"format": "pt",
+                                                             "gapjax_model": name}))
     return path
 
 
-__all__ = [
-    "CONV",
-    "CONV1X1_DENSE",
-    "COUNTER",
-    "DENSE",
-    "IDENTITY",
-    "LAYOUTS",
-    "FlattenDense",
-    "Layout",
-    "TorchTensor",
-    "Transform",
-    "describe",
-    "layout_for",
-    "load",
-    "load_leaves",
-    "names",
-    "read_state_dict",
-    "save",
-    "state_dict_from_variables",
-    "variables_from_state_dict",
-]
+# --------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------
+
+
+def _torch_to_numpy(value: Any) -> np.ndarray:
+    import torch
+
+    tensor = value.detach().cpu()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
+    """The state dict inside a checkpoint (``{"state_dict": ...}``, ``{"model": ...}``)."""
+    import torch
+
+    for _ in range(4):  # wrappers nest at most a few levels
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        if any(isinstance(value, torch.Tensor) for value in obj.values()):
+            return obj
+        inner = next((key for key in WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
+        if inner is None:
+            raise ValueError(
+                f"{path} holds no tensors at its top level and none of the wrapper keys "
+                f"{', '.join(WRAPPER_KEYS)}; its keys are: {', '.join(map(str, list(obj)[:10]))}"
+            )
+        obj = obj[inner]
+    raise ValueError(f"{path}: no state dict found within 4 levels of wrapping")
+
+
+def _strip_prefixes(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    for prefix in KEY_PREFIXES:
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """``{torch key: NumPy array}`` from a ``.safetensors`` file (no torch needed) or a
+    ``.pth`` / ``.pt`` / ``.bin`` file (needs torch; wrapped checkpoints and ``module.``
+    prefixes are unwrapped). Half-precision tensors are returned as float32. A missing,
+    truncated or unreadable file raises one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES):
+        raise ValueError(f"weight file {str(path)!r}: unknown suffix {suffix!r}; choose one "
+                         f"of: {SAFETENSORS_SUFFIX}, {', '.join(TORCH_SUFFIXES)}")
+    if suffix in TORCH_SUFFIXES:
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(
+                f"weight file {str(path)!r} ({suffix}) needs PyTorch to read: pip install -e "
+                '".[reference]", or convert it to .safetensors, which needs no torch') from None
+    try:
+        if suffix == SAFETENSORS_SUFFIX:
+            state = dict(safetensors.numpy.load_file(str(path)))
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = {str(key): _torch_to_numpy(value)
+                     for key, value in _unwrap(obj, str(path)).items()
+                     if isinstance(value, torch.Tensor)}
+    except ValueError:
+        raise
+    except Exception as error:  # safetensors' and torch's errors on a damaged file
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"weight file {str(path)!r} is truncated or corrupt ({reason}); "
+                         "download or convert it again") from None
+    return _strip_prefixes(state)
+
+
+__all__ = ["GAPJAX_NAMING", "LAYOUTS", "Layout", "TorchTensor", "Transform", "describe",
+           "flatten_shapes", "gapjax_state_dict", "layout_for", "load", "load_leaves", "names",
+           "read_state_dict", "save", "state_dict_from_variables", "variables_from_state_dict"]

@@ -20,48 +20,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gapjax import cam, pooling
+from gapjax.layers import FCHead, GAPHead, head_map_kinds, project
 
 NUM_CLASSES = 3
 GRADIENT_METHODS = ("grad_cam", "hires_cam", "grad_cam_pp", "xgrad_cam", "layer_cam")
 
 
-class TinyHead(nn.Module):
-    """Pool + Dense ``classifier``, with the contract's exact maps."""
-
-    pool_name: str = "gap"
-    flatten: bool = False
-    num_classes: int = NUM_CLASSES
-
-    def setup(self):
-        self.pool = None if self.flatten else pooling.POOLS.get(self.pool_name)()
-        self.classifier = nn.Dense(self.num_classes)
-
-    @property
-    def weighting(self):
-        return None if self.flatten else pooling.POOLS.get(self.pool_name).weighting
-
-    def __call__(self, features):
-        if self.flatten:
-            return self.classifier(features.reshape(features.shape[0], -1))
-        return self.classifier(self.pool(features))
-
-    def _kernel(self):
-        return self.classifier.variables["params"]["kernel"]
-
-    def class_maps(self, features):
-        return jnp.einsum("bhwc,ck->bhwk", features, self._kernel())
-
-    def contributions(self, features):
-        if self.weighting is None:
-            raise ValueError(f"pool {self.pool_name!r} declares no weights")
-        _, weights = self.pool(features, return_weights=True)
-        if weights.ndim == features.ndim - 1:
-            weights = weights[..., None]
-        return jnp.einsum("bhwc,ck->bhwk", weights * features, self._kernel())
-
-
 class TinyNet(nn.Module):
-    """Stride-2 conv trunk + ``head``, following the model contract."""
+    """Stride-2 conv trunk + ``head`` (gapjax's pooling head, or a flatten + Dense head),
+    following the model contract."""
 
     pool: str = "gap"
     head_kind: str = "gap"
@@ -70,16 +37,12 @@ class TinyNet(nn.Module):
 
     def setup(self):
         self.conv = nn.Conv(self.channels, (3, 3), strides=2)
-        self.head = TinyHead(self.pool, flatten=self.head_kind == "fc",
-                             num_classes=self.num_classes)
+        self.head = (FCHead(self.num_classes, widths=(), dropout=0.0) if self.head_kind == "fc"
+                     else GAPHead(self.num_classes, self.pool))
 
     @property
     def map_kinds(self):
-        if self.head_kind == "fc":
-            return ()
-        weighting = pooling.POOLS.get(self.pool).weighting
-        return {"uniform": ("cam", "contribution"), "position": ("contribution",),
-                "channel": ("contribution",)}.get(weighting, ())
+        return () if self.head_kind == "fc" else head_map_kinds(self.pool)
 
     def __call__(self, x, train=False):
         return self.forward_head(self.forward_features(x, train), train)
@@ -91,10 +54,10 @@ class TinyNet(nn.Module):
         return self.head(features)
 
     def head_class_maps(self, features):
-        return self.head.class_maps(features)
+        return self.head(features, output="class_maps")
 
     def head_contributions(self, features):
-        return self.head.contributions(features)
+        return self.head(features, output="contributions")
 
 
 @functools.cache
@@ -182,7 +145,8 @@ def test_gmp_map_sums_to_logits_and_lives_on_arg_max_positions():
     rng = np.random.default_rng(3)
     features = rng.normal(size=(2, 4, 7, 3)).astype(np.float32)
     kernel = rng.normal(size=(3, 2)).astype(np.float32)
-    maps = jax.jit(cam.gmp_contribution_map)(features, kernel)
+    shares, _ = pooling.GlobalMaxPool().apply({}, features, method="contributions")
+    maps = project(shares, kernel)
     expected = np.asarray(features).max(axis=(1, 2)) @ np.asarray(kernel)
     np.testing.assert_allclose(np.asarray(maps).sum(axis=(1, 2)), expected, atol=1e-5)
     flat = np.asarray(features).reshape(2, -1, 3)
@@ -251,7 +215,7 @@ def test_grad_cam_of_a_gem_head_matches_an_independent_gradient():
 
 def test_grad_cam_pure_function_and_fc_head():
     model, variables, images = _model(head="fc")
-    assert cam.available_methods(model) == cam.METHODS[3:]
+    assert cam.available_methods(model) == cam.METHODS[3:-1]  # no attention: no rollout
     assert cam.resolve_method(model) == "grad_cam"
     out = _maps(model, variables, images)
     assert out.maps.shape == images.shape[:3]
@@ -262,12 +226,13 @@ def test_grad_cam_pure_function_and_fc_head():
     features = rng.normal(size=(2, 3, 4, 6)).astype(np.float32)
     kernel = rng.normal(size=(6, 4)).astype(np.float32)
     targets = jnp.array([3, 1])
-    maps, logits = jax.jit(lambda f: cam.grad_cam(lambda x: pooling.gap(x) @ kernel, f, targets))(
-        features)
-    expected = jax.jit(lambda f: jax.nn.relu(
-        cam.select_targets(cam.class_activation_map(f, kernel), targets)) / 12)(features)
-    np.testing.assert_allclose(maps, expected, atol=1e-6)
+    logits, pullback = jax.vjp(lambda x: pooling.gap(x) @ kernel, features)
     assert logits.shape == (2, 4)
+    (gradients,) = pullback(jax.nn.one_hot(targets, 4))
+    maps = cam.grad_cam_from_gradients(features, gradients)
+    expected = jax.nn.relu(cam.select_targets(cam.class_activation_map(features, kernel),
+                                              targets)) / 12
+    np.testing.assert_allclose(maps, expected, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- perturbation
@@ -495,6 +460,8 @@ def test_clear_errors_for_bad_methods_models_and_shapes():
     with pytest.raises(ValueError, match=r"'cam' does not apply.*pool='gem'.*grad_cam"):
         cam.resolve_method(model, "cam")
     assert cam.resolve_method(TinyNet(pool="gmp"), "contribution") == "contribution"
+    with pytest.raises(ValueError, match=r"'rollout' does not apply.*grad_cam"):
+        cam.resolve_method(model, "rollout")  # no forward_attention: no rollout
 
     class NoContract(nn.Module):
         @nn.compact
@@ -505,26 +472,7 @@ def test_clear_errors_for_bad_methods_models_and_shapes():
         cam.resolve_method(NoContract())
     with pytest.raises(ValueError, match="kernel must have shape"):
         cam.class_activation_map(jnp.zeros((1, 2, 2, 3)), jnp.zeros((4, 2)))
-    with pytest.raises(ValueError, match="weights must have shape"):
-        cam.contribution_map(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 4)), jnp.zeros((3, 2)))
     with pytest.raises(ValueError, match="resize method 'area'"):
         cam.resize_maps(jnp.zeros((1, 2, 2)), (4, 4), "area")
     with pytest.raises(ValueError, match="gradients must have shape"):
         cam.grad_cam_terms(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)))
-
-
-# ----------------------------------------------------------------------------- drawing
-
-
-def test_overlay_grid_is_written_and_boxes_sit_on_pixel_edges(tmp_path):
-    patch = cam.box_patch([0.25, 0.5, 0.75, 1.0], (8, 16), edgecolor="lime")
-    assert (patch.get_x(), patch.get_y(), patch.get_width(), patch.get_height()) == (
-        7.5, 1.5, 8.0, 4.0)
-    images = np.random.default_rng(0).normal(size=(3, 8, 16, 1)).astype(np.float32)
-    maps = np.asarray(jax.jit(cam.normalize_maps)(images[..., 0]))
-    out = cam.draw_overlays(images, maps, titles=["a", "b", "c"],
-                            true_boxes=np.array([[[0.25, 0.5, 0.75, 1.0]]] * 3),
-                            predicted_boxes=[np.array([[0.0, 0.0, 0.5, 0.5]])] * 3,
-                            columns=2, out=str(tmp_path / "grid.png"))
-    with open(out, "rb") as png:
-        assert png.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -18,7 +18,8 @@ from helpers.torch_reference import import_torchvision, randomize_
 from PIL import Image
 
 from gapjax import imagenet
-from gapjax.cam import cli, make_map_fn
+from gapjax.cam import make_map_fn
+from gapjax.cli import cam as cli
 
 
 def torchvision_eval(resize: int = 256, crop: int = 224):

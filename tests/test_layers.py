@@ -181,6 +181,44 @@ def test_gap_head_contributions_sum_to_the_logits(pool):
                                atol=1e-6)
 
 
+def test_gap_head_norm_and_pre_logits_options():
+    """A LayerNorm after the pool keeps exact maps (statistics frozen per image); a
+    pre-logits layer (Dense + activation) leaves none. Parameter names are the layouts'."""
+    features = _normal(2, 4, 3, 8)
+    normed = GAPHead(num_classes=3, pool="attention", norm=True)
+    gap_normed = GAPHead(num_classes=3, norm=True)
+    pre_logits = GAPHead(num_classes=3, pre_logits=16, pre_logits_act="relu")
+    v_norm, v_gap, v_pre = (_init(head, features) for head in (normed, gap_normed, pre_logits))
+    assert set(v_norm["params"]) == {"pool", "fc_norm", "classifier"}
+    assert set(v_pre["params"]) == {"pre_logits", "classifier"}
+    assert v_pre["params"]["pre_logits"]["kernel"].shape == (8, 16)
+
+    @jax.jit
+    def outputs(v_norm, v_gap, v_pre):
+        return (normed.apply(v_norm, features),
+                normed.apply(v_norm, features, output="contributions"),
+                gap_normed.apply(v_gap, features),
+                gap_normed.apply(v_gap, features, output="class_maps"),
+                pre_logits.apply(v_pre, features))
+
+    logits, contributions, gap_logits, class_maps, pre_logits_out = outputs(v_norm, v_gap, v_pre)
+    for maps, reduce, head_logits, variables in ((contributions, np.sum, logits, v_norm),
+                                                 (class_maps, np.mean, gap_logits, v_gap)):
+        np.testing.assert_allclose(reduce(maps, axis=(1, 2)) + variables["params"][
+            "classifier"]["bias"], head_logits, rtol=1e-5, atol=1e-5)
+    hidden = jax.nn.relu(gap(features) @ v_pre["params"]["pre_logits"]["kernel"]
+                         + v_pre["params"]["pre_logits"]["bias"])
+    classifier = v_pre["params"]["classifier"]
+    np.testing.assert_allclose(pre_logits_out, hidden @ classifier["kernel"] + classifier["bias"],
+                               rtol=1e-5, atol=1e-5)
+    assert normed.map_kinds == ("contribution",) and pre_logits.map_kinds == ()
+    with pytest.raises(ValueError, match=r"pool 'gap' with a pre-logits layer gives no exact"):
+        jax.eval_shape(lambda v: pre_logits.apply(v, features, output="contributions"), v_pre)
+    with pytest.raises(ValueError, match="pre_logits_act='swish' is not valid"):
+        jax.eval_shape(GAPHead(num_classes=3, pre_logits=4, pre_logits_act="swish").init,
+                       jax.random.key(0), features)
+
+
 def test_fc_head_grid_fixes_the_parameter_count_and_flatten_head_checks_size():
     head = FCHead(num_classes=4, widths=(6,), grid=(2, 2))
     small = _init(head, jnp.ones((1, 1, 1, 3)))["params"]

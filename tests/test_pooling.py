@@ -502,24 +502,76 @@ def test_weights_and_scores_of_the_wrong_shape_are_clear_errors():
         pooling.attention(x, jnp.ones((2, 12)))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_declared_weights_reproduce_every_weighted_pool(seed):
-    """Every registered pool that declares a weighting returns weights with
-    ``pooled == sum_i w_i x_i`` (per channel for "channel"), padding included."""
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=(3, 4, 5, 6)), jnp.float32)
-    mask = jnp.asarray(rng.random((3, 4, 5)) < 0.6).at[:, 0, 0].set(True)
-    declared = [name for name in POOLS.names() if POOLS.get(name).weighting is not None]
-    assert {"gap", "gmp", "gsp", "avgmax", "weighted", "attention"} <= set(declared)
-    for name in declared:
-        module = pooling.make_pool(name)
+def _weights_and_contributions(x, mask):
+    """Per registered pool: ``(pooled, declared weights or None, contributions or None)``."""
+    out = {}
+    for name in POOLS.names():
+        module, pool_class = pooling.make_pool(name), POOLS.get(name)
         variables = module.init(jax.random.key(0), x, mask)
-        pooled, weights = module.apply(variables, x, mask, return_weights=True)
+        weights = (module.apply(variables, x, mask, return_weights=True)[1]
+                   if pool_class.weighting is not None else None)
+        split = (module.apply(variables, x, mask, method="contributions")
+                 if "contribution" in pool_class.exact_maps() else None)
+        out[name] = (module.apply(variables, x, mask), weights, split)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_declared_weights_and_contributions_reproduce_every_pool(seed):
+    """Every registered pool that declares a weighting returns weights with
+    ``pooled == sum_i w_i x_i`` (per channel for "channel"), and every pool with exact
+    contributions (a weighting, or its own: MAP) splits the pooled vector exactly: shares
+    summing to it, weights summing to one; padding gets nothing."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(3, 4, 5, 8)), jnp.float32)
+    mask = jnp.asarray(rng.random((3, 4, 5)) < 0.6).at[:, 1, 2].set(True)
+    results = run(_weights_and_contributions, x, mask)
+    padding = ~np.asarray(mask)
+    declared = [name for name in results if results[name][1] is not None]
+    assert {"gap", "gmp", "gsp", "avgmax", "weighted", "attention", "token"} <= set(declared)
+    for name in declared:
+        pooled, weights, _ = results[name]
         if POOLS.get(name).weighting == "channel":
             assert weights.shape == x.shape
             rebuilt = (weights * x).sum(axis=(1, 2))
         else:
             assert weights.shape == x.shape[:-1]
             rebuilt = (weights[..., None] * x).sum(axis=(1, 2))
-        np.testing.assert_array_equal(np.asarray(weights)[~np.asarray(mask)], 0.0)
+        np.testing.assert_array_equal(weights[padding], 0.0)
         np.testing.assert_allclose(pooled, rebuilt, rtol=1e-5, atol=1e-5, err_msg=name)
+    split = [name for name in results if results[name][2] is not None]
+    assert set(declared) | {"map"} == set(split)
+    for name in split:
+        pooled, _, (shares, weights) = results[name]
+        assert shares.shape == (3, 4, 5, 8) and weights.shape[:3] == (3, 4, 5)
+        np.testing.assert_allclose(shares.sum(axis=(1, 2)), pooled, rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+        np.testing.assert_allclose(weights.sum(axis=(1, 2)), 1.0, rtol=1e-5, err_msg=name)
+        np.testing.assert_array_equal(shares[padding], 0.0)
+        np.testing.assert_array_equal(weights[padding], 0.0)
+    with pytest.raises(ValueError, match=r"GeMPool is not a weighted sum.*grad_cam"):
+        jax.eval_shape(lambda x: pooling.make_pool("gem", learn_p=False).apply(
+            {}, x, method="contributions"), x)
+
+
+def test_class_token_pool_reads_the_first_real_position():
+    """``token`` reads position 0 (a ViT's class token): the first real position of a set,
+    zeros for an empty one, a one-hot gradient there; the same per graph."""
+    x = jnp.asarray(RNG.normal(size=(3, 4, 2)), jnp.float32)
+    mask = jnp.array([[True] * 4, [False, False, True, True], [False] * 4])
+
+    def outputs(x, mask):
+        module = POOLS.get("token")()
+        gradient = jax.grad(lambda x: pooling.pool("token", x, mask).sum())(x)
+        segments = module.apply({}, x.reshape(12, 2), jnp.repeat(jnp.arange(3), 4), 3,
+                                mask.reshape(12), method="segment")
+        return module.apply({}, x), pooling.pool("token", x, mask), gradient, segments
+
+    plain, masked, gradient, segments = run(outputs, x, mask)
+    assert POOLS.get("token").reads_class_token and not POOLS.get("gap").reads_class_token
+    np.testing.assert_array_equal(plain, x[:, 0])
+    np.testing.assert_array_equal(masked, np.stack([x[0, 0], x[1, 2], np.zeros(2)]))
+    np.testing.assert_array_equal(segments, masked)
+    expected = np.zeros((3, 4, 2), np.float32)
+    expected[0, 0], expected[1, 2] = 1.0, 1.0
+    np.testing.assert_array_equal(gradient, expected)

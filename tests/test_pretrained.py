@@ -15,6 +15,8 @@ compile with the fast XLA options of tests/test_models.py.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +192,24 @@ def test_pth_without_torch_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "torch", None)
     with pytest.raises(ImportError, match=r'pip install -e "\.\[reference\]"'):
         pretrained.read_state_dict(tmp_path / "w.pth")
+
+
+def test_damaged_files_are_named_and_saved_files_honour_the_umask(tmp_path):
+    model = pretrained.models.get("resnet18", num_classes=3, base_width=2)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.tree.map(lambda leaf: np.full(leaf.shape, 0.5, leaf.dtype), shapes)
+    previous = os.umask(0o027)
+    try:
+        path = pretrained.save("resnet18", variables, tmp_path / "w.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    whole = path.read_bytes()
+    for name, content in (("cut.safetensors", whole[:len(whole) // 2]),
+                          ("cut.pth", b"\x80\x02garbage")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"weight file '.*{name}' is truncated or corrupt"):
+            pretrained.read_state_dict(tmp_path / name)
 
 
 def test_unknown_names_and_suffixes_list_the_choices(tmp_path):

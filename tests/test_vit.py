@@ -9,12 +9,13 @@
   token head the full 12-block ViT-Ti/16.
 * Maps: GAP class maps average to ``logits - bias``, contributions of gap, map and
   position / channel weighted pools sum to it (with and without ``fc_norm``), property
-  tested over random weights and images; Grad-CAM on the last block's patch tokens
-  equals the torch gradient recipe; rollout rows are stochastic.
+  tested over random weights and images; Grad-CAM (``gapjax.cam``) on the last block's
+  patch tokens equals the torch gradient recipe; rollout rows are stochastic.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -28,9 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gapjax import cam, graph, models, pretrained
-from gapjax.map_pooling import MAPPool
 from gapjax.models import vit
-from gapjax.pooling import POOLS
+from gapjax.pooling import POOLS, MAPPool
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 TIMM_COMBINATIONS = (("token", True), ("avg", True), ("avg", False), ("map", True),
@@ -66,7 +66,6 @@ def jitted(fn, **static):
     """``jax.jit(fn)`` with keyword arguments bound, compiled with fast XLA options and
     cached per function and argument shapes: the tests call the same small programs many
     times (eager Flax dispatch is slow, and so is full XLA optimisation)."""
-    import functools
 
     def call(*args, **kwargs):
         avals = jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), (args, kwargs))
@@ -202,12 +201,9 @@ def test_grad_cam_on_the_last_blocks_patch_tokens_matches_torch(tmp_path):
     grads = captured["tokens"].grad[:, 1:].numpy().reshape(2, 2, 2, 192)
     expected = np.maximum((tokens * grads.mean(axis=(1, 2), keepdims=True)).sum(-1), 0)
 
-    maps, _ = vit.grad_cam(model, variables, jnp.asarray(images.transpose(0, 2, 3, 1)),
-                           jnp.asarray(targets))
+    maps = cam.compute_maps(model, variables, images.transpose(0, 2, 3, 1), targets,
+                            method="grad_cam", resize=None, normalize=False).maps
     np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
-    through_cam = cam.compute_maps(model, variables, images.transpose(0, 2, 3, 1), targets,
-                                   method="grad_cam", resize=None, normalize=False)
-    np.testing.assert_allclose(through_cam.maps, maps, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------
@@ -316,22 +312,27 @@ def test_bfloat16_compute_keeps_float32_logits_and_parameters():
 def test_rollout_of_uniform_attention_and_of_a_model():
     tokens, grid = 5, (2, 2)
     uniform = jnp.full((3, 1, 2, tokens, tokens), 1.0 / tokens)
+    class_token = jnp.eye(tokens)[:1]
     # Without residual mixing every layer spreads the class token evenly.
-    flat = vit.attention_rollout(uniform, 1, grid, residual=0.0)
+    flat = cam.attention_rollout(uniform, class_token, grid, residual=0.0)
     np.testing.assert_allclose(flat, np.full((1, 2, 2), 1 / tokens), rtol=1e-6)
     # Identity attention never moves anything: the class token keeps its own share.
     identity = jnp.broadcast_to(jnp.eye(tokens), (3, 1, 2, tokens, tokens))
-    np.testing.assert_allclose(vit.attention_rollout(identity, 1, grid), 0.0, atol=1e-7)
+    np.testing.assert_allclose(cam.attention_rollout(identity, class_token, grid), 0.0,
+                               atol=1e-7)
+    with pytest.raises(ValueError, match="do not cover a"):
+        cam.attention_rollout(uniform, class_token, (3, 2))
 
+    rollout = functools.partial(cam.compute_maps, method="rollout", resize=None,
+                                normalize=False)
     model, variables, images = small_vit(pool="gap", class_token=False)
-    maps = jitted(vit.rollout_maps, model=model)(variables=variables, images=images)
+    assert "rollout" in cam.available_methods(model)
+    maps = jitted(rollout, model=model)(variables=variables, images=images).maps
     assert maps.shape == (3, 4, 4)
     np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, rtol=1e-5)  # no prefix: all mass
     model, variables, images = small_vit(pool="token")
-    maps = jitted(vit.rollout_maps, model=model)(variables=variables, images=images)
+    maps = jitted(rollout, model=model)(variables=variables, images=images).maps
     assert bool((maps >= 0).all()) and bool((maps.sum(axis=(1, 2)) < 1.0).all())
-    with pytest.raises(ValueError, match="class token"):
-        vit.attention_rollout(uniform[..., 1:, 1:], 0, grid, readout="token")
 
 
 # --------------------------------------------------------------------------------------
@@ -366,8 +367,9 @@ def test_map_pool_is_a_set_function(seed, real):
                                atol=1e-5)
     alpha = jitted(pool.apply, method="attention")(variables, x, mask)
     np.testing.assert_allclose(alpha.sum(-1), 1.0, rtol=1e-5)
-    pooled_again, shares = jitted(pool.apply, method="contributions")(variables, x, mask)
-    np.testing.assert_allclose(shares.sum(axis=1), pooled_again, rtol=1e-4, atol=1e-5)
+    shares, weights = jitted(pool.apply, method="contributions")(variables, x, mask)
+    np.testing.assert_allclose(shares.sum(axis=1), pooled, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
     assert float(jnp.abs(shares[0, real:]).sum()) == 0.0  # padding contributes nothing
 
 
@@ -403,4 +405,4 @@ def test_map_pool_as_a_graph_readout_and_a_cnn_head():
     assert logits.shape == (2, 4)
     assert set(cnn_variables["params"]["head"]["pool"]) == {"latent", "q", "kv", "proj", "norm",
                                                             "mlp"}
-    assert cnn.map_kinds == ()  # Grad-CAM: the generic head has no MAP split
+    assert cnn.map_kinds == ("contribution",)  # one head: MAP's exact split on a CNN too

@@ -226,3 +226,17 @@ def test_overlay_grid_draws_maps_true_and_estimated_boxes():
     assert (grid[2, 3] == [255, 255, 255]).all()  # the estimated box's corner, in white
     assert (grid[8:, 10:] == 255).all()  # the unused fourth tile stays blank
     assert grid[4, 4, 0] > grid[4, 4, 2]  # hot map: red over blue
+
+
+def test_matplotlib_overlays_are_written_and_boxes_sit_on_pixel_edges(tmp_path):
+    patch = wsol.box_patch([0.25, 0.5, 0.75, 1.0], (8, 16), edgecolor="lime")
+    assert (patch.get_x(), patch.get_y(), patch.get_width(), patch.get_height()) == (
+        7.5, 1.5, 8.0, 4.0)
+    images = np.random.default_rng(0).normal(size=(3, 8, 16, 1)).astype(np.float32)
+    maps = (images[..., 0] - images.min()) / np.ptp(images)
+    out = wsol.draw_overlays(images, maps, titles=["a", "b", "c"],
+                             true_boxes=np.array([[[0.25, 0.5, 0.75, 1.0]]] * 3),
+                             predicted_boxes=[np.array([[0.0, 0.0, 0.5, 0.5]])] * 3,
+                             columns=2, out=str(tmp_path / "grid.png"))
+    with open(out, "rb") as png:
+        assert png.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from helpers.wsol_tree import make_tree
 
-from gapjax import data, wsol
+from gapjax import data, imagenet, wsol
 from gapjax.data import wsol_benchmarks as wb
 
 
@@ -91,7 +91,7 @@ def test_evaluation_images_are_resized_like_the_reference(box_tree):
     record = written["test"][0]
     with Image.open(os.path.join(root, "images", record["id"])) as image:
         expected = np.asarray(image.convert("RGB").resize((32, 32), Image.BILINEAR))
-    restored = got["image"][0] * np.array(wb.IMAGENET_STD) + np.array(wb.IMAGENET_MEAN)
+    restored = got["image"][0] * np.array(imagenet.STD) + np.array(imagenet.MEAN)
     np.testing.assert_allclose(restored * 255, expected, atol=1e-3)
 
 

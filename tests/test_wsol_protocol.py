@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gapjax import wsol
+from gapjax.cli import wsol as wsol_cli
 from gapjax.layers import Classifier
 
 # ----------------------------------------------------------------------------- the oracle
@@ -413,8 +414,8 @@ def test_saved_score_maps_against_metadata_like_evaluation_py(tmp_path, capsys):
     got = wsol.evaluate_scoremaps(str(tmp_path / "maps"), str(split))
     assert got["localization"] == np.average(v2)
     assert [got[f"max_box_acc_iou{p}"] for p in (30, 50, 70)] == v2
-    result = wsol.main(["--scoremap_root", str(tmp_path / "maps"), "--metadata_root",
-                        str(tmp_path / "metadata"), "--dataset_name", "CUB", "--split", "test",
-                        "--box_v1_metric"])
+    result = wsol_cli.main(["--scoremap_root", str(tmp_path / "maps"), "--metadata_root",
+                            str(tmp_path / "metadata"), "--dataset_name", "CUB", "--split",
+                            "test", "--box_v1_metric"])
     assert result["localization"] == v1[0] and 0 < v1[0] < 100 and 0 < np.average(v2) < 100
     assert f"localization: {float(v1[0])!r}" in capsys.readouterr().out

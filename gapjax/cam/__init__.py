@@ -1,617 +1,64 @@
 """Class activation maps: where a classifier looked, for every common method, batched.
 
 For a GAP head the class score is a spatial mean, ``logit_k = mean_i (W_k . x_i) + b_k``,
-so ``W_k . x_i`` is an exact per-location map whose mean is the logit (CAM). Every pool
-that is linear in ``x`` once its weights are fixed splits the same way into contributions
-that *sum* to the logit (weighted and attention pools, GMP's one-hot weights per channel).
-Other heads, and anyone who wants the maps people usually look at, get the gradient and
-perturbation family: Grad-CAM, HiResCAM, Grad-CAM++, XGrad-CAM, LayerCAM, Eigen-CAM,
-Score-CAM and Ablation-CAM (``gapjax.cam.methods``, one registry ``CAM_METHODS``), with
-test-time-augmentation and principal-component ("eigen") smoothing.
-
-Models: only the classifier contract (docs/ARCHITECTURE.md) is used, with plain
-``model.apply`` calls: ``method="forward_features"`` (images -> features ``[B, h, w, C]``),
-``"forward_head"`` (features -> logits), ``"head_class_maps"`` / ``"head_contributions"``
-(features -> ``[B, h, w, K]``) and the ``model.map_kinds`` property. The trunk runs forward
-once; gradient methods add one backward pass through the head per target class.
+so ``W_k . x_i`` is an exact per-location map whose mean is the logit (CAM). Every head
+whose pool splits exactly over positions (``Pool.contributions``: weighted and attention
+pools, GMP's one-hot weights per channel, MAP) gives contributions that *sum* to the
+logit. Other heads, and anyone who wants the maps people usually look at, get the
+gradient and perturbation family: Grad-CAM, HiResCAM, Grad-CAM++, XGrad-CAM, LayerCAM,
+Eigen-CAM, Score-CAM and Ablation-CAM, and models with attention get attention rollout:
+one registry ``CAM_METHODS`` (``gapjax.cam.methods``, with each method's pure function),
+with test-time-augmentation and principal-component ("eigen") smoothing. ``compute_maps``
+and ``make_map_fn`` (``gapjax.cam.compute``) run any of them on a model through the model
+contract.
 
 Layout: features ``[B, h, w, C]``, maps ``[B, h, w]`` for one target class per image
 (``targets [B]``) or ``[B, T, h, w]`` for ``T`` classes per image (``targets [B, T]``),
-float32. ``compute_maps`` is jit-able with the model and options static (``make_map_fn``).
-
-Faithfulness metrics (deletion, insertion, ROAD, average drop / increase in confidence)
-are in ``gapjax.cam.faithfulness``; the overlay command line is ``gapjax.cam.cli``
-(``python -m gapjax.cam``).
+float32. Faithfulness metrics (deletion, insertion, ROAD, average drop / increase in
+confidence) are in ``gapjax.cam.faithfulness``; the overlay command line is
+``gapjax.cli.cam`` (``python -m gapjax.cam``).
 """
 
-from __future__ import annotations
-
-import functools
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
-
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-
+from gapjax.cam.compute import (
+    METHODS,
+    CamOutput,
+    available_methods,
+    check_target_range,
+    compute_maps,
+    make_map_fn,
+    method_names,
+    normalize_maps,
+    resize_maps,
+    resolve_method,
+    select_targets,
+)
 from gapjax.cam.methods import (
     CAM_METHODS,
-    DEFAULT_CHANNEL_CHUNK,
-    CamMethod,
-    ablation_cam_weights,
+    attention_rollout,
+    class_activation_map,
     eigen_cam_map,
-    grad_cam_pp_terms,
+    grad_cam_from_gradients,
     grad_cam_terms,
-    hires_cam_terms,
-    layer_cam_terms,
-    principal_projection,
     reduce_terms,
-    score_cam_weights,
-    upsample_align_corners,
-    weighted_terms,
-    xgrad_cam_terms,
 )
-from gapjax.pooling import POOLS
-
-Array = jax.Array
-
-#: The built-in method names: ``auto`` plus the registry, in this order. A fork may add a
-#: gradient method with ``gapjax.cam.methods.register_gradient_method(name, terms)``;
-#: ``method_names()`` lists it too.
-METHODS = ("auto", "cam", "contribution", "grad_cam", "hires_cam", "grad_cam_pp", "xgrad_cam",
-           "layer_cam", "eigen_cam", "score_cam", "ablation_cam")
-assert set(METHODS[1:]) == set(CAM_METHODS.names()), "METHODS and CAM_METHODS disagree"
-
-
-def method_names() -> tuple[str, ...]:
-    """Every name ``compute_maps`` takes now: ``METHODS``, then later registrations."""
-    return (*METHODS, *sorted(set(CAM_METHODS.names()) - set(METHODS)))
-#: Interpolations accepted by ``resize_maps`` (``jax.image.resize`` names).
-RESIZE_METHODS = ("bilinear", "cubic", "nearest")
-#: Test-time augmentations of ``aug_smooth``: horizontal flip x brightness factor, the
-#: default of pytorch-grad-cam (ttach's HorizontalFlip and Multiply(0.9, 1, 1.1)).
-AUGMENTATION_FLIPS = (False, True)
-AUGMENTATION_FACTORS = (0.9, 1.0, 1.1)
-
-# Exact products: on accelerators the default matmul precision (bf16 passes) would break
-# the 1e-5 additivity that makes these maps trustworthy.
-_EXACT = jax.lax.Precision.HIGHEST
-
-
-# --------------------------------------------------------------------------------------
-# Pure exact maps
-# --------------------------------------------------------------------------------------
-
-
-def _check_kernel(features: Array, kernel: Array, bias: Array | None) -> None:
-    if features.ndim < 3:
-        raise ValueError(
-            "features must have shape [batch, *spatial, channels] (e.g. [B, h, w, C]); "
-            f"got shape {tuple(features.shape)}"
-        )
-    if kernel.ndim != 2 or kernel.shape[0] != features.shape[-1]:
-        raise ValueError(
-            f"kernel must have shape [channels, classes] = [{features.shape[-1]}, K] to "
-            f"match features of shape {tuple(features.shape)}; got {tuple(kernel.shape)}"
-        )
-    if bias is not None and tuple(jnp.shape(bias)) != (kernel.shape[1],):
-        raise ValueError(
-            f"bias must have shape [classes] = [{kernel.shape[1]}]; got {tuple(jnp.shape(bias))}"
-        )
-
-
-def _project(features: Array, kernel: Array) -> Array:
-    """``W_k . x_i`` for every position and class: ``[B, *S, C] x [C, K] -> [B, *S, K]``."""
-    return jnp.einsum(
-        "...c,ck->...k",
-        features.astype(jnp.float32),
-        kernel.astype(jnp.float32),
-        precision=_EXACT,
-    )
-
-
-def class_activation_map(features: Array, kernel: Array, bias: Array | None = None) -> Array:
-    """CAM of a GAP + dense head: ``[B, h, w, C], [C, K] -> [B, h, w, K]`` (float32).
-
-    ``maps[b, i, j, k] = W[:, k] . features[b, i, j]``, so for a head computing
-    ``logits = mean_ij(features) @ W + bias``, ``maps.mean((1, 2)) + bias == logits`` up to
-    float rounding (any spatial shape, square or not).
-
-    ``bias [K]`` is accepted so the Dense parameters can be passed whole
-    (``class_activation_map(f, **params["head"]["classifier"])``); it is checked for shape
-    and deliberately not added: a constant shift says nothing about location.
-    """
-    features, kernel = jnp.asarray(features), jnp.asarray(kernel)
-    _check_kernel(features, kernel, bias)
-    return _project(features, kernel)
-
-
-def contribution_map(
-    features: Array, weights: Array, kernel: Array, bias: Array | None = None
-) -> Array:
-    """Per-location contributions of a weighted pool + dense head: ``[B, *S, K]`` (float32).
-
-    Args:
-      features: ``[B, *S, C]`` pre-pool features.
-      weights: ``[B, *S]`` the pool's position weights, normalised as the pool used them
-        (summing to one for weighted and attention pools, ``1/N`` each for GAP).
-      kernel: ``[C, K]`` classifier kernel. ``bias`` (``[K]``) is checked, not added.
-
-    Returns ``weights_i * (W_k . x_i)``; summed over positions it equals ``logits - bias``.
-    """
-    features, kernel, weights = jnp.asarray(features), jnp.asarray(kernel), jnp.asarray(weights)
-    _check_kernel(features, kernel, bias)
-    if tuple(weights.shape) != tuple(features.shape[:-1]):
-        raise ValueError(
-            f"weights must have shape [batch, *spatial] = {tuple(features.shape[:-1])} to "
-            f"match features; got {tuple(weights.shape)}"
-        )
-    return weights.astype(jnp.float32)[..., None] * _project(features, kernel)
-
-
-def gmp_contribution_map(features: Array, kernel: Array, bias: Array | None = None) -> Array:
-    """Per-location contributions of a GMP + dense head: ``[B, *S, C] -> [B, *S, K]``.
-
-    GMP is a weighted pool whose weights are one-hot at each channel's arg max, so position
-    ``i`` contributes ``sum_c [i = argmax_c] x_ic W_ck`` and the map sums exactly to
-    ``logits - bias``. Ties go to the first maximal position in row-major order, the
-    same rule as ``gapjax.pooling.gmp``'s gradient. The map is zero away from the arg-max
-    positions, so it marks peaks rather than extents.
-    """
-    features, kernel = jnp.asarray(features), jnp.asarray(kernel)
-    _check_kernel(features, kernel, bias)
-    batch, channels = features.shape[0], features.shape[-1]
-    flat = features.astype(jnp.float32).reshape(batch, -1, channels)
-    winner = jnp.argmax(flat, axis=1)  # [B, C]
-    is_winner = jnp.arange(flat.shape[1])[None, :, None] == winner[:, None, :]
-    peaks_only = jnp.where(is_winner, flat, 0.0).reshape(features.shape)
-    return _project(peaks_only, kernel)
-
-
-def grad_cam_from_gradients(features: Array, gradients: Array, relu: bool = True) -> Array:
-    """Grad-CAM from features and the target logit's gradient: ``[B, *S, C] -> [B, *S]``.
-
-    Channel weights are the gradients averaged over positions,
-    ``alpha_c = mean_i d logit / d x_ic``, and the map is ``sum_c alpha_c x_ic``, passed
-    through a ReLU when ``relu`` (Selvaraju et al.). For a GAP + dense head
-    ``alpha_c = W_ck / N``, so the map is the CAM divided by ``N`` (then ReLU'd).
-    """
-    features = jnp.asarray(features, jnp.float32)
-    gradients = jnp.asarray(gradients, jnp.float32)
-    if features.shape != gradients.shape:
-        raise ValueError(
-            f"gradients must have the shape of features {tuple(features.shape)}; "
-            f"got {tuple(gradients.shape)}"
-        )
-    maps = grad_cam_terms(features, gradients[:, None])[:, 0].sum(axis=-1)
-    return jax.nn.relu(maps) if relu else maps
-
-
-def grad_cam(
-    head_fn: Callable[[Array], Array],
-    features: Array,
-    targets: Array | None = None,
-    relu: bool = True,
-) -> tuple[Array, Array]:
-    """Grad-CAM for any head: ``head_fn(features [B, *S, C]) -> logits [B, K]``.
-
-    One forward and one backward pass through ``head_fn`` (``jax.vjp``) give every image's
-    gradient of its own target logit, because images do not interact in a head at
-    inference. ``targets [B]`` (int) picks a class per image; None takes the arg max.
-
-    Returns ``(maps [B, *S], logits [B, K])``.
-    """
-    features = jnp.asarray(features)
-    logits, pullback = jax.vjp(head_fn, features)
-    targets = _targets_or_predictions(targets, logits)
-    (gradients,) = pullback(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype))
-    return grad_cam_from_gradients(features, gradients, relu), logits
-
-
-# --------------------------------------------------------------------------------------
-# Targets
-# --------------------------------------------------------------------------------------
-
-
-def check_target_range(targets: Any, num_classes: int, name: str = "targets") -> None:
-    """Raises one ValueError naming ``name`` and the valid range ``[0, num_classes)`` when a
-    concrete class index is out of range. Traced values (inside ``jax.jit``) cannot be read
-    and are not checked: there an out-of-range index selects nothing (its one-hot row and
-    gathered map are zero for the gradient methods, clamped for the exact ones)."""
-    if targets is None:
-        return
-    try:
-        values = np.asarray(targets)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return  # traced inside jit: nothing to read
-    if values.size == 0:
-        return
-    if not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(f"{name} must be integer class indices; got dtype {values.dtype}")
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
-        raise ValueError(
-            f"{name} holds class index {bad}, outside the valid range [0, {num_classes}) "
-            f"of a {num_classes}-class model"
-        )
-
-
-def _target_matrix(targets: Array, batch: int) -> tuple[Array, bool]:
-    """``targets [B]`` or ``[B, T]`` -> (``[B, T]`` int32, whether the input was ``[B]``)."""
-    targets = jnp.asarray(targets)
-    if targets.ndim not in (1, 2) or targets.shape[0] != batch:
-        raise ValueError(
-            f"targets must have shape [batch] = [{batch}] (one class per image) or "
-            f"[batch, T] (T classes per image); got {tuple(targets.shape)}"
-        )
-    single = targets.ndim == 1
-    return (targets[:, None] if single else targets).astype(jnp.int32), single
-
-
-def select_targets(maps: Array, targets: Array) -> Array:
-    """Class maps per image: ``maps [B, *S, K]``, ``targets [B]`` -> ``[B, *S]``, or
-    ``targets [B, T]`` -> ``[B, T, *S]``. Concrete targets must lie in ``[0, K)``
-    (``check_target_range``)."""
-    maps = jnp.asarray(maps)
-    check_target_range(targets, maps.shape[-1])
-    matrix, single = _target_matrix(targets, maps.shape[0])
-    moved = jnp.moveaxis(maps, -1, 1)  # [B, K, *S]
-    index = matrix.reshape(matrix.shape + (1,) * (maps.ndim - 2))
-    chosen = jnp.take_along_axis(moved, index, axis=1, mode="clip")  # [B, T, *S]
-    return chosen[:, 0] if single else chosen
-
-
-def _targets_or_predictions(targets: Array | None, logits: Array) -> Array:
-    if targets is None:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    targets = jnp.asarray(targets)
-    if targets.shape != (logits.shape[0],):
-        raise ValueError(
-            f"targets must have shape [batch] = [{logits.shape[0]}] (one class index per "
-            f"image); got {tuple(targets.shape)}"
-        )
-    check_target_range(targets, logits.shape[-1])
-    return targets.astype(jnp.int32)
-
-
-# --------------------------------------------------------------------------------------
-# Upsampling and normalisation
-# --------------------------------------------------------------------------------------
-
-
-def resize_maps(maps: Array, size: tuple[int, int], method: str = "bilinear") -> Array:
-    """Resizes ``maps [..., h, w]`` to ``[..., H, W]`` with ``size = (H, W)`` (float32).
-
-    ``method`` is ``"bilinear"``, ``"cubic"`` or ``"nearest"`` (``jax.image.resize``,
-    half-pixel centres, so a non-square map keeps its orientation and alignment).
-    """
-    if method not in RESIZE_METHODS:
-        raise ValueError(f"resize method {method!r} is not one of {RESIZE_METHODS}")
-    maps = jnp.asarray(maps, jnp.float32)
-    if maps.ndim < 3:
-        raise ValueError(f"maps must have shape [batch, (T,) h, w]; got {tuple(maps.shape)}")
-    height, width = (int(s) for s in size)
-    return jax.image.resize(maps, (*maps.shape[:-2], height, width), method=method)
-
-
-def normalize_maps(maps: Array, map_ndim: int | None = None) -> Array:
-    """Per-map min-max scaling of ``maps [*lead, *S]`` to ``[0, 1]`` (float32).
-
-    Each of the last ``map_ndim`` axes' maps is scaled on its own (default: all axes but
-    the first, i.e. one map per image of ``[B, *S]``).
-
-    A constant map (nothing to localize) or one with a non-finite value becomes all zeros,
-    never NaN, and so does its gradient.
-    """
-    maps = jnp.asarray(maps, jnp.float32)
-    axes = tuple(range(1 if map_ndim is None else maps.ndim - map_ndim, maps.ndim))
-    finite = jnp.isfinite(maps).all(axis=axes, keepdims=True)
-    safe = jnp.where(finite, maps, 0.0)
-    low = safe.min(axis=axes, keepdims=True)
-    spread = safe.max(axis=axes, keepdims=True) - low
-    usable = finite & (spread > 0)
-    # Dividing by a stand-in 1 where the map is unusable keeps the unused branch finite,
-    # which keeps gradients through jnp.where free of NaN.
-    scaled = (safe - low) / jnp.where(usable, spread, 1.0)
-    return jnp.where(usable, jnp.clip(scaled, 0.0, 1.0), 0.0)
-
-
-# --------------------------------------------------------------------------------------
-# Models: one call from images to maps
-# --------------------------------------------------------------------------------------
-
-
-class CamOutput(NamedTuple):
-    """What ``compute_maps`` returns (a pytree, so it passes through ``jax.jit``).
-
-    maps: ``[B, H, W]`` one map per image, or ``[B, T, H, W]`` for ``targets [B, T]``
-      (input size when resized, in ``[0, 1]`` when normalised, else feature size and raw
-      scale).
-    logits: ``[B, K]`` of the (unaugmented) images.
-    targets: ``[B]`` or ``[B, T]`` int32 classes the maps are for.
-    """
-
-    maps: Array
-    logits: Array
-    targets: Array
-
-
-def _map_kinds(model: nn.Module) -> tuple[str, ...]:
-    kinds = getattr(model, "map_kinds", None)
-    if kinds is None or not hasattr(model, "forward_features"):
-        raise ValueError(
-            f"gapjax.cam needs a classifier that follows the model contract "
-            f"(forward_features, forward_head, head_class_maps, head_contributions, "
-            f"map_kinds; docs/ARCHITECTURE.md); {type(model).__name__} does not"
-        )
-    return tuple(kinds)
-
-
-def available_methods(model: nn.Module) -> tuple[str, ...]:
-    """The concrete methods ``model`` supports: its exact map kinds, then every general one."""
-    kinds = _map_kinds(model)
-    return tuple(name for name in method_names()[1:]
-                 if CAM_METHODS.get(name).exact_kind in (None, *kinds))
-
-
-def _pool_weighting(model: nn.Module) -> str | None:
-    pool = getattr(model, "pool", None)
-    if not isinstance(pool, str) or pool not in POOLS:
-        return None
-    return getattr(POOLS.get(pool), "weighting", None)
-
-
-def resolve_method(model: nn.Module, method: str = "auto") -> str:
-    """The concrete method for ``model``: ``auto`` -> exact CAM for a uniform (GAP) pool,
-    contribution maps where the head has them (weighted, attention, a ViT's MAP head),
-    except per-channel weights (GMP's exact map marks only arg-max positions, too sparse to
-    localize with), Grad-CAM otherwise.
-
-    Raises ValueError naming the method and the valid choices when ``method`` is unknown or
-    is an exact kind the model's head does not support.
-    """
-    if method not in method_names():
-        raise ValueError(f"cam method {method!r} is not one of {method_names()}")
-    available = available_methods(model)
-    if method == "auto":
-        if "cam" in available:
-            return "cam"
-        # Exact contributions unless they come from per-channel one-hot weights (GMP's
-        # arg-max peaks, too sparse to localize with).
-        if "contribution" in available and _pool_weighting(model) != "channel":
-            return "contribution"
-        return "grad_cam"
-    if method not in available:
-        raise ValueError(
-            f"cam method {method!r} does not apply to {type(model).__name__} with pool="
-            f"{getattr(model, 'pool', None)!r} (map_kinds={_map_kinds(model)}); "
-            f"choose one of: {', '.join(('auto', *available))}"
-        )
-    return method
-
-
-def _raw_maps(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    images: Array,
-    targets: Array | None,
-    spec: CamMethod,
-    relu: bool,
-    eigen_smooth: bool,
-    channel_chunk: int,
-) -> tuple[Array, Array, Array]:
-    """``(maps [B, T, h, w], logits [B, K], targets [B, T])`` at feature resolution."""
-    features = model.apply(variables, images, train=False, method="forward_features")
-
-    def head_fn(x: Array) -> Array:
-        return model.apply(variables, x, train=False, method="forward_head")
-
-    if spec.needs == "gradients":
-        logits, pullback = jax.vjp(head_fn, features)
-    else:
-        logits = head_fn(features)
-    logits = jnp.asarray(logits, jnp.float32)
-    if targets is None:
-        targets = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)
-    spatial_ndim = features.ndim - 2
-
-    if spec.needs == "exact":
-        entry = {"cam": "head_class_maps", "contribution": "head_contributions"}[spec.exact_kind]
-        class_maps = model.apply(variables, features, method=entry)  # [B, *S, K]
-        maps = jnp.moveaxis(jnp.asarray(class_maps, jnp.float32), -1, 1)
-        maps = jnp.take_along_axis(
-            maps, targets.reshape(targets.shape + (1,) * spatial_ndim), axis=1, mode="clip")
-    elif spec.needs == "features":
-        maps = jnp.broadcast_to(eigen_cam_map(features)[:, None],
-                                (features.shape[0], targets.shape[1], *features.shape[1:-1]))
-    else:
-        if spec.needs == "gradients":
-            cotangents = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
-            (gradients,) = jax.vmap(pullback, in_axes=1, out_axes=1)(cotangents)
-            terms = spec.terms(features, gradients)
-        elif spec.needs == "head":
-            terms = weighted_terms(
-                features, ablation_cam_weights(features, targets, head_fn, channel_chunk))
-        else:  # "model"
-
-            def model_fn(x: Array) -> Array:
-                return model.apply(variables, x, train=False)
-
-            terms = weighted_terms(features, score_cam_weights(
-                features, images, targets, model_fn, channel_chunk))
-        maps = reduce_terms(terms, spatial_ndim, eigen_smooth)
-    if spec.rectified and relu:
-        maps = jax.nn.relu(maps)
-    return maps, logits, targets
-
-
-def _finish(maps: Array, size: tuple[int, int], resize: str | None, normalize: bool) -> Array:
-    if resize is not None:
-        maps = resize_maps(maps, size, resize)
-    if normalize:
-        maps = normalize_maps(maps, map_ndim=2)
-    return maps
-
-
-def compute_maps(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    images: Array,
-    targets: Array | None = None,
-    method: str = "auto",
-    resize: str | None = "bilinear",
-    normalize: bool = True,
-    relu: bool = True,
-    aug_smooth: bool = False,
-    eigen_smooth: bool = False,
-    channel_chunk: int = DEFAULT_CHANNEL_CHUNK,
-) -> CamOutput:
-    """Maps of ``model`` (eval mode) for ``images [B, H, W, C]``.
-
-    Args:
-      model, variables: a classifier following the model contract.
-      targets: ``[B]`` class per image, ``[B, T]`` several classes per image, or None for
-        each image's predicted class. Concrete indices are checked against ``[0, K)``.
-      method: ``"auto"`` (see ``resolve_method``) or a ``METHODS`` name.
-      resize: interpolation to the input size (``RESIZE_METHODS``) or None to keep the
-        feature-map size.
-      normalize: per-map min-max to ``[0, 1]`` (constant maps -> zeros, never NaN).
-      relu: the ReLU every non-exact method ends with (as pytorch-grad-cam); ``False``
-        keeps the signed map. The exact ``cam`` / ``contribution`` maps are never rectified.
-      aug_smooth: test-time augmentation smoothing: the maps of the horizontally flipped and
-        brightness-scaled (0.9, 1, 1.1) images, flipped back and averaged (each normalised
-        first when ``normalize``), all six in one batched call. The targets are the
-        unaugmented images' (predicted when None).
-      eigen_smooth: replace the channel sum of the channel terms by their first principal
-        component (not for ``cam`` / ``contribution``, whose maps come whole from the head).
-      channel_chunk: channels per batched model call in Score-CAM / Ablation-CAM.
-
-    Returns ``CamOutput(maps, logits, targets)``. Jit it with the model and options static,
-    e.g. ``make_map_fn(model, "grad_cam_pp")``: each method compiles once per shape.
-    """
-    method = resolve_method(model, method)
-    spec = CAM_METHODS.get(method)
-    if eigen_smooth and spec.needs == "exact":
-        raise ValueError(
-            f"eigen_smooth applies to methods with channel terms, not {method!r}; choose one "
-            f"of {tuple(n for n in method_names()[1:] if CAM_METHODS.get(n).needs != 'exact')}"
-        )
-    images = jnp.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape [batch, H, W, C]; got {tuple(images.shape)}")
-    batch, size = images.shape[0], images.shape[1:3]
-    single = True
-    if targets is not None:
-        matrix, single = _target_matrix(targets, batch)
-        num_classes = getattr(model, "num_classes", None)
-        if isinstance(num_classes, int):
-            check_target_range(targets, num_classes)
-    else:
-        matrix = None
-    run = functools.partial(_raw_maps, model, variables, spec=spec, relu=relu,
-                            eigen_smooth=eigen_smooth, channel_chunk=channel_chunk)
-
-    if not aug_smooth:
-        maps, logits, matrix = run(images, matrix)
-        maps = _finish(maps, size, resize, normalize)
-    else:
-        flips, factors = AUGMENTATION_FLIPS, AUGMENTATION_FACTORS
-        if matrix is None:
-            plain = model.apply(variables, images, train=False)
-            matrix = jnp.argmax(plain, axis=-1)[:, None].astype(jnp.int32)
-        augmented = jnp.concatenate([
-            (jnp.flip(images, axis=2) if flip else images) * jnp.asarray(factor, images.dtype)
-            for flip in flips for factor in factors])
-        count = len(flips) * len(factors)
-        maps, logits, _ = run(augmented, jnp.tile(matrix, (count, 1)))
-        maps = maps.reshape(count, batch, *maps.shape[1:])
-        logits = logits.reshape(count, batch, -1)[flips.index(False) * len(factors)
-                                                  + factors.index(1.0)]
-        maps = _finish(maps.reshape(count * batch, *maps.shape[2:]), size, resize, normalize)
-        maps = maps.reshape(count, batch, *maps.shape[1:])
-        flipped = np.repeat(np.asarray(flips), len(factors))
-        maps = jnp.where(flipped.reshape(count, *(1,) * (maps.ndim - 1)),
-                         jnp.flip(maps, axis=-1), maps).mean(axis=0)
-        if normalize:
-            maps = normalize_maps(maps, map_ndim=2)
-    if single:
-        maps, matrix = maps[:, 0], matrix[:, 0]
-    return CamOutput(maps=maps, logits=logits, targets=matrix)
-
-
-def make_map_fn(model: nn.Module, method: str = "auto", **options: Any) -> Callable[..., CamOutput]:
-    """A jitted ``fn(variables, images, targets=None) -> CamOutput`` for ``model``.
-
-    ``options`` are ``compute_maps``'s keyword arguments (``resize``, ``normalize``,
-    ``relu``, ``aug_smooth``, ``eigen_smooth``, ``channel_chunk``). The method is resolved
-    now, so a bad choice fails before any tracing. Concrete out-of-range targets are
-    rejected before the jitted call (inside it they cannot be read).
-    """
-    method = resolve_method(model, method)
-
-    @jax.jit
-    def map_fn(variables, images, targets=None):
-        return compute_maps(model, variables, images, targets, method=method, **options)
-
-    def checked(variables, images, targets=None):
-        num_classes = getattr(model, "num_classes", None)
-        if targets is not None and isinstance(num_classes, int):
-            check_target_range(targets, num_classes)
-        return map_fn(variables, images, targets)
-
-    checked.jitted = map_fn  # the compiled function, e.g. for its cache size
-    return checked
-
-
-# --------------------------------------------------------------------------------------
-# Command-line helpers live in gapjax.cam.cli; re-exported here lazily (no import cycle)
-# --------------------------------------------------------------------------------------
-
-_CLI_NAMES = ("load_run", "box_patch", "display_image", "draw_overlays", "main")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _CLI_NAMES:
-        from gapjax.cam import cli
-
-        return getattr(cli, name)
-    raise AttributeError(f"module 'gapjax.cam' has no attribute {name!r}")
-
 
 __all__ = [
-    "AUGMENTATION_FACTORS",
-    "AUGMENTATION_FLIPS",
     "CAM_METHODS",
     "METHODS",
-    "RESIZE_METHODS",
-    "CamMethod",
     "CamOutput",
-    "ablation_cam_weights",
+    "attention_rollout",
     "available_methods",
     "check_target_range",
     "class_activation_map",
     "compute_maps",
-    "contribution_map",
     "eigen_cam_map",
-    "gmp_contribution_map",
-    "grad_cam",
     "grad_cam_from_gradients",
-    "grad_cam_pp_terms",
     "grad_cam_terms",
-    "hires_cam_terms",
-    "layer_cam_terms",
     "make_map_fn",
     "method_names",
     "normalize_maps",
-    "principal_projection",
     "reduce_terms",
     "resize_maps",
     "resolve_method",
-    "score_cam_weights",
     "select_targets",
-    "upsample_align_corners",
-    "weighted_terms",
-    "xgrad_cam_terms",
 ]

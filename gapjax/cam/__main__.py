@@ -1,6 +1,6 @@
-"""``python -m gapjax.cam``: the command line of ``gapjax.cam.cli``."""
+"""``python -m gapjax.cam``: runs the application ``gapjax.cli.cam`` (the library never
+imports the command-line floor, so the entry point hands over by name)."""
 
-from gapjax.cam.cli import main
+import runpy
 
-if __name__ == "__main__":
-    main()
+runpy.run_module("gapjax.cli.cam", run_name="__main__", alter_sys=True)

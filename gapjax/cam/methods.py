@@ -22,7 +22,8 @@ method          channel terms, ``g`` = d(target logit) / dA, sums over positions
 ==============  =======================================================================
 
 plus the exact maps of the model contract (``cam``: ``W_k . x_i`` of a uniform pool,
-``contribution``: the pool's weighted per-position contributions that sum to the logit).
+``contribution``: the pool's per-position contributions that sum to the logit) and
+``rollout`` (Abnar and Zuidema 2020) for models that expose their attention.
 The constants (``1e-6``, ``1e-7``, ``1e-8``) and the bilinear upsampling with aligned
 corners are those of pytorch-grad-cam 1.5.7, against which ``tests/test_cam_reference.py``
 checks every shared method; docs/cam.md lists where gapjax deliberately differs.
@@ -37,11 +38,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gapjax.layers import project
 from gapjax.registry import Registry
 
 Array = jax.Array
@@ -60,12 +63,18 @@ def _as_float(x: Array) -> Array:
     return jnp.asarray(x, jnp.float32)
 
 
-def _check_pair(features: Array, gradients: Array) -> None:
+def _features(features: Array, dtype: Any = jnp.float32) -> Array:
+    """``features`` as an array of ``dtype`` (None: its own), checked to be ``[B, *S, C]``."""
+    features = jnp.asarray(features, dtype)
     if features.ndim < 3:
-        raise ValueError(
-            "features must have shape [batch, *spatial, channels]; got shape "
-            f"{tuple(features.shape)}"
-        )
+        raise ValueError("features must have shape [batch, *spatial, channels] (e.g. "
+                         f"[B, h, w, C]); got shape {tuple(features.shape)}")
+    return features
+
+
+def _pair(features: Array, gradients: Array) -> tuple[Array, Array]:
+    """Float32 ``features [B, *S, C]`` and ``gradients [B, T, *S, C]``, shapes checked."""
+    features, gradients = _features(features), _as_float(gradients)
     expected = (features.shape[0], gradients.shape[1] if gradients.ndim else 0,
                 *features.shape[1:])
     if gradients.ndim != features.ndim + 1 or tuple(gradients.shape) != expected:
@@ -74,11 +83,39 @@ def _check_pair(features: Array, gradients: Array) -> None:
             f"[{features.shape[0]}, T, {', '.join(map(str, features.shape[1:]))}]; got "
             f"{tuple(gradients.shape)}"
         )
+    return features, gradients
 
 
 def _positions(x: Array, leading: int) -> tuple[int, ...]:
     """The spatial axes of ``x [*leading, *S, C]``."""
     return tuple(range(leading, x.ndim - 1))
+
+
+# --------------------------------------------------------------------------------------
+# The exact map of a GAP head
+# --------------------------------------------------------------------------------------
+
+
+def class_activation_map(features: Array, kernel: Array, bias: Array | None = None) -> Array:
+    """CAM of a GAP + dense head: ``[B, h, w, C], [C, K] -> [B, h, w, K]`` (float32).
+
+    ``maps[b, i, j, k] = W[:, k] . features[b, i, j]`` (``gapjax.layers.project``), so for
+    a head computing ``logits = mean_ij(features) @ W + bias``, ``maps.mean((1, 2)) + bias
+    == logits`` up to float rounding (any spatial shape, square or not).
+
+    ``bias [K]`` is accepted so the Dense parameters can be passed whole
+    (``class_activation_map(f, **params["head"]["classifier"])``); it is checked for shape
+    and deliberately not added: a constant shift says nothing about location.
+    """
+    features, kernel = _features(features, None), jnp.asarray(kernel)
+    if kernel.ndim != 2 or kernel.shape[0] != features.shape[-1]:
+        raise ValueError(
+            f"kernel must have shape [channels, classes] = [{features.shape[-1]}, K] to "
+            f"match features of shape {tuple(features.shape)}; got {tuple(kernel.shape)}")
+    if bias is not None and tuple(jnp.shape(bias)) != (kernel.shape[1],):
+        raise ValueError(f"bias must have shape [classes] = [{kernel.shape[1]}]; got "
+                         f"{tuple(jnp.shape(bias))}")
+    return project(features, kernel)
 
 
 # --------------------------------------------------------------------------------------
@@ -88,8 +125,7 @@ def _positions(x: Array, leading: int) -> tuple[int, ...]:
 
 def grad_cam_terms(features: Array, gradients: Array) -> Array:
     """Grad-CAM: ``mean_i(g_ic) * A_ic``; ``[B, *S, C], [B, T, *S, C] -> [B, T, *S, C]``."""
-    features, gradients = _as_float(features), _as_float(gradients)
-    _check_pair(features, gradients)
+    features, gradients = _pair(features, gradients)
     alpha = gradients.mean(axis=_positions(gradients, 2), keepdims=True)
     return alpha * features[:, None]
 
@@ -98,8 +134,7 @@ def hires_cam_terms(features: Array, gradients: Array) -> Array:
     """HiResCAM: ``g_ic * A_ic`` (element-wise, no averaging); shapes as ``grad_cam_terms``.
 
     Summed over channels and positions it is the first-order Taylor term of the logit."""
-    features, gradients = _as_float(features), _as_float(gradients)
-    _check_pair(features, gradients)
+    features, gradients = _pair(features, gradients)
     return gradients * features[:, None]
 
 
@@ -107,8 +142,7 @@ def grad_cam_pp_terms(features: Array, gradients: Array) -> Array:
     """Grad-CAM++: channel weights ``sum_i relu(g_ic) a_ic`` with
     ``a_ic = g_ic^2 / (2 g_ic^2 + sum_j(A_jc) g_ic^3 + 1e-6)`` (0 where ``g_ic == 0``), the
     closed form of Chattopadhyay et al. eq. 19; shapes as ``grad_cam_terms``."""
-    features, gradients = _as_float(features), _as_float(gradients)
-    _check_pair(features, gradients)
+    features, gradients = _pair(features, gradients)
     axes = _positions(gradients, 2)
     square = gradients**2
     total = features.sum(axis=_positions(features, 1), keepdims=True)[:, None]
@@ -121,8 +155,7 @@ def grad_cam_pp_terms(features: Array, gradients: Array) -> Array:
 def xgrad_cam_terms(features: Array, gradients: Array) -> Array:
     """XGrad-CAM: channel weights ``sum_i g_ic A_ic / (sum_j A_jc + 1e-7)``; shapes as
     ``grad_cam_terms``."""
-    features, gradients = _as_float(features), _as_float(gradients)
-    _check_pair(features, gradients)
+    features, gradients = _pair(features, gradients)
     total = features.sum(axis=_positions(features, 1), keepdims=True)
     share = (features / (total + XGRAD_CAM_EPS))[:, None]
     weights = (gradients * share).sum(axis=_positions(gradients, 2), keepdims=True)
@@ -131,9 +164,25 @@ def xgrad_cam_terms(features: Array, gradients: Array) -> Array:
 
 def layer_cam_terms(features: Array, gradients: Array) -> Array:
     """LayerCAM: ``relu(g_ic) * A_ic``; shapes as ``grad_cam_terms``."""
-    features, gradients = _as_float(features), _as_float(gradients)
-    _check_pair(features, gradients)
+    features, gradients = _pair(features, gradients)
     return jax.nn.relu(gradients) * features[:, None]
+
+
+def grad_cam_from_gradients(features: Array, gradients: Array, relu: bool = True) -> Array:
+    """Grad-CAM from features and the target logit's gradient: ``[B, *S, C] -> [B, *S]``.
+
+    Channel weights are the gradients averaged over positions,
+    ``alpha_c = mean_i d logit / d x_ic``, and the map is ``sum_c alpha_c x_ic``, passed
+    through a ReLU when ``relu`` (Selvaraju et al.). For a GAP + dense head
+    ``alpha_c = W_ck / N``, so the map is the CAM divided by ``N`` (then ReLU'd). The
+    ``grad_cam`` method of ``compute_maps`` computes the gradients itself.
+    """
+    features, gradients = _as_float(features), _as_float(gradients)
+    if features.shape != gradients.shape:
+        raise ValueError(f"gradients must have the shape of features {tuple(features.shape)}; "
+                         f"got {tuple(gradients.shape)}")
+    maps = grad_cam_terms(features, gradients[:, None])[:, 0].sum(axis=-1)
+    return jax.nn.relu(maps) if relu else maps
 
 
 # --------------------------------------------------------------------------------------
@@ -168,12 +217,7 @@ def principal_projection(terms: Array, spatial_ndim: int) -> Array:
 def eigen_cam_map(features: Array) -> Array:
     """Eigen-CAM: ``features [B, *S, C] -> [B, *S]``, the first principal component of the
     features (class-agnostic; see ``principal_projection`` for the sign)."""
-    features = _as_float(features)
-    if features.ndim < 3:
-        raise ValueError(
-            "features must have shape [batch, *spatial, channels]; got shape "
-            f"{tuple(features.shape)}"
-        )
+    features = _features(features)
     return principal_projection(features, features.ndim - 2)
 
 
@@ -286,12 +330,7 @@ def ablation_cam_weights(
     the same batched head calls as the ``C`` ablations (same arithmetic, so near-equal scores
     cancel cleanly). ``s == 0`` gives weight 0 rather than a division by zero.
     """
-    features = jnp.asarray(features)
-    if features.ndim < 3:
-        raise ValueError(
-            "features must have shape [batch, *spatial, channels]; got shape "
-            f"{tuple(features.shape)}"
-        )
+    features = _features(features, None)
     batch, channels = features.shape[0], features.shape[-1]
     # -1 ablates nothing (the reference score); padding entries repeat it and are dropped.
     ablated = jnp.arange(-1, channels, dtype=jnp.int32)
@@ -320,13 +359,47 @@ def weighted_terms(features: Array, weights: Array) -> Array:
 
 
 # --------------------------------------------------------------------------------------
+# Attention rollout
+# --------------------------------------------------------------------------------------
+
+
+def attention_rollout(attentions: Array, readout: Array, grid: tuple[int, ...],
+                      residual: float = 0.5) -> Array:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each patch flows into the output.
+
+    ``attentions [L, B, H, T, T]`` are every block's attention (rows sum to one), the last
+    ``prod(grid)`` of the ``T`` tokens the patches of ``grid`` in row-major order (prefix
+    tokens such as a class token first); ``readout [B, T]`` weighs the final tokens the
+    head reads (a class token: one-hot; a mean: uniform over the patches). Each layer
+    mixes in the skip connection, ``A' = residual I + (1 - residual) mean_heads(A)``, and
+    the map is ``readout A'_L ... A'_1`` at the patches: ``[B, *grid]`` float32 (the whole
+    row, prefix columns included, sums to ``sum(readout)``).
+    """
+    attentions = _as_float(attentions)
+    tokens, count = attentions.shape[-1], int(np.prod(grid))
+    if tokens < count or jnp.shape(readout) != (*attentions.shape[1:2], tokens):
+        raise ValueError(f"attention_rollout: attentions {tuple(attentions.shape)} and readout "
+                         f"{tuple(jnp.shape(readout))} do not cover a {tuple(grid)} patch grid")
+    mixed = residual * jnp.eye(tokens) + (1.0 - residual) * attentions.mean(axis=2)
+
+    def step(row: Array, layer: Array) -> tuple[Array, None]:  # later layers first
+        return jnp.einsum("bi,bij->bj", row, layer, precision=_EXACT), None
+
+    row, _ = jax.lax.scan(step, _as_float(readout), mixed, reverse=True)
+    return row[:, tokens - count:].reshape(-1, *grid)
+
+
+# --------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------
 
 #: What a method needs: "exact" (a head map of the model contract), "gradients" (of the
 #: target logits at the features), "head" (batched head calls), "model" (batched calls of
-#: the whole model) or "features" (nothing else).
-NEEDS = ("exact", "gradients", "head", "model", "features")
+#: the whole model), "features" (nothing else) or "attention" (the model's
+#: ``forward_attention``).
+NEEDS = ("exact", "gradients", "head", "model", "features", "attention")
+#: Needs whose maps come whole, without channel terms to smooth.
+WHOLE_MAPS = ("exact", "attention")
 
 
 @dataclass(frozen=True)
@@ -387,3 +460,5 @@ _register(CamMethod("score_cam", "model", "Score-CAM: softmax of masked-input sc
                     "forward pass per channel"))
 _register(CamMethod("ablation_cam", "head", "Ablation-CAM: relative score drop when a "
                     "channel is zeroed, one head pass per channel"))
+_register(CamMethod("rollout", "attention", "attention rollout: the head's readout traced "
+                    "back through every block's attention (class-agnostic)", rectified=False))

@@ -1,16 +1,8 @@
-"""Datasets and the input pipeline (needs TFDS, grain and scikit-learn).
-
-Importing this package registers the embedded datasets in ``DATASETS``:
-``gapjax_digits`` (scikit-learn's 8x8 digits), ``gapjax_cluttered_digits`` (one digit among
-clutter, with box and mask), ``gapjax_multilabel_digits`` (2-4 digits, multi-hot labels,
-boxes) and ``gapjax_graph_tasks`` (synthetic graph readout tasks), and the WSOL benchmarks
-read from their files (``wsol_cub``, ``wsol_ilsvrc``, ``wsol_openimages``, ``wsol_cub_tfds``;
-``gapjax.data.wsol_benchmarks``). Any other
-``config.dataset.name`` is read as a prepared TFDS dataset.
-
-Public API: ``dataset_info(config.dataset)`` and ``make_iterator(config.dataset, split, *,
-batch_size, seed, train, process_index=0, process_count=1)``; see ``gapjax.data.pipeline``.
-What a model reads from a batch is its task's ``model_inputs`` (``gapjax.tasks``).
+"""Datasets and the input pipeline (needs TFDS, grain and scikit-learn): ``dataset_info``,
+``make_iterator`` (``pipeline``) and the ``DATASETS`` registry (``spec``). Importing the
+package registers the embedded datasets (``gapjax_digits``, ``gapjax_cluttered_digits``,
+``gapjax_multilabel_digits``, ``gapjax_graph_tasks``) and the WSOL benchmarks (``wsol_cub``,
+...; ``wsol_benchmarks``); any other ``config.dataset.name`` is a prepared TFDS dataset.
 """
 
 from gapjax.data import (
@@ -30,19 +22,6 @@ from gapjax.data.pipeline import (
 )
 from gapjax.data.spec import DATASETS, DatasetSpec, register
 
-__all__ = [
-    "DATASETS",
-    "DatasetError",
-    "DatasetInfo",
-    "DatasetSpec",
-    "cluttered_digits",
-    "data_dir",
-    "dataset_info",
-    "digits",
-    "graph_tasks",
-    "make_iterator",
-    "multilabel_digits",
-    "register",
-    "stack_and_pad",
-    "wsol_benchmarks",
-]
+__all__ = ["DATASETS", "DatasetError", "DatasetInfo", "DatasetSpec", "cluttered_digits", "data_dir",
+           "dataset_info", "digits", "graph_tasks", "make_iterator", "multilabel_digits",
+           "register", "stack_and_pad", "wsol_benchmarks"]

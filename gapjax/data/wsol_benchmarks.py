@@ -1,57 +1,38 @@
 """The WSOL benchmarks of Choe et al. (CVPR 2020): CUB-200-2011, ILSVRC, OpenImages30k.
 
-Images are read from a user-given root, annotations from the metadata layout of the
-reference code (github.com/clovaai/wsolevaluation, ``metadata/``), one folder per split::
+Images are read in place from ``config.dataset.image_root``, annotations from the
+reference code's metadata layout (``metadata_root``; ``read_metadata``); docs/wsol.md
+("Data layout") lists the files, the splits (``train``, ``train_fullsup`` = the metadata's
+``val/``, ``test``) and the ``config.dataset`` keys. Datasets: ``wsol_cub`` (200 classes),
+``wsol_ilsvrc`` (1000), ``wsol_openimages`` (100; masks, PxAP) and ``wsol_cub_tfds`` (the
+prepared TFDS ``caltech_birds2011``, whose boxes end one pixel before the metadata's).
 
-    <metadata_root>/<split>/image_ids.txt      <image_id>              (path under image_root)
-    <metadata_root>/<split>/class_labels.txt   <image_id>,<class>
-    <metadata_root>/<split>/image_sizes.txt    <image_id>,<width>,<height>   (CUB, ILSVRC)
-    <metadata_root>/<split>/localization.txt   <image_id>,<x0>,<y0>,<x1>,<y1>   one line per box
-                                           or <image_id>,<mask>,<ignore>    (OpenImages)
-
-Split folders are ``train`` (train-weaksup: labels only), ``val`` (train-fullsup: CUBV2,
-ImageNetV2, OpenImages val, used to choose hyperparameters and the map threshold) and
-``test``. In gapjax they are the splits ``"train"``, ``"train_fullsup"`` and ``"test"``.
-
-Datasets (``config.dataset.name``): ``wsol_cub`` (200 classes), ``wsol_ilsvrc`` (1000),
-``wsol_openimages`` (100; masks, PxAP) and ``wsol_cub_tfds``, the TFDS
-``caltech_birds2011`` (splits ``train`` / ``test``, boxes from TFDS, which end one pixel
-before the reference metadata's; prepare it with ``tfds build caltech_birds2011
---file_format array_record``). Keys of ``config.dataset``:
-
-* ``image_root``: the folder the image ids are relative to (e.g. ``dataset/CUB``);
-* ``metadata_root``: the benchmark's metadata folder (e.g. ``metadata/CUB``);
-* ``mask_root``: OpenImages only, the folder mask paths are relative to (default
-  ``image_root``, where the reference's script puts them);
-* ``image_size`` (224) and ``resize_size`` (256): the reference's transforms, training
-  resizes to ``resize_size`` squared, takes a random ``image_size`` crop and flips;
-  evaluation resizes to ``image_size`` squared (the aspect ratio is not kept). Both resize
-  with PIL's bilinear filter, as torchvision does on PIL images;
-* ``wsol_method``: ``"has"`` hides patches of training images (``has_grid_size``,
-  ``has_drop_rate``), ``"cutmix"`` mixes training batches (``cutmix_beta``,
-  ``cutmix_prob``; batches then carry ``label_mix`` and ``mix``, which the train step
-  turns into the CutMix loss); other methods change the model, not the data
-  (``gapjax.wsol_methods``; defaults are the reference's).
-
-Examples (evaluation splits): ``image [S, S, 3]`` float32 (ImageNet mean / std), ``label``,
-``bbox [M, 4]`` normalised ``(ymin, xmin, ymax, xmax)`` padded with -1 to the split's most
-boxes per image (``gapjax.wsol.boxes_from_reference``: pixel box ``x0..x1`` on a
-``W``-pixel axis is ``(x0 / W, (x1 + 1) / W)``), ``image_size [2]`` the original
-``(height, width)`` (so ``protocol="wsolevaluation"`` can scale the boxes back exactly) and,
-for OpenImages, ``segmentation [S, S]`` uint8 (1 foreground, 0 background, 255 ignored:
-the ignore box minus the foreground), masks resized with OpenCV's nearest-neighbour rule
-as the reference does. Training examples carry ``image`` and ``label`` only.
+Transforms are the reference's, with PIL's bilinear filter as torchvision on PIL images:
+training resizes to ``resize_size`` squared, takes a random ``image_size`` crop and flips;
+evaluation resizes to ``image_size`` squared. ``wsol_method="has"`` hides patches of
+training images, ``"cutmix"`` mixes training batches (which then carry ``label_mix`` and
+``mix`` for the train step's CutMix loss; ``gapjax.wsol_methods``). Evaluation examples:
+``image [S, S, 3]`` float32 (ImageNet mean / std), ``label``, ``bbox [M, 4]`` normalised
+and padded with -1 (``gapjax.wsol.boxes_from_reference``), ``image_size [2]`` (the
+original height and width, so ``protocol="wsolevaluation"`` can scale the boxes back
+exactly) and, for OpenImages, ``segmentation [S, S]`` uint8 (1 / 0 / 255 ignored) resized
+with OpenCV's nearest-neighbour rule. Training examples carry ``image`` and ``label``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
 
+from gapjax import imagenet, wsol_methods
+from gapjax.data.pipeline import stack_and_pad
 from gapjax.data.spec import DatasetSpec, register
 from gapjax.wsol import (
     SplitMetadata,
@@ -69,8 +50,6 @@ BENCHMARKS = {
     "wsol_ilsvrc": ("ILSVRC", 1000, "boxes"),
     "wsol_openimages": ("OpenImages", 100, "masks"),
 }
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_RESIZE_SIZE = 256
 
@@ -82,16 +61,12 @@ DEFAULT_RESIZE_SIZE = 256
 
 def load_rgb(path: str) -> Any:
     """A PIL RGB image (as the reference opens them)."""
-    from PIL import Image
-
     with Image.open(path) as image:
         return image.convert("RGB")
 
 
 def resize_rgb(image: Any, height: int, width: int) -> np.ndarray:
     """PIL bilinear resize (torchvision's ``Resize`` on a PIL image) -> uint8 [H, W, 3]."""
-    from PIL import Image
-
     return np.asarray(image.resize((width, height), Image.BILINEAR))
 
 
@@ -107,10 +82,9 @@ def _train_crop(image: Any, size: int, resize: int, rng: np.random.Generator) ->
     return _normalise(pixels)
 
 
-def _normalise(image: np.ndarray) -> np.ndarray:
-    scaled = image.astype(np.float32) * np.float32(1.0 / 255.0)
-    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-    return np.ascontiguousarray((scaled - mean) / std, np.float32)
+def _normalise(pixels: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> contiguous float32, torchvision's ``ToTensor`` + ``Normalize``."""
+    return np.ascontiguousarray(imagenet.normalize(pixels))
 
 
 # --------------------------------------------------------------------------------------
@@ -181,23 +155,18 @@ class MetadataSource(Sequence):
         return example
 
 
-class _Info:
-    def __init__(self, splits):
-        self.splits = splits
-
-
 class MetadataBuilder:
     """The pipeline's builder interface (``is_prepared``, ``as_data_source``) over the raw
     files: nothing is converted or copied."""
 
     builder_configs: ClassVar[dict] = {}
 
-    def __init__(self, config: BenchmarkConfig, data_dir: str, file_format: str = ""):
+    def __init__(self, config: Any, data_dir: str, file_format: str = ""):
         del file_format
         self.builder_config = config
         self.data_dir = data_dir
         self.name = config.benchmark
-        self.info = _Info({split: None for split in SPLITS})
+        self.info = types.SimpleNamespace(splits=dict.fromkeys(SPLITS))
 
     def is_prepared(self) -> bool:
         return True
@@ -239,8 +208,6 @@ def _preprocess(example: dict[str, Any], rng: np.random.Generator | None) -> dic
 def _training_method(example: dict[str, Any], method: BenchmarkConfig | None,
                      rng: np.random.Generator) -> dict[str, Any]:
     """Hide-and-Seek on the example, or the per-example draws CutMix's collate uses."""
-    from gapjax import wsol_methods
-
     if method is None:
         return example
     if method.method == "has":
@@ -259,9 +226,6 @@ def _training_method(example: dict[str, Any], method: BenchmarkConfig | None,
 def _collate(examples: list[dict[str, Any]], batch_size: int) -> dict[str, np.ndarray]:
     """Stack and pad; a CutMix training batch is mixed with its first example's draws
     (apply, lam, box centre) and the partner order of every example's last draw."""
-    from gapjax import wsol_methods
-    from gapjax.data.pipeline import stack_and_pad
-
     batch = stack_and_pad(examples, batch_size)
     draws = batch.pop("cutmix_draws", None)
     if draws is None:
@@ -301,8 +265,6 @@ def builder_config(name: str):
         if not 0 < image_size <= resize_size:
             raise ValueError(f"config.dataset.image_size={image_size} must be positive and "
                              f"at most config.dataset.resize_size={resize_size}")
-        from gapjax import wsol_methods
-
         method = str(dataset_config.get("wsol_method") or "cam")
         if method not in wsol_methods.METHODS:
             raise ValueError(f"config.dataset.wsol_method={method!r} is not one of: "
@@ -352,28 +314,16 @@ class TfdsCubConfig:
     name: str
     image_size: int
     resize_size: int
+    benchmark: str = TFDS_CUB
 
 
-class TfdsCubBuilder:
+class TfdsCubBuilder(MetadataBuilder):
     """The prepared TFDS ``caltech_birds2011`` (nothing is downloaded here)."""
 
-    builder_configs: ClassVar[dict] = {}
-
     def __init__(self, config: TfdsCubConfig, data_dir: str, file_format: str = ""):
-        import tensorflow_datasets as tfds
-
-        del file_format
-        self.builder_config = config
-        self.data_dir = data_dir
-        self.name = TFDS_CUB
+        super().__init__(config, data_dir)
         self._builder = tfds.builder(TFDS_CUB, data_dir=data_dir, file_format="array_record")
         self.info = self._builder.info
-
-    def is_prepared(self) -> bool:
-        return True
-
-    def download_and_prepare(self) -> None:  # pragma: no cover - never needed
-        pass
 
     def as_data_source(self, split: str) -> Sequence:
         try:
@@ -401,8 +351,6 @@ class _TfdsCubSource(Sequence):
 
 
 def _tfds_cub_preprocess(example: dict[str, Any], rng: np.random.Generator | None):
-    from PIL import Image
-
     pixels = np.asarray(example["image"], np.uint8)
     if pixels.ndim == 2 or pixels.shape[-1] == 1:
         pixels = np.repeat(pixels.reshape(*pixels.shape[:2], 1), 3, axis=-1)
@@ -437,16 +385,5 @@ TFDS_CUB_SPEC = register(DatasetSpec(
     preprocess=_tfds_cub_preprocess,
 ))
 
-__all__ = [
-    "BENCHMARKS",
-    "SPECS",
-    "SPLITS",
-    "TFDS_CUB_SPEC",
-    "BenchmarkConfig",
-    "MetadataBuilder",
-    "MetadataSource",
-    "SplitMetadata",
-    "read_metadata",
-    "reference_mask",
-    "resize_nearest",
-]
+__all__ = ["BENCHMARKS", "SPECS", "SPLITS", "TFDS_CUB_SPEC", "BenchmarkConfig", "MetadataBuilder",
+           "MetadataSource", "SplitMetadata", "read_metadata", "reference_mask", "resize_nearest"]

@@ -26,6 +26,7 @@ images down, methods across).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -33,10 +34,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from gapjax import cam, wsol
+from gapjax import cam, imagenet, pretrained, wsol
+from gapjax.cam import faithfulness
+from gapjax.data import make_iterator
 from gapjax.experiments import common
+from gapjax.wsol import display_image
 
 #: Where a ResNet-50 weight file is looked for when ``run`` is not given one.
 WEIGHTS_ENV = "GAPJAX_RESNET50_WEIGHTS"
@@ -125,11 +131,6 @@ def score_methods(model: Any, variables: Any, images: np.ndarray, targets: np.nd
                   repeats: int = 3) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Records (one per method plus the random map) and the maps of the first ``SHOWN``
     images per method, for ``images [N, H, W, C]`` and ``targets [N]``."""
-    import jax
-    import jax.numpy as jnp
-
-    from gapjax.cam import faithfulness
-
     methods = methods or cam.available_methods(model)
     apply_fn = functools.partial(model.apply, train=False)
     key = jax.random.key(0)
@@ -172,15 +173,11 @@ def score_methods(model: Any, variables: Any, images: np.ndarray, targets: np.nd
 
 
 def _blocking_call(map_fn: Any, variables: Any, images: Any, targets: Any) -> None:
-    import jax
-
     jax.block_until_ready(map_fn(variables, images, targets).maps)
 
 
 def digits_case(out_dir: Path, quick: bool) -> dict[str, Any]:
     """The GAP cnn on cluttered digits: trained (or reused) and scored."""
-    from gapjax.data import make_iterator
-
     config = common.standard_config(common.CLUTTERED, quick, head="gap", pool="gap",
                                     data_dir=out_dir / "tfds")
     result = common.train(config, out_dir / "runs" / common.run_name(config))
@@ -210,11 +207,6 @@ def resnet50_case(weights: str | Path, quick: bool,
 
     One timed call per method: Score-CAM runs 2048 forward passes per image (minutes per
     photograph on a CPU), the other methods about one."""
-    import jax
-    import jax.numpy as jnp
-
-    from gapjax import imagenet, pretrained
-
     model, variables = pretrained.load("resnet50", weights)
     if photos:
         pictures = [imagenet.load_image(path) for path in photos]
@@ -320,7 +312,7 @@ def plot(cases: dict[str, dict[str, Any]], out_dir: Path) -> str:
     for axis in axes.ravel():
         axis.axis("off")
     for row, (case, index) in enumerate(rows):
-        picture, colour_map = cam.display_image(case["images"][index])
+        picture, colour_map = display_image(case["images"][index])
         axes[row, 0].imshow(picture, cmap=colour_map, interpolation="nearest")
         axes[row, 0].set_title(f"{case['records'][0]['model']}\nclass {case['labels'][index]}",
                                fontsize=7)
@@ -342,8 +334,6 @@ def plot(cases: dict[str, dict[str, Any]], out_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``--out DIR [--full] [--weights resnet50.pth] [--photo PATH ...]``."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--full", action="store_true", help="more images and steps")

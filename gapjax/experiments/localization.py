@@ -26,6 +26,7 @@ import numpy as np
 
 from gapjax import cam, wsol
 from gapjax.experiments import common
+from gapjax.wsol import box_patch, display_image
 
 POOLS_COMPARED = ("gap", "gmp", "gem", "lse", "attention")
 #: Map methods scored per pool: the exact one first where there is one, then Grad-CAM.
@@ -242,15 +243,15 @@ def plot(records: list[dict[str, Any]], examples: dict[str, dict[str, Any]],
         for column in range(min(EXAMPLES, len(shown["image"]))):
             axis = figure.add_subplot(grid[row, column])
             axis.axis("off")
-            picture, colour_map = cam.display_image(shown["image"][column])
+            picture, colour_map = display_image(shown["image"][column])
             axis.imshow(picture, cmap=colour_map, interpolation="nearest")
             axis.imshow(shown["maps"][column], cmap="jet", alpha=0.45, vmin=0, vmax=1,
                         interpolation="bilinear")
             for box in shown["bbox"][column].reshape(-1, 4):
                 if (box >= 0).all():
-                    axis.add_patch(cam.box_patch(box, shape, edgecolor="lime", linewidth=1.5))
+                    axis.add_patch(box_patch(box, shape, edgecolor="lime", linewidth=1.5))
             for box in wsol.boxes_from_score_map(shown["maps"][column], shown["threshold"]):
-                axis.add_patch(cam.box_patch(box, shape, edgecolor="white", linewidth=1.5,
+                axis.add_patch(box_patch(box, shape, edgecolor="white", linewidth=1.5,
                                              linestyle="--"))
             predicted, label = int(shown["predicted"][column]), int(shown["label"][column])
             axis.set_title(f"pred {predicted} / true {label}", fontsize=8,

@@ -24,16 +24,21 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+import optax
 
+from gapjax import cam, wsol
+from gapjax.data import make_iterator
 from gapjax.experiments import common
 
 HEADS = ("token", "gap", "map", "gem")
-#: Map kinds scored per head: the exact one (if any) or Grad-CAM, then attention rollout.
+#: ``gapjax.cam`` methods scored per head: the exact one (if any) or Grad-CAM, then rollout.
 MAPS_PER_HEAD = {
     "token": ("grad_cam", "rollout"),
     "gap": ("cam", "rollout"),
@@ -88,8 +93,6 @@ def vit_config(head: str, seed: int, quick: bool, data_dir: Path | str | None = 
 
 def test_split(dataset_config: Any, limit: int | None = None) -> dict[str, np.ndarray]:
     """The test images, labels and boxes of one ordered pass (padding dropped)."""
-    from gapjax.data import make_iterator
-
     parts: dict[str, list[np.ndarray]] = {"image": [], "label": [], "bbox": []}
     for batch in make_iterator(dataset_config, "test", batch_size=250, seed=0, train=False,
                                process_index=0, process_count=1):
@@ -102,40 +105,19 @@ def test_split(dataset_config: Any, limit: int | None = None) -> dict[str, np.nd
 
 def true_class_maps(model: Any, variables: Any, images: np.ndarray, labels: np.ndarray,
                     method: str, batch_size: int = 250) -> np.ndarray:
-    """Normalised maps ``[N, H, W]`` of the true class (rollout: class-agnostic) at the
-    input size: ``gapjax.cam`` for cam / contribution / grad_cam, attention rollout from
-    ``gapjax.models.vit`` (bilinear upsampling, min-max normalisation) for ``rollout``."""
-    import jax
-
-    from gapjax import cam
-    from gapjax.models import vit
-
-    size = images.shape[1:3]
-    if method == "rollout":
-        @jax.jit
-        def map_fn(v, x, y):
-            maps = vit.rollout_maps(model, v, x)
-            return cam.normalize_maps(cam.resize_maps(maps, size), map_ndim=2)
-    else:
-        cam_fn = cam.make_map_fn(model, method)  # bilinear to the input, min-max normalised
-
-        def map_fn(v, x, y):
-            return cam_fn(v, x, y).maps
-    chunks = [np.asarray(map_fn(variables, images[start:start + batch_size],
-                                labels[start:start + batch_size]))
-              for start in range(0, len(images), batch_size)]
-    return np.concatenate(chunks)
+    """Maps ``[N, H, W]`` of the true class (rollout: class-agnostic) by ``gapjax.cam``,
+    bilinear to the input size and min-max normalised."""
+    map_fn = cam.make_map_fn(model, method)
+    return np.concatenate([
+        np.asarray(map_fn(variables, images[start:start + batch_size],
+                          labels[start:start + batch_size]).maps)
+        for start in range(0, len(images), batch_size)])
 
 
 def step_seconds(model: Any, variables: Any, images: np.ndarray, labels: np.ndarray,
                  repeats: int = 7) -> float:
     """Median seconds of one jitted forward + backward pass (softmax cross-entropy, train
     mode with dropout rngs) on this batch, after compilation."""
-    import time
-
-    import jax
-    import optax
-
     params = variables["params"]
     rest = {key: value for key, value in variables.items() if key != "params"}
 
@@ -156,8 +138,6 @@ def step_seconds(model: Any, variables: Any, images: np.ndarray, labels: np.ndar
 
 def measure_run(result: Any, config: Any, data: dict[str, np.ndarray]) -> dict[str, Any]:
     """Accuracy, parameters, step time and MaxBoxAccV2 per map kind of one trained run."""
-    from gapjax import wsol
-
     head = config.model.pool
     model, variables = result.model, result.variables
     params = variables["params"]

@@ -1,61 +1,17 @@
-"""Model zoo. ``MODELS`` maps a config name to a Linen module class (or factory).
+"""Model zoo: one file per family, each registering its presets in ``MODELS`` (``zoo``)
+and its torch weight layout in ``LAYOUTS`` (``layouts``).
 
-``get(name, num_classes=K, **kwargs)`` builds one; every key of ``config.model`` other
-than ``name`` is passed through as a keyword argument.
+``get(name, num_classes=K, **kwargs)`` builds one; ``from_config(config, num_classes)``
+builds what a training config describes.
 """
 
-from __future__ import annotations
+from gapjax.models.layouts import LAYOUTS, Layout
+from gapjax.models.zoo import MODELS, from_config, get, names, register_preset
 
-from typing import Any
+# isort: split
+# Importing the family modules registers their models and layouts (after the names above,
+# which they import from this package).
+from gapjax.models import cnn, gnn, resnet, vgg, vit
 
-import flax.linen as nn
-import jax.numpy as jnp
-
-from gapjax.layers import build_module
-from gapjax.registry import Registry
-
-MODELS: Registry[Any] = Registry("model")
-
-
-def get(name: str, **kwargs: Any) -> nn.Module:
-    """Builds the model registered as ``name`` with constructor keyword arguments."""
-    return MODELS.get(name)(**kwargs)
-
-
-def from_config(config: Any, num_classes: int, axis_name: str | None = None) -> nn.Module:
-    """The model a training config describes: ``get(config.model.name,
-    num_classes=num_classes, dtype=config.dtype, axis_name=axis_name, **other model keys)``.
-
-    ``config.model`` holds only keys the model takes (an unknown one is an error naming
-    the valid options); lists become tuples and nested dicts plain dicts.
-    """
-    kwargs = {}
-    for key, value in config.model.items():
-        if key != "name":
-            kwargs[key] = (tuple(value) if isinstance(value, list)
-                           else value.to_dict() if hasattr(value, "to_dict") else value)
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    return get(config.model.name, num_classes=num_classes, dtype=dtype, axis_name=axis_name,
-               **kwargs)
-
-
-def register_preset(name: str, module_class: type[nn.Module], preset: dict[str, Any],
-                    doc: str) -> None:
-    """Registers ``name`` as ``module_class`` with ``preset`` attributes; keyword arguments
-    (the ``config.model`` keys) add to or override the preset and are checked against the
-    class's attributes, so a typo names the valid options."""
-    def build(**kwargs: Any) -> nn.Module:
-        return build_module(module_class, name, {**preset, **kwargs})
-
-    build.__name__ = name
-    build.__doc__ = doc
-    MODELS.add(name, build)
-
-
-def names() -> list[str]:
-    """All registered model names."""
-    return MODELS.names()
-
-
-# Importing the zoo modules registers their models.
-from gapjax.models import cnn, gnn, resnet, vgg, vit  # noqa: E402,F401
+__all__ = ["LAYOUTS", "MODELS", "Layout", "cnn", "from_config", "get", "gnn", "names",
+           "register_preset", "resnet", "vgg", "vit"]

@@ -28,7 +28,7 @@ from gapjax.layers import (
     conv_kernel_init,
     make_attention,
 )
-from gapjax.models import register_preset
+from gapjax.models.zoo import register_preset
 
 Array = jax.Array
 

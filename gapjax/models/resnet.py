@@ -34,7 +34,9 @@ from gapjax.layers import (
     conv_kernel_init,
     make_attention,
 )
-from gapjax.models import register_preset
+from gapjax.models.layouts import CONV1X1_DENSE, LAYOUTS, Layout
+from gapjax.models.zoo import register_preset
+from gapjax.wsol_methods import ADL
 
 Array = jax.Array
 
@@ -174,8 +176,6 @@ class ResNet(Classifier):
                     name=f"layer{stage + 1}_{index}",
                 )(x)
                 if f"layer{stage + 1}_{index}" in self.adl_blocks:
-                    from gapjax.wsol_methods import ADL
-
                     x = ADL(self.adl_drop_rate, self.adl_threshold,
                             name=f"layer{stage + 1}_{index}_adl")(x, train)
         return x
@@ -202,3 +202,15 @@ def _register(name: str, depth: int, attn: str | None) -> None:
 for _depth in _DEPTHS:
     _register(f"resnet{_depth}", _depth, None)
     _register(f"seresnet{_depth}", _depth, "se")
+
+
+# Weights: torchvision's ResNets and timm's SE-ResNets share the names; timm adds se.fc1 /
+# se.fc2 (1x1 convolutions with bias).
+RESNET_LAYOUT = LAYOUTS.add("resnet", Layout(
+    source="torchvision", torch_models="torchvision.models.<name>()",
+    renames=((r"layer(\d+)_(\d+)", r"layer\1.\2"), (r"downsample_conv", "downsample.0"),
+             (r"downsample_bn", "downsample.1"), (r"se/reduce", "se/fc1"),
+             (r"se/expand", "se/fc2"), (r"^head/classifier$", "fc")),
+    kernels=((r"(^|/)se/(reduce|expand)$", CONV1X1_DENSE),)))
+LAYOUTS.add("seresnet", RESNET_LAYOUT.extend(source="timm",
+                                            torch_models="timm.create_model('<name>')"))

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gapjax.models.zoo import get
+
 HEAD_KEY = "head"
 
 
@@ -104,8 +106,6 @@ def head_table(
     **model_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """``summary`` of model ``name`` once per head; rows carry ``head`` and ``pool`` too."""
-    from gapjax.models import get  # the registry package imports this module's siblings
-
     rows = []
     for head in heads:
         kwargs = dict(model_kwargs, head=head)

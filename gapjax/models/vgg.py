@@ -20,13 +20,17 @@ otherwise. ``base_width`` scales every width (64 in the published models).
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 
 from gapjax.layers import Classifier, check_choice, conv_kernel_init
-from gapjax.models import register_preset
+from gapjax.models.layouts import LAYOUTS, FlattenDense, Layout, module_shapes
+from gapjax.models.zoo import register_preset
+from gapjax.wsol_methods import ADL
 
 Array = jax.Array
 
@@ -77,8 +81,6 @@ class VGG(Classifier):
     def _adl(self, x: Array, point: str, train: bool) -> Array:
         if point not in self.adl_blocks:
             return x
-        from gapjax.wsol_methods import ADL
-
         return ADL(self.adl_drop_rate, self.adl_threshold, name=f"{point}_adl")(x, train)
 
     def resolved_fc_grid(self) -> tuple[int, int] | None:
@@ -134,5 +136,59 @@ for _depth in CONFIGS:
     _register(f"vgg{_depth}", _depth, False)
     _register(f"vgg{_depth}_bn", _depth, True)
 
+
+# --------------------------------------------------------------------------------------
+# Weights: torchvision's vgg* (features.<i>, classifier.<3 n>)
+# --------------------------------------------------------------------------------------
+
+
+def _conv_order(path: str) -> tuple[int, ...] | None:
+    match = re.fullmatch(r"conv(\d+)_(\d+)", path)
+    return tuple(int(n) for n in match.groups()) if match else None
+
+
+def _vgg_renames(shapes):
+    """torchvision's ``features.<i>`` indices (conv, [bn], relu per layer, a max pool per
+    block) and ``classifier.<3 n>`` for the n-th Dense of the head."""
+    modules = module_shapes(shapes)
+    convs = sorted(order for path in modules if (order := _conv_order(path)))
+    renames, index, block = [], 0, None
+    for block_index, conv_index in convs:
+        if block is not None and block_index != block:
+            index += 1  # the max pool closing the previous block
+        block = block_index
+        renames.append((rf"^conv{block_index}_{conv_index}$", f"features.{index}"))
+        index += 1
+        bn = f"bn{block_index}_{conv_index}"
+        if bn in modules or any(p.startswith(f"batch_stats/{bn}/") for p in shapes):
+            renames.append((rf"^{bn}$", f"features.{index}"))
+            index += 1
+        index += 1  # ReLU
+    hidden = sorted(int(m.group(1)) for path in modules
+                    if (m := re.fullmatch(r"head/fc(\d+)", path)))
+    for position, number in enumerate(hidden):
+        renames.append((rf"^head/fc{number}$", f"classifier.{3 * position}"))
+    renames.append((r"^head/classifier$", f"classifier.{3 * len(hidden)}"))
+    return renames
+
+
+def _vgg_kernels(shapes):
+    """The head's first Dense reads the NCHW flatten of a square grid in torch."""
+    modules = module_shapes(shapes)
+    convs = [path for path in modules if _conv_order(path)]
+    if not convs:
+        return []
+    channels = modules[max(convs, key=_conv_order)]["kernel"][-1]
+    first = "head/fc1" if "head/fc1" in modules else "head/classifier"
+    fan_in = modules.get(first, {}).get("kernel", (channels,))[0]
+    cells = fan_in // channels
+    side = math.isqrt(cells)
+    if cells > 1 and side * side == cells and fan_in == cells * channels:
+        return [(rf"^{first}$", FlattenDense((side, side)))]
+    return []
+
+
+LAYOUTS.add("vgg", Layout(source="torchvision", renames=_vgg_renames, kernels=_vgg_kernels,
+                          torch_models="torchvision.models.<name>()"))
 
 __all__ = ["CONFIGS", "VGG"]

@@ -1,30 +1,20 @@
 """Checkpoints with Orbax: train state, data-iterator state and run metadata, atomically.
 
-One checkpoint is a composite of three items under ``DIR/checkpoints/<step>/``:
+One checkpoint is a composite of three items under ``DIR/checkpoints/<step>/``: ``state``
+(the canonical ``TrainState``, saved asynchronously and collectively), ``data`` (the
+training iterator's position, one file per process) and ``meta`` (the config and a few
+facts, JSON). Orbax policies decide which steps are saved (every ``checkpoint_every``
+steps, and at a multi-host preemption sync point) and keep the latest ``keep``.
 
-* ``state``: the canonical (replicated) ``TrainState``, saved asynchronously and written
-  collectively by all processes (``StandardSave``);
-* ``data``: the training iterator's position, one file per process (grain's handler for
-  grain iterators, JSON of ``get_state()`` for any other checkpointable iterator);
-* ``meta``: the config and a few facts about the run (``JsonSave``).
+Failures are one line naming the path (docs/training.md, "Checkpoints and crashes"): a
+checkpoint that cannot be read is skipped for the newest intact one and set aside in
+``DIR/damaged_checkpoints/``; a save that fails in the background raises
+``CheckpointSaveError`` (step directory, errno) at the next step, and the previous
+checkpoint is kept.
 
-Orbax writes into a temporary directory and renames it when complete, so a half-written
-checkpoint (a run killed mid-save) is never listed, let alone restored. Which steps are
-saved is decided by Orbax policies: every ``checkpoint_every`` steps, and at a preemption
-sync point on multi-host jobs; the loop forces the final and the SIGTERM saves. The
-preservation policy keeps the latest ``keep`` checkpoints; older ones are deleted only
-once a newer one is committed.
-
-Failures are loud and name the path:
-
-* a checkpoint that cannot be read (a truncated array file, garbage in a JSON item) is
-  skipped with a warning naming the file, and the newest intact one is restored; the
-  damaged ones are moved to ``DIR/damaged_checkpoints/`` so that the run can save those
-  steps again;
-* a save that fails in the background (disk full, permissions) is noticed at the next
-  step (``should_save``/``save``/``wait``), which raise ``CheckpointSaveError`` naming the
-  step directory and the errno; its temporary directory is removed, and the previous
-  checkpoint is kept.
+Reopening a run (the CAM command line, ``config.init_from``) takes the same
+``Checkpointer.restore``, read-only: ``load_run(workdir)``, which first re-imports the
+modules the run recorded, so a fork's pools and models are known from any directory.
 """
 
 from __future__ import annotations
@@ -41,14 +31,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from gapjax.registry import import_modules
+
+#: The run directory's checkpoints, set-aside damaged checkpoints and config record.
+CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
+CONFIG_FILE = "config.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or written (one line naming the path)."""
+
+
+def committed_steps(directory: str | Path) -> list[int]:
+    """The steps of the complete checkpoints in ``directory``, ascending (Orbax's listing:
+    a step directory is named by its number only once it is committed)."""
+    return sorted(ocp.utils.checkpoint_steps(Path(directory)))
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -116,15 +120,18 @@ class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` for the training loop.
 
     Args:
-      directory: where the step directories go (created if missing).
+      directory: where the step directories go (created if missing, unless read-only).
       checkpoint_every: save interval in steps (the save-decision policy).
       keep: how many of the latest checkpoints to keep.
       async_save: write the state in a background thread (the loop keeps training).
+      read_only: only restore (another run's checkpoints: nothing is created, cleaned up
+        or set aside).
     """
 
-    def __init__(self, directory: str | Path, *, checkpoint_every: int, keep: int,
-                 async_save: bool = True):
+    def __init__(self, directory: str | Path, *, checkpoint_every: int = 1, keep: int = 1,
+                 async_save: bool = True, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
         _silence_orbax_errors()
         save_policy = policies.AnySavePolicy([
             policies.FixedIntervalPolicy(max(int(checkpoint_every), 1)),
@@ -134,8 +141,9 @@ class Checkpointer:
             save_decision_policy=save_policy,
             preservation_policy=policies.LatestN(max(int(keep), 1)),
             enable_async_checkpointing=async_save,
-            create=True,
-            cleanup_tmp_directories=True,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
         )
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -217,7 +225,7 @@ class Checkpointer:
         self._failed = True
         path = self.directory / str(step if step is not None else "?")
         self._remove_temporaries()
-        kept = [s for s in self._committed_steps() if step is None or s < step]
+        kept = [s for s in committed_steps(self.directory) if step is None or s < step]
         previous = (f"the previous checkpoint (step {kept[-1]}) is kept" if kept
                     else "no earlier checkpoint exists")
         number = _errno(error) if error is not None else None
@@ -242,35 +250,24 @@ class Checkpointer:
                 return
             time.sleep(0.02)
 
-    def _committed_steps(self) -> list[int]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.directory.iterdir()
-                      if p.is_dir() and p.name.isdigit())
-
     # ----------------------------------------------------------------------------------
 
-    def restore(self, abstract_state: Any, data_iterator: Any | None,
+    def restore(self, abstract_state: Any = None, data_iterator: Any | None = None,
                 step: int | None = None) -> Restored:
-        """Restores ``step`` (default: the newest intact one) onto ``abstract_state``.
+        """Restores ``step`` (default: the newest intact one), onto ``abstract_state``.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set,
-        which is what lets a checkpoint from 4 devices restore on 1 or 8. The data
-        iterator, when given, is moved to the saved position in place.
+        which is what lets a checkpoint from 4 devices restore on 1 or 8; None restores the
+        saved tree as it was written (nested dicts of arrays). The data iterator, when
+        given, is moved to the saved position in place.
 
         Without ``step``, a newest checkpoint that cannot be read is skipped with a warning
         naming the damaged file, and the next older one is tried; the damaged ones are
         moved to ``damaged_checkpoints/`` next to the checkpoint directory once an older
-        one restores. If none restores, ``CheckpointError`` names the newest one's path.
+        one restores (unless read-only). If none restores, ``CheckpointError`` names the
+        newest one's path.
         """
-        if step is not None:
-            try:
-                return self._restore(step, abstract_state, data_iterator)
-            except CheckpointMismatchError:
-                raise
-            except Exception as error:
-                raise self._restore_failed(step, error) from None
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        steps = [step] if step is not None else committed_steps(self.directory)[::-1]
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         failures: list[tuple[int, BaseException]] = []
@@ -285,7 +282,7 @@ class Checkpointer:
                     print(f"warning: {self._restore_failed(candidate, error)}; trying the "
                           "previous checkpoint", file=sys.stderr, flush=True)
                 continue
-            if failures:
+            if failures and not self.read_only:
                 self._set_aside([s for s, _ in failures], restored.step)
             return restored
         error = self._restore_failed(*failures[0])
@@ -295,7 +292,8 @@ class Checkpointer:
         raise error from None
 
     def _restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Restored:
-        self._check_shapes(step, abstract_state)
+        if abstract_state is not None:
+            self._check_shapes(step, abstract_state)
         items: dict[str, Any] = {
             "state": ocp.args.StandardRestore(abstract_state),
             "meta": ocp.args.JsonRestore(),
@@ -314,14 +312,15 @@ class Checkpointer:
         """Compares the saved arrays' shapes with ``abstract_state`` before reading any
         data: a model that changed shape gets one line naming the first differing array
         (Orbax would fail inside its asynchronous readers, with a page of tracebacks)."""
-        import jax
-
         path = self.directory / str(step) / "state"
         saved = ocp.StandardCheckpointer().metadata(path)
         saved = getattr(saved, "item_metadata", saved)
-        expected = {_tokens(key): tuple(leaf.shape)
+        # Key paths as "a.b.c": a TrainState's attributes and the dicts Orbax stores it as
+        # read the same.
+        expected = {jax.tree_util.keystr(key, simple=True, separator="."): tuple(leaf.shape)
                     for key, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-        stored = {_tokens(key): tuple(getattr(leaf, "shape", ()) or ())
+        stored = {jax.tree_util.keystr(key, simple=True, separator="."):
+                  tuple(getattr(leaf, "shape", ()) or ())
                   for key, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
         differ = [key for key in expected if key in stored and stored[key] != expected[key]]
         missing = [key for key in expected if key not in stored]
@@ -330,12 +329,11 @@ class Checkpointer:
             return
         if differ:
             key = differ[0]
-            first = (f"{'.'.join(key)} has shape {stored[key]} there, {expected[key]} in the "
-                     "model")
+            first = f"{key} has shape {stored[key]} there, {expected[key]} in the model"
         elif missing:
-            first = f"{'.'.join(missing[0])} is missing there"
+            first = f"{missing[0]} is missing there"
         else:
-            first = f"{'.'.join(extra[0])} is not in the model"
+            first = f"{extra[0]} is not in the model"
         more = len(differ) + len(missing) + len(extra) - 1
         raise CheckpointMismatchError(
             f"checkpoint {path} does not fit the model: {first}"
@@ -350,12 +348,7 @@ class Checkpointer:
     def _set_aside(self, steps: list[int], restored: int) -> None:
         """Moves the unreadable ``steps`` out of the checkpoint directory (so the run can
         save those steps again) into ``damaged_checkpoints/`` (so nothing is deleted)."""
-        import jax
-
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("gapjax_restore_done")
+        _sync("gapjax_restore_done")
         if jax.process_index() == 0:
             target = self.directory.parent / DAMAGED_DIR
             target.mkdir(exist_ok=True)
@@ -369,10 +362,7 @@ class Checkpointer:
                 print(f"warning: restored step {restored}; moved the damaged checkpoint "
                       f"{self.directory / str(step)} to {destination}", file=sys.stderr,
                       flush=True)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("gapjax_damaged_moved")
+        _sync("gapjax_damaged_moved")
         self.manager.reload()
 
     # ----------------------------------------------------------------------------------
@@ -393,18 +383,55 @@ class Checkpointer:
                 self._remove_temporaries(settle=0.0)
 
 
-def _tokens(path: tuple[Any, ...]) -> tuple[str, ...]:
-    """A pytree key path as plain strings (dict keys, sequence indices, attribute names),
-    so that a ``TrainState`` and the nested dicts Orbax stores it as compare equal."""
-    tokens = []
-    for key in path:
-        for attribute in ("key", "idx", "name"):
-            if hasattr(key, attribute):
-                tokens.append(str(getattr(key, attribute)))
-                break
-        else:
-            tokens.append(str(key))
-    return tuple(tokens)
+@dataclasses.dataclass
+class Run:
+    """A run reopened by ``load_run``: the config its checkpoint was saved with (a
+    ``ConfigDict``), its ``variables`` (``params`` and ``batch_stats``, no optimizer state),
+    the checkpoint's ``step`` and the ``workdir``."""
+
+    config: Any
+    variables: dict[str, Any]
+    step: int
+    workdir: Path
+
+
+def load_run(workdir: str | Path) -> Run:
+    """The newest intact checkpoint of the run in ``workdir`` (read-only).
+
+    The modules the run recorded are imported first (``config.json``'s ``imports``, the
+    ``config.imports`` entries resolved when the run started; else the saved config's
+    ``imports``), so ``gapjax.models.from_config(run.config, num_classes)`` rebuilds a
+    fork's model exactly as it was trained, ``pool_kwargs`` and ``attn_kwargs`` included.
+    A workdir without a checkpoint raises ``CheckpointError`` (one line).
+    """
+    workdir = Path(workdir).expanduser().absolute()
+    directory = workdir / CHECKPOINT_DIR
+    if not committed_steps(directory):
+        problem = f"no checkpoint in {directory}" if workdir.is_dir() else "no such folder"
+        raise CheckpointError(f"workdir {workdir} is not a gapjax run ({problem}); train "
+                              f"one first: python train.py --config CONFIG --workdir {workdir}")
+    checkpointer = Checkpointer(directory, read_only=True)
+    try:
+        restored = checkpointer.restore()
+    finally:
+        checkpointer.close()
+    config = ml_collections.ConfigDict(restored.meta["config"])
+    record_path = workdir / CONFIG_FILE
+    try:
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {record_path}: {_describe(error)}") from None
+    recorded = record.get("imports") if isinstance(record, dict) else None
+    import_modules(recorded or config.get("imports") or ())
+    state = restored.state
+    variables = {key: state[key] for key in ("params", "batch_stats") if state.get(key)}
+    return Run(config, variables, restored.step, workdir)
+
+
+def _sync(name: str) -> None:
+    """A barrier of all processes (none with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _iterator_state(iterator: Any) -> Any:

@@ -31,55 +31,13 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from flax import traverse_util
 
+from gapjax import pretrained
+from gapjax.train.checkpoint import load_run
 from gapjax.train.state import TrainState
 
 logger = logging.getLogger(__name__)
-
-HEAD = "head"
-
-
-def _path(key_path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in key_path)
-
-
-def _flatten(tree: Any, collection: str) -> dict[str, Any]:
-    return {f"{collection}/{_path(p)}": leaf
-            for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _is_head(path: str) -> bool:
-    return path.split("/")[1:2] == [HEAD]
-
-
-def _from_workdir(directory: Path, fresh: Mapping[str, Any]
-                  ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Leaves from a gapjax run's latest checkpoint; head leaves that do not fit keep the
-    fresh initialisation (returned as the second item)."""
-    from gapjax.cam.cli import load_run
-
-    _, variables, step = load_run(str(directory))
-    source = {**_flatten(variables.get("params", {}), "params"),
-              **_flatten(variables.get("batch_stats", {}), "batch_stats")}
-    where = f"config.init_from={str(directory)!r} (step {step})"
-    loaded, kept = {}, []
-    for path, leaf in fresh.items():
-        found = source.get(path)
-        if found is not None and tuple(np.shape(found)) == tuple(leaf.shape):
-            loaded[path] = np.asarray(found)
-        elif _is_head(path):
-            kept.append(path)
-        elif found is None:
-            raise ValueError(f"{where} has no {path} (shape {tuple(leaf.shape)}); the run "
-                             "was trained with another model")
-        else:
-            raise ValueError(f"{where}: {path} has shape {tuple(np.shape(found))}; the model "
-                             f"expects {tuple(leaf.shape)}")
-    unexpected = sorted(p for p in source if p not in fresh and not _is_head(p))
-    if unexpected:
-        raise ValueError(f"{where} holds {len(unexpected)} tensors the model does not have "
-                         f"(e.g. {', '.join(unexpected[:5])}); it was trained with another model")
-    return loaded, kept
 
 
 def initial_leaves(init_from: str | Path, model_name: str, model: Any,
@@ -96,19 +54,21 @@ def initial_leaves(init_from: str | Path, model_name: str, model: Any,
 
     Returns ``(loaded leaves, leaves that keep their fresh value)``.
     """
-    from gapjax import pretrained
-
     path = Path(init_from).expanduser()
+    layout = None
     if path.is_dir():
-        return _from_workdir(path, fresh)
-    if not path.is_file():
+        run = load_run(path)
+        state, layout = pretrained.gapjax_state_dict(run.variables), pretrained.GAPJAX_NAMING
+        source = f"config.init_from={str(init_from)!r} (step {run.step})"
+    elif path.is_file():
+        state, source = pretrained.read_state_dict(path), str(path)
+    else:
         raise FileNotFoundError(f"config.init_from={str(init_from)!r}: no such weight file "
                                 "or gapjax workdir")
-    state = pretrained.read_state_dict(path)
     shapes = {key: tuple(leaf.shape) for key, leaf in fresh.items()}
     loaded, kept, _ = pretrained.load_leaves(model_name, model, state, skip_head="auto",
-                                             source=str(path), shapes=shapes,
-                                             new_modules=new_modules)
+                                             source=source, shapes=shapes,
+                                             new_modules=new_modules, layout=layout)
     return loaded, kept
 
 
@@ -117,7 +77,8 @@ def initialize(state: TrainState, model: Any, tx: optax.GradientTransformation,
     """``state`` (a fresh run's initial state) with parameters and BatchNorm statistics from
     ``config.init_from`` and a fresh optimizer state for them; every array keeps the
     placement (sharding) of the one it replaces."""
-    fresh = {**_flatten(state.params, "params"), **_flatten(state.batch_stats, "batch_stats")}
+    fresh = traverse_util.flatten_dict({"params": state.params, "batch_stats": state.batch_stats},
+                                       sep="/")
     new_modules = tuple(config.optimizer.get("head_modules", None) or ())
     loaded, kept = initial_leaves(config.init_from, config.model.name, model, fresh,
                                   new_modules)
@@ -130,13 +91,14 @@ def initialize(state: TrainState, model: Any, tx: optax.GradientTransformation,
         logger.info("init_from %s: %d tensors loaded", config.init_from, len(loaded))
 
     def replace(collection: str, tree: Any) -> Any:
-        def leaf(key_path, old):
-            new = loaded.get(f"{collection}/{_path(key_path)}")
-            if new is None:
-                return old
-            return jax.device_put(np.asarray(new, old.dtype), old.sharding)
-
-        return jax.tree_util.tree_map_with_path(leaf, tree)
+        if not tree:
+            return tree
+        flat = traverse_util.flatten_dict(tree, sep="/")
+        for path, old in flat.items():
+            new = loaded.get(f"{collection}/{path}")
+            if new is not None:
+                flat[path] = jax.device_put(np.asarray(new, old.dtype), old.sharding)
+        return type(tree)(traverse_util.unflatten_dict(flat, sep="/"))
 
     params = replace("params", state.params)
     batch_stats = replace("batch_stats", state.batch_stats)

@@ -11,41 +11,40 @@ vector goes through an output projection and a pre-norm residual MLP:
     a   = sum_h sum_i alpha[h, i] v_{h,i} W_o^h + b_o        [C]   (W_o^h: rows h*D..(h+1)*D)
     y   = a + MLP(LayerNorm(a))                              [C]   (the pooled vector)
 
-It is registered as ``POOLS`` name ``"map"``, so it works wherever a pool does: the head
-of a ViT over its patch tokens, a GAP-style image head on a CNN feature map
-(``GAPHead(pool="map")``: positions ``[B, h, w, C]`` are the set), a padded point set
-``[B, N, C]`` with a mask, and a graph readout (``Pool.segment``).
-
-Parameter names follow timm's ``AttentionPoolLatent`` (``latent``, ``q``, ``kv``,
+Registered as ``POOLS`` name ``"map"``, it works wherever a pool does: a ViT's head over
+its patch tokens, a CNN's head over its feature map, a masked set ``[B, N, C]``, a graph
+readout. Parameter names follow timm's ``AttentionPoolLatent`` (``latent``, ``q``, ``kv``,
 ``proj``, ``norm``, ``mlp/fc1``, ``mlp/fc2``), so timm's ``attn_pool.*`` weights map one to
-one; big_vision's ``MAPHead`` has the same structure (probe, attention, LayerNorm, MLP).
+one; big_vision's ``MAPHead`` has the same structure.
 
-Exact per-position contributions (``contributions``). The attention path is linear in
-the values once the attention weights are fixed: ``sum_h alpha[h, i] v_{h,i} W_o^h`` is
-what position ``i`` adds to ``a``. The residual MLP is a function of the pooled ``a``, not
-of any single position, so its output (and the projection bias) is apportioned to the
-positions by the head-averaged attention weights ``w_i = mean_h alpha[h, i]``, which sum
-to one. So
+Exact per-position contributions (``contributions``). Once the attention weights are
+fixed, ``sum_h alpha[h, i] v_{h,i} W_o^h`` is exactly what position ``i`` adds to ``a``. The
+rest, ``b_o + MLP(LayerNorm(a))``, is a function of the pooled ``a``, not of any one
+position, so it is handed out by the head-averaged attention ``w_i = mean_h alpha[h, i]``
+(summing to one), a documented rule:
 
-    c_i = sum_h alpha[h, i] v_{h,i} W_o^h + w_i (b_o + MLP(LayerNorm(a)))   and
-    sum_i c_i = y  exactly.
+    c_i = sum_h alpha[h, i] v_{h,i} W_o^h + w_i (b_o + MLP(LayerNorm(a))),   sum_i c_i = y.
 
-The first term is the exact linear share of position ``i``; the second is a share of a
-non-linear term, by a documented rule. Because ``sum_h alpha[h, i]`` is linear in ``v``,
-a classifier ``logits = y W + b`` gets per-position logit contributions ``c_i W`` that sum
-to ``logits - b``.
+A classifier ``y W + b`` then gets per-position contributions ``c_i W`` summing to
+``logits - b``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gapjax import pooling
-from gapjax.pooling import POOLS, Pool
+from gapjax.pooling.base import POOLS, Contributions, Pool
+from gapjax.pooling.functions import (
+    as_sets,
+    attention_weights,
+    real_counts,
+    result_dtype,
+    zero_masked,
+)
 
 Array = jax.Array
 
@@ -94,7 +93,7 @@ def multihead_attention_weights(queries: Array, keys: Array, mask: Array | None)
     if mask is not None:
         flat_mask = jnp.broadcast_to(mask[:, None, :], (batch, heads, count))
         flat_mask = flat_mask.reshape(batch * heads, count)
-    return pooling.attention_weights(flat, flat_mask).reshape(batch, heads, count)
+    return attention_weights(flat, flat_mask).reshape(batch, heads, count)
 
 
 @POOLS.register("map")
@@ -108,21 +107,15 @@ class MAPPool(Pool):
       dtype: compute dtype of the projections; attention softmax and the pooled sums
         accumulate in float32.
 
-    ``weighting`` is None: the pooled vector is not a weighted average of the inputs (the
-    value projection and the residual MLP come after the weights), so the generic
-    ``w_i x_i`` contribution rule does not apply. ``contributions`` gives the exact split
-    instead (see the module docstring) and ``attention`` the weights ``[B, H, *S]``.
+    ``weighting`` is None: the pooled vector is no weighted average of the inputs (the
+    value projection and the residual MLP come after the weights), so ``contributions``
+    is its own (see the module docstring); ``attention`` gives the weights ``[B, H, *S]``.
     """
-
-    weighting: ClassVar[str | None] = None
 
     num_heads: int = 8
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     dtype: Any = None
-
-    def output_width(self, channels: int) -> int:
-        return channels
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None,
@@ -130,12 +123,9 @@ class MAPPool(Pool):
         """``x [B, *S, C]``, ``mask [B, *S]`` -> pooled ``[B, C]`` (input dtype; float32
         for integer inputs). A row without real positions pools to zeros.
 
-        ``return_parts=True`` also returns the pieces the exact decomposition needs:
-        ``alpha [B, H, *S]`` (float32), ``head_values [B, *S, H, C]`` (each position's
-        value through its head's slice of the output projection, float32) and
-        ``residual [B, C]`` (``b_o + MLP(LayerNorm(a))``, float32).
+        ``return_parts=True`` also returns ``(alpha [B, H, *S], Contributions)``.
         """
-        sets, flat_mask = pooling._as_sets(x, mask)
+        sets, flat_mask = as_sets(x, mask)
         batch, count, channels = sets.shape
         if self.num_heads < 1 or channels % self.num_heads:
             raise ValueError(
@@ -144,7 +134,7 @@ class MAPPool(Pool):
             )
         heads, head_dim = self.num_heads, channels // self.num_heads
         # Zeroed so that padding (even inf) never reaches the projections' gradients.
-        sets = pooling._zero_masked(sets, flat_mask)
+        sets = zero_masked(sets, flat_mask)
         latent = self.param("latent", nn.initializers.truncated_normal(channels**-0.5),
                             (1, 1, channels), jnp.float32)
         query = nn.Dense(channels, use_bias=self.qkv_bias, dtype=self.dtype, name="q")(latent)
@@ -161,51 +151,34 @@ class MAPPool(Pool):
                               name="norm")(pooled_attention)
         mlp_out = MlpBlock(int(channels * self.mlp_ratio), dtype=self.dtype, name="mlp")(normed)
         pooled = pooled_attention + mlp_out.astype(jnp.float32)
-        has_any = pooling._counts(sets, flat_mask) > 0  # [B, 1]
+        has_any = real_counts(sets, flat_mask) > 0  # [B, 1]
         pooled = jnp.where(has_any, pooled, 0.0)
-        result = pooled.astype(pooling._result_dtype(jnp.asarray(x)))
+        result = pooled.astype(result_dtype(jnp.asarray(x)))
         if not return_parts:
             return result
-        kernel = proj.variables["params"]["kernel"].astype(jnp.float32)  # [C, C]
-        bias = proj.variables["params"]["bias"].astype(jnp.float32)  # [C]
-        head_values = jnp.einsum("bnhd,hdc->bnhc", values.astype(jnp.float32),
-                                 kernel.reshape(heads, head_dim, channels))
-        residual = jnp.where(has_any, bias + mlp_out.astype(jnp.float32), 0.0)
+        # Position i's share of the attention path, sum_h alpha[h, i] v_{h,i} W_o^h, and of
+        # the rest (b_o + MLP), handed out by the head-averaged attention.
+        kernel = proj.variables["params"]["kernel"].astype(jnp.float32)
+        linear = jnp.einsum("bhn,bnhd,hdc->bnc", alpha, values.astype(jnp.float32),
+                            kernel.reshape(heads, head_dim, channels))
+        share = alpha.mean(axis=1)[..., None]  # [B, N, 1]: sums to one (zero when empty)
+        residual = proj.variables["params"]["bias"].astype(jnp.float32) + mlp_out.astype(
+            jnp.float32)
+        shares = linear + share * jnp.where(has_any, residual, 0.0)[:, None]
         spatial = jnp.shape(x)[1:-1]
-        parts = {
-            "alpha": alpha.reshape(batch, heads, *spatial),
-            "head_values": head_values.reshape(batch, *spatial, heads, channels),
-            "residual": residual,
-        }
-        return result, parts
+        return result, (alpha.reshape(batch, heads, *spatial), Contributions(
+            shares.reshape(batch, *spatial, channels), share.reshape(batch, *spatial, 1)))
 
     def attention(self, x: Array, mask: Array | None = None) -> Array:
         """The probe's attention weights ``[B, H, *S]`` (float32; each head sums to one
         over the real positions)."""
-        return self(x, mask, return_parts=True)[1]["alpha"]
+        return self(x, mask, return_parts=True)[1][0]
 
-    def contributions(self, x: Array, mask: Array | None = None) -> tuple[Array, Array]:
-        """Exact per-position split of the pooled vector: ``(pooled [B, C], c [B, *S, C])``
-        with ``c.sum(spatial axes) == pooled`` (float32; see the module docstring).
-
-        ``c_i = sum_h alpha[h, i] v_{h,i} W_o^h + mean_h(alpha[h, i]) (b_o + MLP(LN(a)))``.
-        Masked positions contribute zero.
-        """
-        pooled, parts = self(x, mask, return_parts=True)
-        return pooled, split_contributions(parts)
-
-
-def split_contributions(parts: dict[str, Array]) -> Array:
-    """The per-position contributions ``[B, *S, C]`` from ``MAPPool``'s ``return_parts``:
-    the attention share ``sum_h alpha[h, i] head_values[i, h]`` plus the residual
-    apportioned by the head-averaged weights. Sums over positions to the pooled vector."""
-    alpha = parts["alpha"]  # [B, H, *S]
-    spatial_axes = tuple(range(2, alpha.ndim))
-    alpha_last = jnp.moveaxis(alpha, 1, -1)  # [B, *S, H]
-    linear = jnp.einsum("...h,...hc->...c", alpha_last, parts["head_values"])
-    share = alpha.mean(axis=1)  # [B, *S], sums to one per row (zero when empty)
-    residual = parts["residual"].reshape(alpha.shape[0], *([1] * len(spatial_axes)), -1)
-    return linear + share[..., None] * residual
+    def contributions(self, x: Array, mask: Array | None = None) -> Contributions:
+        """The exact split of the pooled vector (see the module docstring): shares
+        ``c_i = sum_h alpha[h, i] v_{h,i} W_o^h + w_i (b_o + MLP(LN(a)))`` and weights
+        ``w_i = mean_h alpha[h, i]`` (float32; masked positions hold 0)."""
+        return self(x, mask, return_parts=True)[1][1]
 
 
 __all__ = [
@@ -214,5 +187,4 @@ __all__ = [
     "MlpBlock",
     "gelu",
     "multihead_attention_weights",
-    "split_contributions",
 ]
