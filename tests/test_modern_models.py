@@ -14,6 +14,8 @@
   (+ bias) to the logits; elsewhere the head methods raise a ValueError naming grad_cam and
   ``gapjax.cam`` resolves ``"auto"`` to Grad-CAM (the CAM CLI test draws a MobileNetV3's
   Grad-CAM from a weight file written by ``pretrained.save``).
+* ``attn_kwargs`` reaches every SE block (``gapjax.attention``'s ``"se"``) over the
+  family's options; a misspelt option is one line naming the valid ones.
 * Drop path is per example in training and off in evaluation; bfloat16 compute keeps
   float32 parameters, statistics and logits.
 """
@@ -34,7 +36,7 @@ from helpers.torch_reference import import_timm
 from PIL import Image
 
 from gapjax import cam, imagenet, pretrained
-from gapjax.cam import cli
+from gapjax.cli import cam as cam_cli
 from gapjax.models import efficientnet as effnet
 from gapjax.models import get, mbconv, mobilenetv3, regnet
 from gapjax.models import summary as summary_module
@@ -343,6 +345,37 @@ def test_summary_counts_the_head_after_the_pool():
 
 
 # --------------------------------------------------------------------------------------
+# attn_kwargs: the options of every SE block (shapes only, no compilation)
+# --------------------------------------------------------------------------------------
+
+
+def test_attn_kwargs_reach_every_se_block_over_the_family_defaults():
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+
+    def se_shapes(name, attn_kwargs, **kwargs):
+        model = get(name, num_classes=4, attn_kwargs=attn_kwargs, **kwargs)
+        flat = pretrained.flatten_shapes(jax.eval_shape(model.init, jax.random.key(0), images))
+        return {path: shape for path, shape in flat.items() if "/se/" in path}
+
+    # The family defaults (widths, activations, gates) are what the parity tests check;
+    # here every SE block takes GeM's learnable exponent and a 4-wide bottleneck. (The
+    # RegNetY is cut to depth 4, two stages of two blocks, to trace faster.)
+    for name, blocks, options in (("efficientnet_b0", 16, {}),
+                                  ("mobilenetv3_small_100", 9, {}),
+                                  ("regnety_016", 4, {"depth": 4})):
+        shapes = se_shapes(name, {"squeeze": "gem", "rd_channels": 4}, **options)
+        by_leaf = {}
+        for path, shape in shapes.items():
+            by_leaf.setdefault(path.split("/se/")[1], []).append(shape)
+        assert len(by_leaf["squeeze/p"]) == len(by_leaf["fc1/kernel"]) == blocks, name
+        assert {shape[3] for shape in by_leaf["fc1/kernel"]} == {4}, name
+        assert {shape[2] for shape in by_leaf["fc2/kernel"]} == {4}, name
+        assert {shape for shape in by_leaf["fc1/bias"]} == {(4,)}, name
+    with pytest.raises(ValueError, match=r"no option 'sqeeze'.*valid options: .*squeeze"):
+        se_shapes("regnety_016", {"sqeeze": "gem"})
+
+
+# --------------------------------------------------------------------------------------
 # Drop path and bfloat16
 # --------------------------------------------------------------------------------------
 
@@ -414,7 +447,7 @@ def test_cam_cli_draws_grad_cam_for_a_saved_mobilenetv3(tmp_path, capsys):
     weights = pretrained.save(name, variables, tmp_path / f"{name}.safetensors")
     assert cam.resolve_method(model, "auto") == "grad_cam"
 
-    results = cli.main(["--image", str(photo), "--model", name, "--weights", str(weights),
+    results = cam_cli.main(["--image", str(photo), "--model", name, "--weights", str(weights),
                         "--batch_size", "1", "--out", str(tmp_path / "maps"), "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(results))

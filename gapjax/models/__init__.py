@@ -14,4 +14,4 @@ from gapjax.models.zoo import MODELS, from_config, get, names, register_preset
 from gapjax.models import cnn, convnext, efficientnet, gnn, mobilenetv3, regnet, resnet, vgg, vit
 
 __all__ = ["LAYOUTS", "MODELS", "Layout", "cnn", "convnext", "efficientnet", "from_config", "get",
-           "gnn", "mobilenetv3", "names", "regnet", "register_preset", "resnet", "vgg", "vit"]
+           "gnn", "mobilenetv3", "names", "register_preset", "regnet", "resnet", "vgg", "vit"]

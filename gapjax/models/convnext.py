@@ -5,8 +5,8 @@ with bias, ``stem_1``: LayerNorm), four stages; stages 2-4 open with a downsampl
 (``stages_i_downsample_0``: LayerNorm, ``_1``: 2x2/2 conv). A block is ``conv_dw`` (7x7
 depthwise, bias) - ``norm`` (LayerNorm) - ``mlp`` (``fc1`` 4x wider, exact GELU, ``fc2``)
 - layer scale ``gamma`` (init 1e-6) - drop path, plus the input. Every LayerNorm has
-epsilon 1e-6. The head (``ConvNeXtHead``) pools, applies a LayerNorm (timm's
-``head.norm``), dropout and the ``classifier`` (``head.fc``). Widths / depths:
+epsilon 1e-6. The head is ``GAPHead`` with ``norm=True``: pool, LayerNorm ``fc_norm``
+(timm's ``head.norm``, epsilon 1e-6), dropout, ``classifier`` (``head.fc``). Widths / depths:
 atto (40, 80, 160, 320) x (2, 2, 6, 2); tiny (96, 192, 384, 768) x (3, 3, 9, 3); small
 the same widths x (3, 3, 27, 3). With 1000 classes the parameter counts equal timm's to
 the unit: 3,695,520 / 28,589,128 / 50,223,688. (timm's atto uses 1x1 convolutions for the
@@ -20,10 +20,9 @@ splits exactly over positions: ``LayerNorm(sum_i w_i x_i) = sum_i w_i [(x_i - mu
 * scale + bias]``. So ``map_kinds`` is ``("cam", "contribution")`` for ``gap`` (the CAM
 is ``N`` times the contribution map: its mean plus the classifier bias is the logit) and
 ``("contribution",)`` for pools with position or channel weights, exactly as a ViT's
-``fc_norm`` head (``gapjax.models.vit.ViTHead``, whose arithmetic this head uses). The maps
-are exact for the image they are computed on; they are not a linear function of the
-features (sigma depends on all of them), which is also true of attention pooling's
-weights.
+``fc_norm`` head (the same ``GAPHead``, ``layers.frozen_layer_norm``). The maps are exact
+for the image they are computed on; they are not a linear function of the features (sigma
+depends on all of them), which is also true of attention pooling's weights.
 """
 
 from __future__ import annotations
@@ -35,12 +34,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gapjax.layers import HEAD_OUTPUTS, Classifier, check_choice
-from gapjax.map_pooling import LAYERNORM_EPSILON, MlpBlock
-from gapjax.models import register_preset
+from gapjax.layers import Classifier, check_choice
+from gapjax.models import LAYOUTS, Layout, register_preset
 from gapjax.models.mbconv import conv2d, drop_path, linear_drop_path_rates
-from gapjax.models.vit import ViTHead
-from gapjax.pooling import POOLS
+from gapjax.pooling.map import LAYERNORM_EPSILON, MlpBlock
 
 Array = jax.Array
 
@@ -74,30 +71,6 @@ class ConvNeXtBlock(nn.Module):
         return drop_path(y, self.drop_path, train) + x
 
 
-class ConvNeXtHead(ViTHead):
-    """Pool -> LayerNorm (``fc_norm``) -> dropout -> ``classifier``: ``[B, h, w, C] ->
-    float32 logits [B, K]``; ``output="class_maps"`` / ``"contributions"`` give the exact
-    maps with the norm's per-image statistics held (see the module docstring)."""
-
-    fc_norm: bool = True
-
-    def __call__(self, features: Array, train: bool = False, output: str = "logits") -> Array:
-        check_choice("output", output, HEAD_OUTPUTS)
-        if output == "logits":
-            return super().__call__(features, train)
-        weighting = self.weighting
-        if output == "class_maps" and weighting != "uniform":
-            raise ValueError(f"class maps (CAM) need a uniform pool (pool='gap'); pool "
-                             f"{self.pool!r} has weighting {weighting!r}: use "
-                             "method='contribution' or method='grad_cam'")
-        if weighting is None or (self.pool_module.output_width(features.shape[-1])
-                                 != features.shape[-1]):
-            raise ValueError(f"pool {self.pool!r} is not a weighted sum of positions, so the "
-                             "logit has no exact per-location split; use method='grad_cam'")
-        return self.class_maps(features) if output == "class_maps" \
-            else self.contributions(features)
-
-
 class ConvNeXt(Classifier):
     """ConvNeXt: ``[B, H, W, 3] -> float32 logits [B, K]``.
 
@@ -109,9 +82,9 @@ class ConvNeXt(Classifier):
       patch_size: stride and size of the patchify stem (4).
       drop_path: stochastic depth, rising linearly from 0 (first block) to this rate
         (last block); off in evaluation. timm trains tiny with 0.1, small with 0.4.
-      head: ``"gap"`` is pool + LayerNorm + ``classifier``; ``"fc"`` flattens the final map
-        into the ``FCHead`` (no norm). ``stem`` (only ``"imagenet"``) and ``axis_name``
-        (no BatchNorm) have no other use here.
+      head: ``"gap"`` is ``GAPHead`` with ``norm=True`` (pool, LayerNorm, ``classifier``);
+        ``"fc"`` flattens the final map into the ``FCHead`` (no norm). ``stem`` (only
+        ``"imagenet"``) and ``axis_name`` (no BatchNorm) have no other use here.
     """
 
     depths: Sequence[int] = (3, 3, 9, 3)
@@ -122,22 +95,9 @@ class ConvNeXt(Classifier):
     patch_size: int = 4
     drop_path: float = 0.0
 
-    @property
-    def map_kinds(self) -> tuple[str, ...]:
-        """``("cam", "contribution")`` for gap, ``("contribution",)`` for pools with
-        position or channel weights (the norm's per-image statistics held), else ``()``."""
-        if self.head != "gap" or self.pool not in POOLS:
-            return ()
-        weighting = POOLS.get(self.pool).weighting
-        if weighting == "uniform":
-            return ("cam", "contribution")
-        return ("contribution",) if weighting in ("position", "channel") else ()
-
-    def make_head(self) -> nn.Module:
-        if check_choice("head", self.head, ("gap", "fc")) == "fc":
-            return super().make_head()
-        return ConvNeXtHead(self.num_classes, self.pool, True, self.dropout or 0.0,
-                            self.pool_kwargs, self.compute_dtype, name="head")
+    def head_options(self) -> dict[str, Any]:
+        """The LayerNorm after the pool (``fc_norm``; epsilon 1e-6, as every norm here)."""
+        return {"norm": True}
 
     def backbone(self, x: Array, train: bool) -> Array:
         check_choice("stem", self.stem, ("imagenet",))
@@ -177,29 +137,20 @@ for _name, (_depths, _dims) in SIZES.items():
     )
 
 
-# --------------------------------------------------------------------------------------
-# timm weight layout (data; gapjax.pretrained turns it into a Layout)
-# --------------------------------------------------------------------------------------
-# gapjax names follow timm's: stem_0 <-> stem.0, stages_1_downsample_1 <->
-# stages.1.downsample.1, stages_2_blocks_4/mlp/fc1 <-> stages.2.blocks.4.mlp.fc1, the
-# layer scale gamma by its own name; the head: head/fc_norm <-> head.norm,
-# head/classifier <-> head.fc. convnext_atto (timm's conv_mlp=True) keeps its MLP kernels
-# as 1x1 convolutions ("conv1x1_dense"); tiny and small as Linear layers.
-
-TIMM_RENAMES = (
-    (r"^stem_(\d)$", r"stem.\1"),
-    (r"^stages_(\d+)_downsample_(\d)$", r"stages.\1.downsample.\2"),
-    (r"^stages_(\d+)_blocks_(\d+)", r"stages.\1.blocks.\2"),
-    (r"^head/fc_norm$", "head/norm"),
-    (r"^head/classifier$", "head/fc"),
-)
-TIMM_LAYOUTS = {
-    "convnext_": {"renames": TIMM_RENAMES, "kernels": (),
-                  "torch_models": "timm.create_model('convnext_{tiny,small}')"},
-    "convnext_atto": {"renames": TIMM_RENAMES,
-                      "kernels": ((r"/mlp/fc[12]$", "conv1x1_dense"),),
-                      "torch_models": "timm.create_model('convnext_atto')"},
-}
+# Weights: timm's names, stem_0 <-> stem.0, stages_1_downsample_1 <->
+# stages.1.downsample.1, stages_2_blocks_4/mlp/fc1 <-> stages.2.blocks.4.mlp.fc1, the layer
+# scale gamma by its own name; head/fc_norm <-> head.norm, head/classifier <-> head.fc.
+# convnext_atto (timm's conv_mlp=True) holds its MLP kernels as 1x1 convolutions, tiny and
+# small as Linear layers.
+CONVNEXT_LAYOUT = LAYOUTS.add("convnext_", Layout(
+    source="timm", torch_models="timm.create_model('convnext_{tiny,small}')",
+    renames=((r"^stem_(\d)$", r"stem.\1"),
+             (r"^stages_(\d+)_downsample_(\d)$", r"stages.\1.downsample.\2"),
+             (r"^stages_(\d+)_blocks_(\d+)", r"stages.\1.blocks.\2"),
+             (r"^head/fc_norm$", "head/norm"), (r"^head/classifier$", "head/fc"))))
+LAYOUTS.add("convnext_atto", CONVNEXT_LAYOUT.extend(
+    kernels=((r"/mlp/fc[12]$", "conv1x1_dense"),),
+    torch_models="timm.create_model('convnext_atto')"))
 
 
-__all__ = ["ConvNeXt", "ConvNeXtBlock", "ConvNeXtHead"]
+__all__ = ["ConvNeXt", "ConvNeXtBlock"]

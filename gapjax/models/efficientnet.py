@@ -2,8 +2,9 @@
 
 Layout (Tan & Le 2019; timm's ``EfficientNet``): ``conv_stem`` 3x3/2 - ``bn1`` - SiLU,
 seven stages of MBConv blocks (``gapjax.models.mbconv``: a depthwise-separable block,
-then inverted residuals with expansion 6, every block with an SE of width
-``round(block input * 0.25)``, SiLU and a sigmoid gate), ``conv_head`` 1x1 - ``bn2`` -
+then inverted residuals with expansion 6, every block with an SE, ``gapjax.attention``'s
+``"se"``, of width ``round(block input * 0.25)``, SiLU and a sigmoid gate; ``attn_kwargs``
+overrides its options), ``conv_head`` 1x1 - ``bn2`` -
 SiLU, then the GAP head (any ``POOLS`` pool + Dense ``classifier``). The final map is
 the input downsampled 32x (7x7 at 224).
 
@@ -19,11 +20,14 @@ contribution maps are exact (``map_kinds == ("cam", "contribution")``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 
 from gapjax.layers import Classifier, check_choice
-from gapjax.models import register_preset
+from gapjax.models import LAYOUTS, register_preset
 from gapjax.models.mbconv import (
+    MBCONV_LAYOUT,
     StageSpec,
     activation,
     apply_blocks,
@@ -54,14 +58,16 @@ class EfficientNet(Classifier):
       width_multiplier / depth_multiplier: the compound scaling of B0's table.
       drop_path: stochastic depth of the last block (block ``i`` of ``n``: ``rate * i /
         n``, timm's rule); off in evaluation. timm trains B0..B3 with 0.2.
-      se_squeeze: ``POOLS`` name of the SE squeeze (``gap`` as published).
+      attn_kwargs: options of every block's ``"se"`` (``gapjax.attention``) over the
+        family's ``rd_channels``, ``act_layer="silu"``, ``gate_layer="sigmoid"``, e.g.
+        ``{"squeeze": "gem"}`` (see ``mbconv.se_options``).
       stem: only ``"imagenet"`` (the 3x3/2 stem).
     """
 
     width_multiplier: float = 1.0
     depth_multiplier: float = 1.0
     drop_path: float = 0.0
-    se_squeeze: str = "gap"
+    attn_kwargs: Any = None
 
     def backbone(self, x: Array, train: bool) -> Array:
         check_choice("stem", self.stem, ("imagenet",))
@@ -74,7 +80,7 @@ class EfficientNet(Classifier):
             width_multiplier=self.width_multiplier, depth_multiplier=self.depth_multiplier,
             drop_path=self.drop_path)
         x = apply_blocks(x, stages, train, se_act=None, se_gate="sigmoid",
-                         squeeze=self.se_squeeze, dtype=dtype, axis_name=self.axis_name)
+                         attn_kwargs=self.attn_kwargs, dtype=dtype, axis_name=self.axis_name)
         head_channels = round_channels(1280, self.width_multiplier)
         x = conv2d(head_channels, 1, dtype=dtype, name="conv_head")(x)
         return silu(batch_norm(train, dtype=dtype, axis_name=self.axis_name, name="bn2")(x))
@@ -97,23 +103,6 @@ for _name, (_width, _depth) in SCALINGS.items():
     )
 
 
-# --------------------------------------------------------------------------------------
-# timm weight layout (data; gapjax.pretrained turns it into a Layout)
-# --------------------------------------------------------------------------------------
-# gapjax names follow timm's module for module: blocks_3_1/conv_dw <-> blocks.3.1.conv_dw,
-# the SE's Dense layers reduce / expand <-> se.conv_reduce / se.conv_expand (1x1
-# convolutions with bias), head/classifier <-> classifier. Kernel transforms are named
-# ("conv1x1_dense": a Dense kernel held as a 1x1 convolution); 4-D kernels are
-# convolutions and 2-D ones Dense layers by default.
-
-TIMM_RENAMES = (
-    (r"^blocks_(\d+)_(\d+)", r"blocks.\1.\2"),
-    (r"/se/reduce$", "/se/conv_reduce"),
-    (r"/se/expand$", "/se/conv_expand"),
-    (r"^head/classifier$", "classifier"),
-)
-TIMM_KERNELS = ((r"/se/(reduce|expand)$", "conv1x1_dense"),)
-TIMM_LAYOUTS = {
-    "efficientnet_": {"renames": TIMM_RENAMES, "kernels": TIMM_KERNELS,
-                      "torch_models": "timm.create_model('efficientnet_b{0,1,2,3}')"},
-}
+# Weights: timm's names, block for block (``mbconv.MBCONV_LAYOUT``).
+LAYOUTS.add("efficientnet_", MBCONV_LAYOUT.extend(
+    torch_models="timm.create_model('efficientnet_b{0,1,2,3}')"))

@@ -22,26 +22,27 @@ bn3``) and ``ConvBnAct`` (``conv, bn1``). Convolutions use timm's symmetric padd
 ``((stride - 1) + (kernel - 1)) // 2``, so a stride-2 window starts at the first pixel
 as in PyTorch. BatchNorm: momentum 0.9 (torch 0.1), epsilon 1e-5, float32 statistics.
 
-``BlockSE`` is the squeeze-and-excitation of these families: the squeeze is any
-``POOLS`` name, then ``reduce`` (a Dense with bias: timm's 1x1 ``conv_reduce`` / ``fc1``),
-an activation, ``expand``, and a gate (sigmoid, or hard sigmoid in MobileNetV3); the
-caller passes the reduced width, which each family computes by its own rule.
+The ``se`` of a block is ``gapjax.attention``'s ``"se"`` (timm's ``SEModule``: ``fc1``,
+``fc2``, any ``POOLS`` squeeze) built by ``se_options``: the family's width rule
+(``BlockConfig.se_channels``), activation and gate, with a model's ``attn_kwargs`` on
+top. ``MBCONV_LAYOUT`` is the timm weight layout of these blocks (``se.fc1`` <->
+``se.conv_reduce``, ...), which EfficientNet and MobileNetV3 extend.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from gapjax.layers import GATES, check_choice, make_divisible, scale_channels
-from gapjax.map_pooling import gelu
-from gapjax.pooling import make_pool
+from gapjax.attention import make_attention
+from gapjax.layers import check_choice, make_divisible
+from gapjax.models.layouts import Layout
+from gapjax.pooling.map import gelu
 
 Array = jax.Array
 
@@ -227,33 +228,18 @@ def drop_path(y: Array, rate: float, train: bool) -> Array:
     return nn.Dropout(rate, broadcast_dims=tuple(range(1, y.ndim)), deterministic=not train)(y)
 
 
-class BlockSE(nn.Module):
-    """Squeeze-and-excitation of the modern families: ``x * gate(expand(act(reduce(
-    squeeze(x)))))`` per channel, ``[B, H, W, C] -> [B, H, W, C]``.
-
-    ``reduced``: the bottleneck width (each family's rule); ``act``: ``ACTIVATIONS`` name;
-    ``gate``: ``gapjax.layers.GATES`` name (``sigmoid``, ``hard_sigmoid``); ``squeeze``:
-    any ``POOLS`` name (``gap`` as timm). ``reduce`` and ``expand`` are Dense layers with
-    bias (timm's 1x1 convolutions). The gate is computed in float32 and sown as
-    ``intermediates/gates [B, C]``.
-    """
-
-    reduced: int
-    act: str = "relu"
-    gate: str = "sigmoid"
-    squeeze: str = "gap"
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        gate_fn = GATES[check_choice("se gate", self.gate, tuple(GATES))]
-        squeezed = make_pool(self.squeeze, dtype=self.dtype, name="squeeze")(x)
-        hidden = activation(self.act)(nn.Dense(self.reduced, dtype=self.dtype,
-                                               name="reduce")(squeezed))
-        logits = nn.Dense(x.shape[-1], dtype=self.dtype, name="expand")(hidden)
-        gates = gate_fn(logits.astype(jnp.float32))
-        self.sow("intermediates", "gates", gates)
-        return scale_channels(x, gates)
+def se_options(reduced: int, act: str, gate: str,
+               attn_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Options of a block's ``"se"`` (``gapjax.attention.make_attention``): the family's
+    bottleneck width ``rd_channels=reduced``, ``act_layer=act`` and ``gate_layer=gate``,
+    with ``attn_kwargs`` (a model's option) on top. An ``rd_ratio`` or ``rd_divisor`` in
+    ``attn_kwargs`` without ``rd_channels`` replaces the family's width by timm's rule on
+    the SE's input, ``make_divisible(C * rd_ratio, rd_divisor)``."""
+    user = dict(attn_kwargs or {})
+    options: dict[str, Any] = {"act_layer": act, "gate_layer": gate}
+    if "rd_channels" in user or not ({"rd_ratio", "rd_divisor"} & set(user)):
+        options["rd_channels"] = reduced
+    return {**options, **user}
 
 
 # --------------------------------------------------------------------------------------
@@ -262,13 +248,14 @@ class BlockSE(nn.Module):
 
 
 class _Block(nn.Module):
-    """Fields shared by the blocks: the resolved ``config``, the SE options (``se_act``
-    None = the block's activation), the compute dtype and the BatchNorm axis."""
+    """Fields shared by the blocks: the resolved ``config``, the SE's activation
+    (``se_act``, None = the block's) and gate, ``attn_kwargs`` over them (``se_options``),
+    the compute dtype and the BatchNorm axis."""
 
     config: BlockConfig
     se_act: str | None = None
     se_gate: str = "sigmoid"
-    squeeze: str = "gap"
+    attn_kwargs: Any = None
     dtype: Any = None
     axis_name: str | None = None
 
@@ -279,8 +266,10 @@ class _Block(nn.Module):
     def squeeze_excite(self, x: Array) -> Array:
         if not self.config.se_channels:
             return x
-        return BlockSE(self.config.se_channels, self.se_act or self.config.act, self.se_gate,
-                       self.squeeze, self.dtype, name="se")(x)
+        options = se_options(self.config.se_channels, self.se_act or self.config.act,
+                             self.se_gate, self.attn_kwargs)
+        return make_attention("se", self.config.mid_channels, dtype=self.dtype,
+                              axis_name=self.axis_name, name="se", **options)(x)
 
     def residual(self, y: Array, x: Array, train: bool) -> Array:
         return drop_path(y, self.config.drop_path, train) + x if self.config.skip else y
@@ -332,22 +321,34 @@ BLOCKS: dict[str, type[_Block]] = {
 
 
 def apply_blocks(x: Array, stages: Sequence[Sequence[BlockConfig]], train: bool, *,
-                 se_act: str | None, se_gate: str, squeeze: str, dtype: Any,
+                 se_act: str | None, se_gate: str, attn_kwargs: Any, dtype: Any,
                  axis_name: str | None) -> Array:
     """Runs resolved blocks inside the calling module's compact method, naming block
     ``i`` of stage ``s`` ``blocks_{s}_{i}`` (timm's ``blocks.s.i``)."""
     for stage_index, stage in enumerate(stages):
         for block_index, cfg in enumerate(stage):
-            x = BLOCKS[cfg.kind](cfg, se_act, se_gate, squeeze, dtype, axis_name,
+            x = BLOCKS[cfg.kind](cfg, se_act, se_gate, attn_kwargs, dtype, axis_name,
                                  name=f"blocks_{stage_index}_{block_index}")(x, train)
     return x
+
+
+#: timm's names of the MBConv trunk: ``blocks_3_1/conv_dw`` <-> ``blocks.3.1.conv_dw``;
+#: the SE's ``fc1`` / ``fc2`` <-> ``se.conv_reduce`` / ``se.conv_expand`` (1x1
+#: convolutions in both); ``head/classifier`` <-> ``classifier``. EfficientNet and
+#: MobileNetV3 register it (``Layout.extend``) under their names.
+MBCONV_LAYOUT = Layout(source="timm", renames=(
+    (r"^blocks_(\d+)_(\d+)", r"blocks.\1.\2"),
+    (r"/se/fc1$", "/se/conv_reduce"),
+    (r"/se/fc2$", "/se/conv_expand"),
+    (r"^head/classifier$", "classifier"),
+))
 
 
 __all__ = [
     "ACTIVATIONS",
     "BLOCKS",
+    "MBCONV_LAYOUT",
     "BlockConfig",
-    "BlockSE",
     "ConvBnAct",
     "DepthwiseSeparable",
     "InvertedResidual",
@@ -361,5 +362,6 @@ __all__ = [
     "linear_drop_path_rates",
     "round_channels",
     "scale_stage_depth",
+    "se_options",
     "timm_padding",
 ]

@@ -7,8 +7,9 @@ then the GAP head (any ``POOLS`` pool + Dense ``classifier``, timm's ``head.fc``
 block is ``conv1`` (1x1) - ``conv2`` (3x3 grouped, stride on the first block of a stage)
 - ``se`` - ``conv3`` (1x1, no activation), plus the shortcut (``downsample``: 1x1
 strided conv - BN when the shape changes), then ReLU. Each ``convN`` is a conv + BN
-(timm's ``ConvNormAct``). The SE reduces to ``round(block input * se_ratio)`` (0.25 in
-RegNetY) with ReLU and a sigmoid.
+(timm's ``ConvNormAct``). The ``se`` is ``gapjax.attention``'s ``"se"`` (timm's
+``SEModule``, ``fc1`` / ``fc2``) of width ``round(block input * se_ratio)`` (0.25 in
+RegNetY) with ReLU and a sigmoid; ``attn_kwargs`` overrides its options.
 
 Widths and depths come from the RegNet design rule (``regnet_stages``): block ``j`` of
 ``depth`` wants width ``w0 + wa * j``; widths are snapped to ``w0 * wm^k`` and to
@@ -31,15 +32,16 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from gapjax.attention import make_attention
 from gapjax.layers import Classifier, check_choice
-from gapjax.models import register_preset
+from gapjax.models import LAYOUTS, Layout, register_preset
 from gapjax.models.mbconv import (
-    BlockSE,
     activation,
     batch_norm,
     conv2d,
     drop_path,
     linear_drop_path_rates,
+    se_options,
 )
 
 Array = jax.Array
@@ -108,7 +110,7 @@ class RegNetBottleneck(nn.Module):
     bottle_ratio: float = 1.0
     drop_path: float = 0.0
     zero_init_residual: bool = True
-    squeeze: str = "gap"
+    attn_kwargs: Any = None
     dtype: Any = None
     axis_name: str | None = None
 
@@ -120,8 +122,8 @@ class RegNetBottleneck(nn.Module):
         y = ConvNormAct(bottleneck, 3, self.stride, groups=bottleneck // self.group_size,
                         name="conv2", **options)(y, train)
         if self.se_channels:
-            y = BlockSE(self.se_channels, "relu", "sigmoid", self.squeeze, self.dtype,
-                        name="se")(y)
+            se = se_options(self.se_channels, "relu", "sigmoid", self.attn_kwargs)
+            y = make_attention("se", bottleneck, name="se", **options, **se)(y)
         y = ConvNormAct(self.width, 1, act=None, zero_init=self.zero_init_residual,
                         name="conv3", **options)(y, train)
         shortcut = x
@@ -141,7 +143,9 @@ class RegNet(Classifier):
       stem_width: channels of the stem (32).
       drop_path: stochastic depth, rising linearly from 0 (first block) to this rate
         (last block); off in evaluation.
-      se_squeeze: ``POOLS`` name of the SE squeeze (``gap`` as published).
+      attn_kwargs: options of the blocks' ``"se"`` (``gapjax.attention``) over the
+        family's ``rd_channels``, ``act_layer="relu"``, ``gate_layer="sigmoid"``, e.g.
+        ``{"squeeze": "gem"}`` (see ``mbconv.se_options``).
       zero_init_residual: start each block's last BN scale at 0 (timm's default).
       stem: only ``"imagenet"``.
     """
@@ -155,7 +159,7 @@ class RegNet(Classifier):
     se_ratio: float = 0.25
     stem_width: int = 32
     drop_path: float = 0.0
-    se_squeeze: str = "gap"
+    attn_kwargs: Any = None
     zero_init_residual: bool = True
 
     def stages(self) -> tuple[list[int], list[int], list[int]]:
@@ -178,7 +182,7 @@ class RegNet(Classifier):
                 x = RegNetBottleneck(
                     width, 2 if index == 0 else 1, group,
                     round(x.shape[-1] * self.se_ratio), self.bottle_ratio,
-                    rates[stage][index], self.zero_init_residual, self.se_squeeze, dtype,
+                    rates[stage][index], self.zero_init_residual, self.attn_kwargs, dtype,
                     self.axis_name, name=f"s{stage + 1}_b{index + 1}")(x, train)
         return x
 
@@ -196,25 +200,12 @@ _register("regnety_016", 48, 20.71, 2.65, 27, 24)
 _register("regnety_032", 80, 42.63, 2.66, 21, 24)
 
 
-# --------------------------------------------------------------------------------------
-# timm weight layout (data; gapjax.pretrained turns it into a Layout)
-# --------------------------------------------------------------------------------------
-# gapjax names follow timm's: stem_conv <-> stem.conv, s2_b3/conv2/conv <->
-# s2.b3.conv2.conv, the SE's Dense layers reduce / expand <-> se.fc1 / se.fc2 (1x1
-# convolutions with bias), head/classifier <-> head.fc.
-
-TIMM_RENAMES = (
-    (r"^stem_(conv|bn)$", r"stem/\1"),
-    (r"^s(\d+)_b(\d+)", r"s\1.b\2"),
-    (r"/se/reduce$", "/se/fc1"),
-    (r"/se/expand$", "/se/fc2"),
-    (r"^head/classifier$", "head/fc"),
-)
-TIMM_KERNELS = ((r"/se/(reduce|expand)$", "conv1x1_dense"),)
-TIMM_LAYOUTS = {
-    "regnety_": {"renames": TIMM_RENAMES, "kernels": TIMM_KERNELS,
-                 "torch_models": "timm.create_model('regnety_{016,032}')"},
-}
+# Weights: timm's names, stem_conv <-> stem.conv, s2_b3/conv2/conv <-> s2.b3.conv2.conv
+# (the SE's fc1 / fc2 are timm's names already); head/classifier <-> head.fc.
+LAYOUTS.add("regnety_", Layout(
+    source="timm", torch_models="timm.create_model('regnety_{016,032}')",
+    renames=((r"^stem_(conv|bn)$", r"stem/\1"), (r"^s(\d+)_b(\d+)", r"s\1.b\2"),
+             (r"^head/classifier$", "head/fc"))))
 
 
 __all__ = ["ConvNormAct", "RegNet", "RegNetBottleneck", "regnet_stages"]
