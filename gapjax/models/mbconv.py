@@ -1,5 +1,5 @@
 """Mobile inverted-bottleneck blocks shared by EfficientNet and MobileNetV3, and the pieces
-the modern timm families have in common (timm's padding, drop path, the SE variant).
+the modern timm families have in common (timm's padding, drop path, the SE options).
 
 The two families are built by one set of rules (timm's ``_efficientnet_builder``), here
 written as pure functions over an architecture table:
