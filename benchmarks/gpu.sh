@@ -17,6 +17,7 @@
 #   se_overhead          SE-ResNet-50 / ResNet-50 train step time (target <= 1.05)
 #   cam_cost             CAM maps / forward time for ResNet-50 (target <= 0.10)
 #   train_vit_b16_bf16   ViT-B/16 (class token), 224x224, bfloat16, batch 256: images/s
+#   train_modern_bf16    EfficientNet-B0 and ConvNeXt-T, 224x224, bfloat16, batch 256: images/s
 #   pooling              benchmarks/pooling.py: pools against x.sum() and HBM bandwidth
 set -uo pipefail
 
@@ -41,6 +42,7 @@ if [[ "$QUICK" != "0" ]]; then
   SE=()
   CAM=()
   VIT=()
+  MODERN=()
   POOL=(--quick)
 else
   BIG=(--batch 256 --repeats 20)
@@ -48,6 +50,7 @@ else
   SE=(--batch 128 --repeats 10)
   CAM=(--batch 64 --repeats 10)
   VIT=(--batch 256 --repeats 10)
+  MODERN=(--batch 256 --repeats 10)
   POOL=(--repeats 21)
 fi
 
@@ -84,6 +87,7 @@ fi
 run_item se_overhead benchmarks/se_overhead.py --dtype bfloat16 "${SE[@]}"
 run_item cam_cost benchmarks/cam_cost.py --model resnet50 "${CAM[@]}"
 run_item train_vit_b16_bf16 benchmarks/train_throughput.py --model vit_b16 --dtype bfloat16 "${VIT[@]}"
+run_item train_modern_bf16 benchmarks/train_throughput.py --model efficientnet_b0 --model convnext_tiny --dtype bfloat16 "${MODERN[@]}"
 run_item train_small benchmarks/train_throughput.py --model cnn --model resnet18 --dtype bfloat16 "${SMALL[@]}"
 
 "$PYTHON" -c "

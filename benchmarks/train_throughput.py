@@ -9,10 +9,11 @@ FLOP rate (XLA's cost analysis of the compiled step) of ``gapjax.train.steps.tra
         [--dtype float32|bfloat16] [--image-size N] [--torch] [--quick] [--out FILE]
 
 Models: cnn (64x64x1, 10 classes), resnet18 (CIFAR stem, 32x32x3, 10 classes), resnet50,
-seresnet50 and vit_b16 (ViT-B/16, class token; 224x224x3, 1000 classes). ``--torch`` also
-runs the PyTorch eager ResNet-18 (``torch_resnet18.py``, in a subprocess) at the same
-batch and reports the ratio against the target "at least as fast as PyTorch eager". On a
-GPU, ResNet-50 bfloat16 is reported against 3,000 images/s (one H100).
+seresnet50, vit_b16 (ViT-B/16, class token), efficientnet_b0 and convnext_tiny (224x224x3,
+1000 classes). ``--torch`` also runs the PyTorch eager ResNet-18 (``torch_resnet18.py``, in
+a subprocess) at the same batch and reports the ratio against the target "at least as fast
+as PyTorch eager". On a GPU, ResNet-50 bfloat16 is reported against 3,000 images/s (one
+H100).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ BENCH_MODELS: dict[str, tuple[str, tuple[int, int, int], int, dict[str, Any]]] =
     "resnet50": ("resnet50", (224, 224, 3), 1000, {}),
     "seresnet50": ("seresnet50", (224, 224, 3), 1000, {}),
     "vit_b16": ("vit_b16", (224, 224, 3), 1000, {}),
+    "efficientnet_b0": ("efficientnet_b0", (224, 224, 3), 1000, {}),
+    "convnext_tiny": ("convnext_tiny", (224, 224, 3), 1000, {}),
 }
 DEFAULT_MODELS = ("cnn", "resnet18", "resnet50", "seresnet50")
 DTYPES = ("float32", "bfloat16")
@@ -65,7 +68,8 @@ def default_batch(name: str, platform: str, quick: bool) -> int:
         return 4
     if platform != "cpu":
         return 256
-    return 8 if name in ("resnet50", "seresnet50", "vit_b16") else 64
+    return 8 if name in ("resnet50", "seresnet50", "vit_b16", "efficientnet_b0",
+                         "convnext_tiny") else 64
 
 
 def synthetic_batch(batch: int, input_shape: tuple[int, ...], num_classes: int,

@@ -11,7 +11,7 @@ from gapjax.models.zoo import MODELS, from_config, get, names, register_preset
 # isort: split
 # Importing the family modules registers their models and layouts (after the names above,
 # which they import from this package).
-from gapjax.models import cnn, gnn, resnet, vgg, vit
+from gapjax.models import cnn, convnext, efficientnet, gnn, mobilenetv3, regnet, resnet, vgg, vit
 
-__all__ = ["LAYOUTS", "MODELS", "Layout", "cnn", "from_config", "get", "gnn", "names",
-           "register_preset", "resnet", "vgg", "vit"]
+__all__ = ["LAYOUTS", "MODELS", "Layout", "cnn", "convnext", "efficientnet", "from_config", "get",
+           "gnn", "mobilenetv3", "names", "register_preset", "regnet", "resnet", "vgg", "vit"]

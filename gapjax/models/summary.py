@@ -10,9 +10,13 @@ CLI::
     python -m gapjax.models.summary resnet50 --pool gem
     python -m gapjax.models.summary cnn --input 64 --channels 1 --num_classes 10
     python -m gapjax.models.summary resnet18 --head fc --input 32 --stem cifar
+    python -m gapjax.models.summary mobilenetv3_large_100   # also efficientnet_b*, regnety_*,
+                                                            # convnext_*
 
 It prints one row per head (parameters total / backbone / head and GFLOPs) and, when both
-heads are shown, the ratio of FC head to GAP head parameters.
+heads are shown, the ratio of FC head to GAP head parameters. Both heads read the same
+final map; the GAP head's count includes what follows the pool (MobileNetV3's
+``pre_logits``, ConvNeXt's LayerNorm).
 """
 
 from __future__ import annotations
