@@ -352,7 +352,7 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32():
     ({"head": "avg"}, r"head='avg' is not valid; choose one of: 'gap', 'fc'"),
     ({"stem": "tiny"}, r"stem='tiny' is not valid; choose one of: 'imagenet', 'cifar'"),
     ({"attn": "cbam"}, r"attn='cbam' is not valid; choose one of: 'se', 'local', None"),
-    ({"pool": "median"}, r"unknown pool 'median'; choose one of: .*gap"),
+    ({"pool": "medoid"}, r"unknown pool 'medoid'; choose one of: .*gap"),
     ({"se_gate": "relu"}, r"se_gate='relu' is not valid"),
 ])
 def test_bad_options_raise_one_clear_error(kwargs, message):
@@ -405,5 +405,5 @@ def test_summary_cli_prints_the_fc_gap_table(capsys):
     assert "FC/GAP head parameters: " in out
     gap_line = next(line for line in out.splitlines() if line.startswith("gap "))
     assert "1,290" in gap_line  # 128 * 10 + 10
-    assert summary_module.main(["cnn", "--pool", "median", "--no-flops"]) == 2
-    assert "unknown pool 'median'" in capsys.readouterr().err
+    assert summary_module.main(["cnn", "--pool", "medoid", "--no-flops"]) == 2
+    assert "unknown pool 'medoid'" in capsys.readouterr().err

@@ -6,12 +6,10 @@ than ``name`` is passed through as a keyword argument (``from_config``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-from flax.core import FrozenDict
 
 from gapjax.layers import build_module
 from gapjax.registry import Registry
@@ -42,13 +40,9 @@ def register_preset(name: str, module_class: type[nn.Module], preset: dict[str, 
                     doc: str) -> None:
     """Registers ``name`` as ``module_class`` with ``preset`` attributes; keyword arguments
     (the ``config.model`` keys) add to or override the preset and are checked against the
-    class's attributes, so a typo names the valid options. ``attn_kwargs`` (a dict) is
-    frozen, as ``build_module`` freezes ``pool_kwargs``: the module stays hashable."""
+    class's attributes, so a typo names the valid options."""
     def build(**kwargs: Any) -> nn.Module:
-        options = {**preset, **kwargs}
-        if isinstance(options.get("attn_kwargs"), Mapping):
-            options["attn_kwargs"] = FrozenDict(options["attn_kwargs"])
-        return build_module(module_class, name, options)
+        return build_module(module_class, name, {**preset, **kwargs})
 
     build.__name__ = name
     build.__doc__ = doc
