@@ -83,14 +83,14 @@ def read_idx(path: str, rank: int) -> np.ndarray:
     except (OSError, EOFError) as error:  # BadGzipFile is an OSError; truncation an EOFError
         kind = "gzip-compressed IDX" if compressed else "IDX"
         raise DatasetError(f"{path}: not a readable {kind} file ({error})") from None
+    magic = int.from_bytes(data[:4], "big")
+    if len(data) >= 4 and magic != IDX_MAGIC[rank]:
+        raise DatasetError(f"{path}: magic number {magic:#010x}, expected "
+                           f"{IDX_MAGIC[rank]:#010x} (unsigned bytes, {rank} dimensions)")
     header = 4 + 4 * rank
     if len(data) < header:
         raise DatasetError(f"{path}: truncated IDX file ({len(data)} bytes, shorter than the "
                            f"{header}-byte header)")
-    magic = int.from_bytes(data[:4], "big")
-    if magic != IDX_MAGIC[rank]:
-        raise DatasetError(f"{path}: magic number {magic:#010x}, expected "
-                           f"{IDX_MAGIC[rank]:#010x} (unsigned bytes, {rank} dimensions)")
     shape = tuple(int(d) for d in np.frombuffer(data[4:header], ">u4"))
     expected = int(np.prod(shape, dtype=np.int64))
     if len(data) - header != expected:
@@ -188,11 +188,10 @@ def _tfds_prepared(directory: str) -> Any | None:
     """TFDS's own ``fashion_mnist`` when prepared as ArrayRecord in ``directory``."""
     try:
         builder = tfds.builder(NAME, data_dir=directory, file_format="array_record")
-        if builder.is_prepared() and str(builder.info.file_format).endswith("array_record"):
-            return builder
+        builder.as_data_source(split="train")  # fails unless prepared as ArrayRecord
     except Exception:  # not prepared, another format, unreadable: not a source
         return None
-    return None
+    return builder
 
 
 def find_source(source_dir: str | None, directory: str) -> Any:
@@ -234,7 +233,7 @@ def load_split(split: str, *, source_dir: str | None, directory: str) -> tuple[n
         raise ValueError(f"Fashion-MNIST split must be one of: {', '.join(IDX_FILES)}; "
                          f"got {split!r}")
     builder = find_source(source_dir, directory)
-    if not builder.is_prepared():
+    if isinstance(builder, GapjaxFashionMnist) and not builder.is_prepared():
         builder = prepare_embedded(FashionMnistBuilder, builder_config(
             {"source_dir": source_dir}), directory).inner
     source = builder.as_data_source(split=split)
@@ -267,6 +266,10 @@ class FashionMnistBuilder(wrapped.WrappedBuilder):
     def __init__(self, config: FashionConfig, data_dir: str, file_format: str = ""):
         super().__init__(config, data_dir, file_format)
         self.inner = find_source(config.source_dir, data_dir)
+
+    def is_prepared(self) -> bool:
+        # TFDS's own fashion_mnist is only ever read (it was found readable), never built.
+        return not isinstance(self.inner, GapjaxFashionMnist) or super().is_prepared()
 
     def extra_fields(self, split: str) -> dict[str, Any]:
         config = self.builder_config

@@ -190,7 +190,7 @@ def read_boxes(path: str, images: set[str]) -> dict[str, tuple[tuple[float, ...]
             try:
                 x0, y0, x1, y1 = (float(cell) for cell in cells[1:])
             except ValueError:
-                if line_number == 1:
+                if line_number == 1 and not any(_is_number(cell) for cell in cells[1:]):
                     continue  # a header row
                 raise DatasetError(f"{path}:{line_number}: coordinates must be numbers; got "
                                    f"{', '.join(cells[1:])}") from None
@@ -204,6 +204,14 @@ def read_boxes(path: str, images: set[str]) -> dict[str, tuple[tuple[float, ...]
                                    f"{y1}); x1 > x0 and y1 > y0 are needed")
             boxes.setdefault(image, []).append((x0, y0, x1, y1))
     return {image: tuple(rows) for image, rows in boxes.items()}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=8)
