@@ -9,7 +9,9 @@ Fashion-MNIST files nor RDKit's bundled data; one test reads the Debian files wh
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from gapjax import data, models, tasks, wsol
+from gapjax import data, models, tasks
 from gapjax.data import (
     canvas,
     fashion_canvas,
@@ -236,12 +238,40 @@ def test_image_folder_prepared_with_boxes_and_scored(tmp_path, capfd):
     train = next(data.make_iterator(config, "train", batch_size=6, seed=0, train=False))
     assert abs(float(train["image"].mean())) < 1e-4
 
-    # The localization evaluator scores these batches as it does the cluttered digits.
-    model = models.get("cnn", num_classes=2, widths=(4, 8), head="gap", pool="gap")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
-    evaluator = wsol.LocalizationEvaluator(model)
-    evaluator.update(variables, batch)
-    assert 0.0 <= evaluator.result()["max_box_acc"] <= 1.0
+
+def load_config(name: str, argument: str = ""):
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(argument)
+
+
+def test_image_folder_config_trains_and_scores_localization(tmp_path):
+    """configs/image_folder.py end to end: the loop's localization evaluator scores the
+    class activation maps against boxes.csv."""
+    from gapjax.train import run
+
+    make_folder(tmp_path / "photos")
+    config = load_config("image_folder")
+    config.dataset.update(source_dir=str(tmp_path / "photos"), data_dir=str(tmp_path / "tfds"),
+                          image_size=16)
+    config.model.update(widths=(4, 8), strides=(1, 2))
+    config.eval.localization = True
+    config.update(batch_size=4, total_steps=1, log_every=1, eval_every=1, checkpoint_every=1,
+                  progress="none")
+    metrics = run(config, tmp_path / "run").metrics
+    assert metrics["step"] == 1 and 0.0 <= metrics["eval/max_box_acc"] <= 1.0
+    assert np.isfinite(metrics["train/loss"])
+
+
+def test_fashion_mnist_config_variants():
+    cnn, resnet = load_config("fashion_mnist"), load_config("fashion_mnist", "resnet18")
+    assert (cnn.dataset.name, cnn.model.name, cnn.model.head) == ("fashion_mnist", "cnn", "gap")
+    assert (resnet.model.name, resnet.model.stem, resnet.dataset.image_size) == (
+        "resnet18", "cifar", 32)
+    with pytest.raises(ValueError, match="choose one of: cnn, resnet18"):
+        load_config("fashion_mnist", "vgg")
 
 
 def test_image_folder_prepares_again_only_when_the_folder_changes(tmp_path):
