@@ -86,6 +86,8 @@ TARGET_NAMES = tuple(TARGETS)
 DEFAULT_TARGETS = ("molecular_weight",)
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
+#: The stored data's config name for RDKit's bundled NCI sample.
+DEFAULT_BUILD_NAME = "rdkit_nci_first_5k"
 
 
 # --------------------------------------------------------------------------------------
@@ -235,7 +237,8 @@ class GapjaxMolecules(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the file is local
-        smiles = read_smiles(self.builder_config.source_file)
+        source_file = self.builder_config.source_file or default_source_file()
+        smiles = read_smiles(source_file)
         records, skipped = {}, {"unparsable": 0, "too_large": 0}
         for line, text in enumerate(smiles):
             record = molecule_record(text)
@@ -246,8 +249,8 @@ class GapjaxMolecules(tfds.core.GeneratorBasedBuilder):
             else:
                 records[line] = record
         if not records:
-            raise DatasetError(f"config.dataset.source_file={self.builder_config.source_file!r}"
-                               " holds no molecule RDKit can parse")
+            raise DatasetError(f"config.dataset.source_file={source_file!r} holds no molecule "
+                               "RDKit can parse")
         is_test = split_of(len(smiles))
         lines = {"train": [i for i in records if not is_test[i]],
                  "test": [i for i in records if is_test[i]]}
@@ -256,7 +259,7 @@ class GapjaxMolecules(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["mean"] = [float(v) for v in train_targets.mean(axis=0)]
         self.info.metadata["std"] = [float(max(v, 1e-6)) for v in train_targets.std(axis=0)]
         self.info.metadata["skipped"] = skipped
-        print(f"{NAME} {self.builder_config.source_file}: {len(lines['train'])} train, "
+        print(f"{NAME} {source_file}: {len(lines['train'])} train, "
               f"{len(lines['test'])} test molecules ({skipped['unparsable']} unparsable, "
               f"{skipped['too_large']} over {MAX_ATOMS} heavy atoms skipped)",
               file=sys.stderr, flush=True)
@@ -279,7 +282,7 @@ class MoleculesConfig:
 
     name: str
     build_name: str  # the stored data's config: the file's stem and content digest
-    source_file: str
+    source_file: str  # "" = RDKit's bundled sample
     targets: tuple[int, ...]
 
 
@@ -294,9 +297,13 @@ def _file_digest(path: str) -> str:
 
 def builder_config(dataset_config: Any) -> MoleculesConfig:
     """``config.dataset`` -> ``MoleculesConfig`` (keys ``source_file``, ``targets``)."""
-    source_file = dataset_config.get("source_file") or default_source_file()
-    source_file = os.path.abspath(os.path.expanduser(str(source_file)))
-    stem = re.sub(r"[^A-Za-z0-9]+", "_", os.path.basename(source_file)).strip("_")[:32]
+    source_file = dataset_config.get("source_file")
+    if source_file:  # the file's content names the stored data
+        source_file = os.path.abspath(os.path.expanduser(str(source_file)))
+        stem = re.sub(r"[^A-Za-z0-9]+", "_", os.path.basename(source_file)).strip("_")[:32]
+        build_name = f"{stem or 'smiles'}_{_file_digest(source_file)}"
+    else:  # RDKit's sample: found (and RDKit needed) only when building
+        source_file, build_name = "", DEFAULT_BUILD_NAME
     requested = dataset_config.get("targets") or DEFAULT_TARGETS
     if isinstance(requested, str):
         requested = TARGET_NAMES if requested == "all" else [
@@ -305,7 +312,6 @@ def builder_config(dataset_config: Any) -> MoleculesConfig:
     if not targets or len(set(targets)) != len(targets):
         raise ValueError(f"config.dataset.targets={dataset_config.get('targets')!r} must name "
                          f"distinct targets from: {', '.join(TARGET_NAMES)}")
-    build_name = f"{stem or 'smiles'}_{_file_digest(source_file)}"
     name = f"{build_name}_targets" + "-".join(map(str, targets))
     return MoleculesConfig(name, build_name, source_file, targets)
 
@@ -319,7 +325,7 @@ class MoleculesBuilder(wrapped.WrappedBuilder):
         super().__init__(config, data_dir, file_format)
         self.num_classes = len(config.targets)
         build_config = MoleculesBuildConfig(name=config.build_name,
-                                            description=config.source_file,
+                                            description=config.source_file or "RDKit NCI",
                                             source_file=config.source_file)
         self.inner = GapjaxMolecules(config=build_config, data_dir=data_dir,
                                      file_format="array_record")
