@@ -247,7 +247,7 @@ def load_image(path: str, size: int, channels: int) -> tuple[np.ndarray, tuple[i
     with Image.open(path) as image:
         image.load()
         width, height = image.size
-        if channels == 1 and image.mode.startswith("I"):
+        if image.mode.startswith("I"):  # Pillow's own conversion would clip at 255
             wide = np.asarray(image, np.float64) * (255.0 / 65535.0)
             image = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), "L")
         image = image.convert("L" if channels == 1 else "RGB")
