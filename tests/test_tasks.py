@@ -51,7 +51,9 @@ def test_registry_lists_the_tasks_and_specs_are_checked_against_it():
     assert {"classification", "multilabel", "graph"} <= set(TASKS.names())
     assert isinstance(tasks.get("graph", num_classes=2), GraphClassification)
     with pytest.raises(ValueError, match=r"task='multi_label' is not a registered task; "
-                                         r"choose one of: classification, graph, multilabel"):
+                                         r"choose one of: classification, graph, "
+                                         r"graph_multilabel, graph_regression, multilabel, "
+                                         r"regression"):
         DatasetSpec(name="x", builder_class=object, task="multi_label", num_classes=2,
                     input_shape=(2,))
     spec = DatasetSpec(name="x", builder_class=object, task="test_soft_targets", num_classes=2,

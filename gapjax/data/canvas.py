@@ -283,14 +283,19 @@ class CanvasSplits:
     """Split generation of a canvas builder (mixed into a ``GeneratorBasedBuilder``).
 
     Example ``i`` of a split is drawn by ``draw(rng, images, labels)`` with a generator
-    seeded by ``(SPLIT_SEEDS[split], i)`` from that split's digits only, so every example is
-    reproducible on its own. The builder config has ``num_train`` and ``num_test``.
+    seeded by ``(SPLIT_SEEDS[split], i)`` from that split's source images only (the
+    digits' split; ``source_split`` may pick others), so every example is reproducible on
+    its own. The builder config has ``num_train`` and ``num_test``.
     """
 
     SPLIT_SEEDS: ClassVar[dict[str, int]] = {}
 
     def draw(self, rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> dict:
         raise NotImplementedError
+
+    def source_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The ``(images, labels)`` that ``split``'s canvases are drawn from."""
+        return digits_split(split)
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -299,7 +304,7 @@ class CanvasSplits:
         return {split: self._generate_examples(split, count) for split, count in counts.items()}
 
     def _generate_examples(self, split: str, count: int):
-        images, labels = digits_split(split)
+        images, labels = self.source_split(split)
         for index in range(count):
             rng = np.random.default_rng([self.SPLIT_SEEDS[split], index])
             yield index, self.draw(rng, images, labels)

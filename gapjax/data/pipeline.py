@@ -380,9 +380,10 @@ def _embedded(spec: DatasetSpec, config: Any, directory: str) -> _Dataset:
         name=spec.name,
         builder=builder,
         task=spec.task,
-        num_classes=spec.num_classes,
+        # A spec may leave these to its builder (an image folder's classes and splits).
+        num_classes=spec.num_classes or builder.num_classes,
         train_split=spec.train_split,
-        eval_split=spec.eval_split,
+        eval_split=spec.eval_split or builder.eval_split,
         preprocess=spec.preprocess or _generic_image_preprocess(spec.name, None, False),
         collate=spec.collate or stack_and_pad,
         input_shape=tuple(spec.input_shape),

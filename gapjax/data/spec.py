@@ -31,10 +31,13 @@ class DatasetSpec:
       builder_class: the ``tfds.core.GeneratorBasedBuilder`` subclass that writes it.
       task: a ``gapjax.tasks.TASKS`` name (``"classification"``, ``"multilabel"``,
         ``"graph"``, or a fork's): the task owns the loss, metrics and model inputs.
-      num_classes: number of classes (labels for multilabel).
+      num_classes: number of classes (labels for multilabel); None = the builder's
+        ``num_classes`` attribute (a dataset whose classes depend on the data, such as an
+        image folder's).
       input_shape: per-example model input shape, e.g. ``(8, 8, 1)``; for graphs the node
         feature shape ``(F,)``.
-      train_split / eval_split: TFDS split names.
+      train_split / eval_split: TFDS split names; ``eval_split`` None = the builder's
+        ``eval_split`` attribute.
       builder_config: maps ``config.dataset`` to a builder config: its name, a
         ``tfds.core.BuilderConfig`` (for parametrised variants), or None for the default.
       preprocess: ``(example: dict, rng: np.random.Generator | None) -> dict`` for one raw
@@ -48,10 +51,10 @@ class DatasetSpec:
     name: str
     builder_class: type
     task: str
-    num_classes: int
+    num_classes: int | None
     input_shape: tuple[int, ...]
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str | None = "test"
     builder_config: Callable[[Any], Any] = _no_builder_config
     preprocess: Callable[[dict[str, Any], np.random.Generator | None], dict[str, Any]] | None = None
     collate: Callable[[list[dict[str, Any]], int], dict[str, Any]] | None = None
