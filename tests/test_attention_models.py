@@ -16,6 +16,8 @@ variants under their names, and CAM / gradient diagnostics over the whole regist
 * The registry in the cnn: for every ``ATTENTIONS`` name, the pre-pool map, CAM's exact
   identity (class map mean + bias = logit), a Grad-CAM map and the gradient-flow
   diagnostics, all names in one compiled program.
+* A fork: a module written outside the package registers ``"mine"`` and a training run
+  uses it by name, with its options from ``config.model.attn_kwargs``.
 
 Cost: one compilation per group (14 + 1 ResNets, 6 variants, 17 cnns), inputs 8-40 px.
 """
@@ -23,6 +25,7 @@ Cost: one compilation per group (14 + 1 ResNets, 6 variants, 17 cnns), inputs 8-
 from __future__ import annotations
 
 import math
+import sys
 from unittest import mock
 
 import flax
@@ -32,11 +35,13 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_digits
 from helpers.torch_reference import import_timm, randomize_
 from safetensors.torch import save_file
 
-from gapjax import cam, gradflow, models, pretrained
+from gapjax import cam, gradflow, models, pretrained, registry
 from gapjax.attention import ATTENTIONS
+from gapjax.train.loop import run
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 TOLERANCE = 1e-4
@@ -329,3 +334,57 @@ def test_models_take_attention_options_from_a_config():
     assert rows["features.5.weight"] == ("params/conv2_1/kernel",)
     assert "block5_se" in jax.eval_shape(vgg.init, jax.random.key(0),
                                          jnp.zeros((1, 32, 32, 3)))["params"]
+
+
+# --------------------------------------------------------------------------------------
+# A fork's attention in a training run
+# --------------------------------------------------------------------------------------
+
+FORK_MODULE = '''"""A fork's attention: SE without a bottleneck, squeezing with any pool."""
+import flax.linen as nn
+
+from gapjax.attention import ATTENTIONS, Attention
+
+
+@ATTENTIONS.register("mine")
+class FullGate(Attention):
+    gate_layer: str = "sigmoid"
+    squeeze: str = "gap"
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = self.prepare(x)
+        pooled = self.squeeze_with(self.squeeze, x, "squeeze")[:, None, None, :]
+        logits = self.conv(x.shape[-1], bias=True, name="fc")(pooled)
+        return x * self.gate(logits).astype(x.dtype)
+'''
+
+
+def test_a_fork_attention_trains_by_name(tmp_path):
+    """``config.imports`` names the fork's file; ``gapjax.train.run`` builds the cnn with
+    ``attn="mine"`` in every stage and trains it (the gate's ``fc`` moves). The file is
+    imported here with ``registry.import_modules``, what ``config.imports`` runs before
+    anything is built (a second import is a no-op)."""
+    path = tmp_path / "fork_attention.py"
+    path.write_text(FORK_MODULE)
+    config = tiny_digits.get_config("3")
+    config.log_every = config.eval_every = config.checkpoint_every = 3
+    config.imports = (str(path),)
+    config.model.attn = "mine"
+    config.model.attn_kwargs = ml_collections.ConfigDict({"squeeze": "gmp"})
+    try:
+        registry.import_modules(config.imports)
+        result = run(config, tmp_path / "run")
+        trained = result.variables["params"]
+        assert set(trained["stage2_se"]) == {"fc"}
+        assert result.model.attn == "mine" and result.model.attn_kwargs["squeeze"] == "gmp"
+        initial = jax.eval_shape(result.model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+        assert trained["stage2_se"]["fc"]["kernel"].shape == \
+            initial["params"]["stage2_se"]["fc"]["kernel"].shape == (1, 1, 16, 16)
+        assert float(jnp.abs(trained["stage2_se"]["fc"]["bias"]).max()) > 0  # trained
+        assert np.isfinite(result.metrics["eval/accuracy"])
+    finally:
+        ATTENTIONS._entries.pop("mine", None)
+        sys.modules.pop("fork_attention", None)
+        if str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
