@@ -8,6 +8,8 @@ with internet, then copy ``~/tensorflow_datasets/cifar10`` or set
 ``--config.dataset.data_dir``). The recipe is the usual one: SGD + Nesterov momentum 0.9,
 learning rate 0.1 per 128 examples scaled linearly with the batch, 5-epoch warmup, cosine
 decay, weight decay 5e-4 on kernels, 200 epochs, bfloat16 compute; expect ~95% top-1.
+On 2 CPU cores it would take about two weeks (an estimate: 9 examples/s measured with
+batch 64 on TFDS mock data, for 19,400 steps of 512).
 The optional argument overrides the pool: ``configs/cifar10_resnet18.py:gmp``.
 """
 

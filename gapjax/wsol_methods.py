@@ -5,7 +5,7 @@
   pixels are 0 after normalisation, i.e. the mean colour).
 * CutMix (Yun et al., ICCV 2019): ``cutmix`` pastes a random box of another image of the
   batch; the loss is ``lam * CE(label) + (1 - lam) * CE(other label)`` with ``lam`` the
-  share of pixels kept (``cutmix_loss`` / the ``label_mix`` and ``mix`` batch keys).
+  share of pixels kept (the ``label_mix`` and ``mix`` batch keys; ``Task.training_losses``).
 * ADL (Choe & Shim, CVPR 2019): ``ADL``, a parameter-free layer inserted in the backbone
   (``adl_blocks`` of ``gapjax.models`` ResNet / VGG). In training, from the channel-mean
   self-attention map it either multiplies the features by the sigmoid importance map or,
@@ -110,11 +110,6 @@ def cutmix(images: Any, labels: Any, permutation: Any, lam: Any, centre_y: Any, 
     return mixed, labels[permutation], share
 
 
-def cutmix_loss(losses_a: jax.Array, losses_b: jax.Array, share: jax.Array) -> jax.Array:
-    """``share * losses_a + (1 - share) * losses_b`` per example (the CutMix objective)."""
-    return share * losses_a + (1.0 - share) * losses_b
-
-
 class ADL(nn.Module):
     """Attention-based Dropout Layer: ``[B, H, W, C] -> [B, H, W, C]``.
 
@@ -148,7 +143,6 @@ __all__ = [
     "METHODS",
     "cutmix",
     "cutmix_box",
-    "cutmix_loss",
     "hide_and_seek",
     "patch_grid",
 ]

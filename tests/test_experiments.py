@@ -231,3 +231,22 @@ def test_benchmark_targets_measure_distance():
     calls = []
     timing = bench_common.time_calls(lambda: calls.append(1), repeats=3, warmup=1)
     assert len(calls) == 4 and timing["repeats"] == 3 and timing["min"] <= timing["median"]
+
+
+def test_report_command_errors_are_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for argv, status, message in [
+        (["--only", "heads"], 2, "error: the following arguments are required: --out; see "
+                                 "--help"),
+        (["--out", str(tmp_path), "--only", "heads,nope"], 2,
+         f"error: --only: unknown section(s) nope; choose from "
+         f"{', '.join(report.SECTION_MODULES)}; see --help"),
+        (["--out", str(blocker / "out"), "--only", "heads"], 1,
+         f"error: --out {blocker / 'out'}: Not a directory ({blocker / 'out'}); choose another "
+         "--out or free space"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            report.main(argv)
+        assert exited.value.code == status
+        assert capsys.readouterr().err.strip() == message

@@ -18,10 +18,13 @@ DIGITS = str(Path(__file__).resolve().parents[1] / "configs" / "digits.py")
 
 
 def _config(*overrides: str):
-    """The config ``train.py`` would build from ``--config`` and ``overrides``."""
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", DIGITS, flag_values=values, lock_config=True)
+    """The config ``train.py`` would build from ``--config`` and ``overrides`` (it hands
+    ml_collections, which reads overrides from ``sys.argv``, the arguments left after the
+    open overrides)."""
     argv, open_overrides = split_open_overrides(["train.py", *overrides])
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", DIGITS, flag_values=values, lock_config=True,
+                                    sys_argv=argv)
     values(argv)
     config = values.config
     apply_open_overrides(config, open_overrides)
@@ -52,6 +55,20 @@ def test_an_option_the_pool_does_not_have_is_one_clear_error():
 
 def test_other_overrides_are_left_to_ml_collections():
     argv, open_overrides = split_open_overrides(
-        ["train.py", "--config.model.pool=gem", "--config.model.pool_kwargs.p=2.5"])
+        ["train.py", "--config.model.pool=gem", "--config.model.pool_kwargs.p=2.5",
+         "--config.model.attn_kwargs.reduction=8", "--config.evals.loc.type=localization"])
     assert argv == ["train.py", "--config.model.pool=gem"]
-    assert open_overrides == {"model.pool_kwargs.p": "2.5"}
+    assert open_overrides == {"model.pool_kwargs.p": "2.5", "model.attn_kwargs.reduction": "8",
+                              "evals.loc.type": "localization"}
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_open_overrides_combine_with_any_other_in_any_order(order):
+    overrides = ["--config.model.pool_kwargs.p=4", "--config.model.pool=gem",
+                 "--config.total_steps=3", "--config.model.attn_kwargs.reduction=8",
+                 "--config.evals.loc.type=localization", "--config.evals.loc.every=2"]
+    config = _config(f"--config={DIGITS}", *overrides[::order])
+    assert (config.model.pool, config.total_steps) == ("gem", 3)
+    assert config.model.pool_kwargs.to_dict() == {"p": 4}
+    assert config.model.attn_kwargs.to_dict() == {"reduction": 8}  # a section it lacked
+    assert config.evals.to_dict() == {"loc": {"type": "localization", "every": 2}}

@@ -16,9 +16,10 @@ import pytest
 
 from gapjax import graph, tasks
 from gapjax.data.spec import DatasetSpec
+from gapjax.evaluators import eval_step, zero_eval_sums
 from gapjax.tasks import TASKS, Classification, GraphClassification, MultiLabel, Task
 from gapjax.train.state import create_train_state
-from gapjax.train.steps import eval_step, train_step, zero_eval_sums
+from gapjax.train.steps import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -106,6 +106,7 @@ def test_eval_only_under_another_config_evaluates_the_run_as_trained(finished, t
     workdir = _copy(finished, tmp_path)
     config = tiny_config(str(STEPS))
     config.model.pool = "gmp"
+    config.model.patch_size = 4  # a key of another model: it must not reach the cnn
     result = run(config, workdir, eval_only=True)
     # The GAP weights evaluated with the GAP model: the same numbers as at the end of
     # training, and nothing appended under the other config.
@@ -172,6 +173,14 @@ def test_fresh_starts_over_and_fork_branches(finished, tmp_path, capfd):
     assert "--fresh: deleted checkpoints, metrics.jsonl" in capfd.readouterr().err
     with pytest.raises(WorkdirError, match="--fresh cannot be combined"):
         run(config, old, fresh=True, fork_from=branch)
+
+    # A fork of a run already at total_steps says how to go on, and creates nothing.
+    with pytest.raises(WorkdirError) as error:
+        run(tiny_config("14"), tmp_path / "late", fork_from=branch)
+    assert _one_line(str(error.value)) == (
+        f"--fork: {branch} is already at step 14, and config.total_steps=14; raise it (e.g. "
+        "--config.total_steps=28) to train the fork further")
+    assert not (tmp_path / "late").exists()
 
 
 # --------------------------------------------------------------------------------------
@@ -328,7 +337,9 @@ def test_disk_full_save_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path
 
 
 def test_cli_missing_config_file_and_unwritable_workdir_are_one_line(tmp_path):
-    missing = train_runs.run_train(tmp_path / "run", config=str(tmp_path / "nope.py"))
+    missing = train_runs.run_train(tmp_path / "run", "--config.model.pool=gmp",
+                                   "--config.model.pool_kwargs.p=3",
+                                   config=f"{tmp_path / 'nope.py'}:12")
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"error: --config: no such file: {tmp_path / 'nope.py'}"
     blocker = tmp_path / "a_file"
@@ -349,9 +360,52 @@ def test_cli_refuses_a_changed_config_with_one_line(finished, tmp_path):
     assert 'model.pool "gap" -> "gmp"' in lines[0]
 
 
+DISK_FULL_FROM_STEP_8 = """
+import errno, os, runpy, sys
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
+original = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+async def disk_full_from_step_8(self, item, directory):
+    if isinstance(item, dict) and item.get("step", 0) >= 8:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    return await original(self, item, directory)
+json_checkpoint_handler.JsonCheckpointHandler._save_fn = disk_full_from_step_8
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_cli_disk_full_is_one_line(tmp_path):
+    import subprocess
+
+    # train.py under the in-process disk-full simulation of the test above.
+    wrapper = tmp_path / "disk_full.py"
+    wrapper.write_text(DISK_FULL_FROM_STEP_8)
+    command = train_runs.train_command(tmp_path / "run", config=f"{train_runs.TINY_CONFIG}:40")
+    full = subprocess.run([command[0], str(wrapper), *command[1:]], cwd=train_runs.REPO,
+                          env=train_runs.environment(), capture_output=True, text=True,
+                          timeout=240)
+    assert full.returncode == 1, full.stderr
+    assert full.stderr.strip().splitlines() == [
+        f"error: saving checkpoint {tmp_path / 'run' / 'checkpoints' / '8'} failed: No space "
+        "left on device [errno 28 ENOSPC]; stopped; the previous checkpoint (step 4) is kept."
+        " Free space or fix the directory, then rerun the same command to resume"], full.stderr
+
+
 # --------------------------------------------------------------------------------------
 # The console
 # --------------------------------------------------------------------------------------
+
+
+def test_a_long_run_says_so_once_from_its_timed_steps(monkeypatch, capsys):
+    long, short = Progress("lines", 3611, 0, 32), Progress("lines", 100, 0, 32)
+    clock = iter([100.0, 110.0, 100.0, 101.0])
+    monkeypatch.setattr("gapjax.train.metrics.time.perf_counter", lambda: next(clock))
+    for progress in (long, short):  # 10 steps in 10 s with 3600 left, then in 1 s with 89
+        progress.time_step(1, 600)
+        progress.time_step(11, 600)
+    assert capsys.readouterr().out == (
+        "note: training will take about 1:00:00 more here (32 examples/s over 10 timed steps,"
+        " evaluations not included); Ctrl-C saves a checkpoint, and the same command resumes\n")
 
 
 def _rendered_lines(text: str) -> list[str]:
@@ -405,10 +459,10 @@ def test_embedded_dataset_first_build_prints_one_line(tmp_path):
 
 
 def test_ctrl_c_saves_at_the_current_step_and_a_second_one_aborts(tmp_path):
-    config = f"{train_runs.TINY_CONFIG}:400"
+    config = f"{train_runs.TINY_CONFIG}:10000000"  # days: it says so after 11 steps
     workdir = tmp_path / "run"
     first = train_runs.start_train(workdir, "--config.progress=lines", config=config)
-    steps = train_runs.wait_for_checkpoints(first, workdir, 1)
+    steps = train_runs.wait_for_checkpoints(first, workdir, 1, after=11)
     first.send_signal(signal.SIGINT)
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
@@ -419,6 +473,7 @@ def test_ctrl_c_saves_at_the_current_step_and_a_second_one_aborts(tmp_path):
     assert stopped >= steps[0] and stopped in train_runs.saved_steps(workdir)
     assert "interrupted: saving a checkpoint at the current step" in err
     assert "Traceback" not in err
+    assert len(re.findall(r"note: training will take about \d+:\d\d:\d\d more here", out)) == 1
     assert not (workdir / "lock").exists()
     # The rerun resumes from that step.
     resumed = train_runs.start_train(workdir, "--config.progress=lines", config=config)

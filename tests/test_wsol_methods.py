@@ -11,6 +11,7 @@ import pytest
 
 from gapjax import models
 from gapjax import wsol_methods as wm
+from gapjax.tasks import Classification
 
 
 def test_hide_and_seek_hides_whole_patches_and_jits():
@@ -52,8 +53,13 @@ def test_cutmix_box_share_and_partner_labels():
     got = jitted(images, labels, permutation, 0.75, 8, 6)
     assert np.array_equal(np.asarray(got[0]), mixed)
     np.testing.assert_allclose(np.asarray(got[2]), share)
-    np.testing.assert_allclose(wm.cutmix_loss(jnp.array([1.0]), jnp.array([3.0]),
-                                              jnp.array([0.25])), [2.5])
+    # The task owns the mixed loss: share * l(label) + (1 - share) * l(partner's label).
+    task = Classification(num_classes=3)
+    logits = jnp.array([[2.0, 0.0, -1.0]])
+    mixed = task.training_losses(logits, {"label": jnp.array([0]), "label_mix": jnp.array([2]),
+                                          "mix": jnp.array([0.25])})
+    np.testing.assert_allclose(mixed, 0.25 * task.losses(logits, jnp.array([0]))
+                               + 0.75 * task.losses(logits, jnp.array([2])), rtol=1e-6)
 
 
 def test_adl_selects_importance_or_drop_mask():

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from gapjax import tasks
+from gapjax.data import dataset_info, make_iterator
 from gapjax.train import run
 from gapjax.train.defaults import base_config
 
@@ -34,20 +35,11 @@ from gapjax.train.defaults import base_config
 # --------------------------------------------------------------------------------------
 
 
-def quick_config(
-    dataset: str,
-    model: str,
-    *,
-    steps: int,
-    batch_size: int = 64,
-    learning_rate: float = 2e-3,
-    optimizer: str = "adamw",
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    augment: bool = False,
-    dataset_options: dict[str, Any] | None = None,
-    **model_kwargs: Any,
-) -> ml_collections.ConfigDict:
+def quick_config(dataset: str, model: str, *, steps: int, batch_size: int = 64,
+                 learning_rate: float = 2e-3, optimizer: str = "adamw", weight_decay: float = 1e-4,
+                 seed: int = 0, augment: bool = False,
+                 dataset_options: dict[str, Any] | None = None,
+                 **model_kwargs: Any) -> ml_collections.ConfigDict:
     """A training config for a short run: the shared base config with these overrides.
 
     AdamW with a cosine schedule and a short warm-up converges in a few hundred steps on
@@ -130,24 +122,15 @@ def run_name(config: ml_collections.ConfigDict) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def predict(
-    model: Any,
-    variables: dict[str, Any],
-    dataset_config: ml_collections.ConfigDict,
-    split: str,
-    *,
-    batch_size: int = 256,
-    with_features: bool = False,
-    max_examples: int | None = None,
-) -> dict[str, np.ndarray]:
+def predict(model: Any, variables: dict[str, Any], dataset_config: ml_collections.ConfigDict,
+            split: str, *, batch_size: int = 256, with_features: bool = False,
+            max_examples: int | None = None) -> dict[str, np.ndarray]:
     """Runs ``model`` over one ordered pass of ``split``; padding rows are dropped.
 
     Returns NumPy arrays: ``logits [N, K]``, ``label [N]`` (or ``[N, K]``), and with
     ``with_features`` the pre-pool feature maps ``features [N, h, w, C]`` taken from the
     same forward pass (the model contract: ``forward_features`` then ``forward_head``).
     """
-    from gapjax.data import dataset_info, make_iterator
-
     info = dataset_info(dataset_config)
     task = tasks.get(info.task, num_classes=info.num_classes)
 
@@ -191,8 +174,6 @@ def train_test_accuracy(result: Any, config: ml_collections.ConfigDict,
                         *, max_train_examples: int | None = 2000) -> dict[str, float]:
     """Accuracy of a finished run on the train split (without augmentation) and the test
     split, and the train-test gap, in percentage points."""
-    from gapjax.data import dataset_info
-
     info = dataset_info(config.dataset)
     train_pred = predict(result.model, result.variables, config.dataset, info.train_split,
                          max_examples=max_train_examples)
@@ -356,13 +337,6 @@ def bar_chart(ax: Any, labels: Sequence[str], series: dict[str, Sequence[float]]
     ax.set_ylabel(ylabel)
     if len(series) > 1:
         ax.legend(frameon=False)
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``(fn(), seconds)``."""
-    watch = Stopwatch()
-    result = fn()
-    return result, watch.elapsed()
 
 
 # --------------------------------------------------------------------------------------

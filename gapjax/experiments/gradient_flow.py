@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 
 from gapjax import gradflow
+from gapjax.data import dataset_info, make_iterator
 from gapjax.experiments import common
 from gapjax.pooling import POOLS
 from gapjax.train.metrics import read_metrics
@@ -107,8 +108,6 @@ def final_diagnostics(result: Any, config: ml_collections.ConfigDict,
 
     The batches have the size the training hook uses, so its compiled function is reused.
     """
-    from gapjax.data import dataset_info, make_iterator
-
     info = dataset_info(config.dataset)
     iterator = make_iterator(config.dataset, info.eval_split, batch_size=DIAGNOSTIC_EXAMPLES,
                              seed=0, train=False, process_index=0, process_count=1)
@@ -166,18 +165,15 @@ def judge(rows: dict[str, dict[str, float]]) -> tuple[bool, dict[str, bool], str
         f"{positions} positions per channel (entropy {gmp['entropy']:.3f}, Gini "
         f"{gmp['gini']:.3f}); GAP coverage {gap['coverage']:.4f} (entropy {gap['entropy']:.3f},"
         f" Gini {gap['gini']:.3f}). At the first convolution: GMP {gmp['early_coverage']:.3f},"
-        f" GAP {gap['early_coverage']:.3f}."
-    )
+        f" GAP {gap['early_coverage']:.3f}.")
     collide = (
         f"Collisions: GMP {gmp['collision_rate']:.3f} vs GAP {gap['collision_rate']:.3f} "
         f"(over {gmp['collision_triples']:.0f} and {gap['collision_triples']:.0f} image-channel-"
-        "label-pair triples)."
-    )
+        "label-pair triples).")
     conflict = (
         f"Conflict on the backbone: mean cosine GAP {gap['conflict_mean']:.3f} vs GMP "
         f"{gmp['conflict_mean']:.3f}; negative pairs GAP {gap['conflict_negative']:.3f} vs GMP "
-        f"{gmp['conflict_negative']:.3f}."
-    )
+        f"{gmp['conflict_negative']:.3f}.")
     early_gap = abs(gmp["early_coverage"] - gap["early_coverage"])
     if early_gap < 0.05:
         spread += (" So the one-position bottleneck of GMP does not reach the first "
@@ -227,8 +223,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
         f"{settings['gradflow_every']} steps on {DIAGNOSTIC_EXAMPLES} training canvases and "
         f"at the end on {settings['diagnostic_batches']} x {DIAGNOSTIC_EXAMPLES} test canvases "
         f"(the table); feature map "
-        f"{rows['gmp']['positions']} positions; mAP on the test split."
-    )
+        f"{rows['gmp']['positions']} positions; mAP on the test split.")
     claim = ("GMP: one position per channel gets gradient and the labels collide there; "
              "GAP: every position learns and conflicts between labels are averaged out.")
     markdown = "\n\n".join([

@@ -139,8 +139,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
     verdict = (
         f"Head ratio FC/GAP: {ratios} ({'>=' if shrinks else 'NOT all >='} {SHRINK_FACTOR:.0f}x "
         f"for the ImageNet models). Train-test gap, {gap_text}: the GAP head overfits "
-        f"{overfit_text}."
-    )
+        f"{overfit_text}.")
     markdown = "\n\n".join([
         common.records_table(parameters, ["model", "input", "classes", "backbone", "fc_head",
                                           "gap_head", "head_ratio", "fc_head_share"]),

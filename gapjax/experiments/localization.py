@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from gapjax import cam, wsol
+from gapjax.data import make_iterator
 from gapjax.experiments import common
 from gapjax.wsol import box_patch, display_image
 
@@ -102,8 +103,6 @@ def score_maps(model: Any, variables: Any, dataset_config: Any, method: str,
                batch_size: int = 250) -> dict[str, Any]:
     """Localization metrics of ``method`` maps over the test split, plus example maps and the
     calibrated threshold; maps are for the true class (``LocalizationEvaluator``)."""
-    from gapjax.data import make_iterator
-
     evaluator = wsol.LocalizationEvaluator(model, method)
     examples: dict[str, np.ndarray] = {}
     for batch in make_iterator(dataset_config, "test", batch_size=batch_size, seed=0,
@@ -127,8 +126,6 @@ def score_maps(model: Any, variables: Any, dataset_config: Any, method: str,
 def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
     """Trains (or reuses) one cnn per pool on cluttered digits, scores its maps, writes the
     table, JSON and figure into ``out_dir``. Returns a report section with ``table``."""
-    from gapjax.data import make_iterator
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     watch = common.Stopwatch()
@@ -176,8 +173,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
         f"GAP + CAM reaches MaxBoxAccV2 {100 * gap_cam['max_box_acc_v2']:.1f}% against the "
         f"centre baseline's {100 * baseline['max_box_acc_v2']:.1f}% ({100 * margin:+.1f} "
         f"points; the claim asks for >= {100 * MARGIN:.0f}). Best maps: {best['pool']} "
-        f"{best['maps']} ({100 * best['max_box_acc_v2']:.1f}%)."
-    )
+        f"{best['maps']} ({100 * best['max_box_acc_v2']:.1f}%).")
     return {
         **common.section(
             "CAM and weakly supervised localization",

@@ -20,7 +20,7 @@ one-hot colours of each pair's neighbourhoods with sum / mean / max (and passes 
 through a randomly initialised GIN layer) and reports whether the two members differ.
 
 Two training loops train the same model on the same data. The quick mode drives the
-training loop's step functions (``gapjax.train.steps`` with the graph task) over the
+train and eval steps (``gapjax.train.steps``, ``gapjax.evaluators``) with the graph task over the
 dataset's pipeline hooks (``preprocess``, ``collate``) in a loop of its own, in which the 27
 short runs share one compiled step per readout and every readout sees the same batches:
 about 1 minute of CPU time, against about 5 through
@@ -44,6 +44,8 @@ import numpy as np
 import optax
 
 from gapjax import tasks
+from gapjax.data import graph_tasks, pipeline
+from gapjax.evaluators import eval_step, zero_eval_sums
 from gapjax.experiments.common import (
     PALETTE,
     Stopwatch,
@@ -61,7 +63,7 @@ from gapjax.graph import GraphBatch, batch_graphs, readout
 from gapjax.models import gnn
 from gapjax.train.metrics import last_value, read_metrics
 from gapjax.train.state import create_train_state
-from gapjax.train.steps import eval_step, train_step, zero_eval_sums
+from gapjax.train.steps import train_step
 
 READOUT_NAMES = ("sum", "mean", "max")
 FAIL_MARGIN = 0.20
@@ -86,7 +88,6 @@ LEARNING_RATE, WEIGHT_DECAY = 5e-3, 1e-4
 def load_splits(task: str, data_dir: Path, num_train: int, num_test: int) -> dict[str, list]:
     """Prepares ``gapjax_graph_tasks`` for ``task`` (once) and returns its preprocessed
     ``train``, ``test`` and ``fig3`` examples (lists of graph dicts)."""
-    from gapjax.data import graph_tasks, pipeline
 
     config = graph_tasks.builder_config(
         {"task": task, "num_train": num_train, "num_test": num_test})
@@ -104,7 +105,6 @@ def load_splits(task: str, data_dir: Path, num_train: int, num_test: int) -> dic
 
 def training_batches(examples: list, batch_size: int, steps: int, seed: int) -> list[dict]:
     """``steps`` collated batches of shuffled examples (reshuffled every epoch)."""
-    from gapjax.data import graph_tasks
 
     rng = np.random.default_rng(seed)
     per_epoch = len(examples) // batch_size
@@ -124,7 +124,6 @@ def training_batches(examples: list, batch_size: int, steps: int, seed: int) -> 
 
 def evaluation_batches(examples: list, batch_size: int) -> list[dict]:
     """One ordered pass; the last batch is padded (padding graphs have weight 0)."""
-    from gapjax.data import graph_tasks
 
     return [graph_tasks.collate(examples[start:start + batch_size], batch_size)
             for start in range(0, len(examples), batch_size)]
@@ -140,7 +139,6 @@ class ReadoutTrainer:
     across tasks and seeds."""
 
     def __init__(self, readout_name: str, steps: int):
-        from gapjax.data import graph_tasks
 
         self.task = tasks.get(graph_tasks.SPEC.task, num_classes=graph_tasks.SPEC.num_classes)
         self.model = gnn.GIN(num_classes=self.task.num_classes, pool=readout_name, **MODEL)
@@ -177,7 +175,6 @@ def fig3_separation(fig3: list, seed: int = 0) -> list[dict[str, Any]]:
     aggregates (of the one-hot colours), and different centre states after one randomly
     initialised GIN layer with that aggregator? ``fig3`` holds the six star graphs in
     ``(pair, member)`` order (centre = node 0)."""
-    from gapjax.data import graph_tasks
 
     graphs = batch_graphs(fig3, node_budget=32, edge_budget=32, graph_budget=8)
     graphs = jax.tree_util.tree_map(jnp.asarray, graphs)
@@ -252,7 +249,6 @@ def shared_loop_matrix(settings: dict[str, Any], data_dir: Path, runs_dir: Path,
                        seeds=SEEDS) -> dict[str, dict[str, list[float]]]:
     """Like ``accuracy_matrix``, each cell trained by ``gapjax.train.run`` (its own
     workdir with ``metrics.jsonl`` and checkpoints; final ``eval/accuracy``)."""
-    from gapjax.data import graph_tasks
     matrix: dict[str, dict[str, list[float]]] = {name: {} for name in READOUT_NAMES}
     for name in READOUT_NAMES:
         for task in graph_tasks.VARIANTS:
@@ -324,7 +320,6 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
     accuracy matrix (``{readout: {task: {"runs", "mean", "std"}}}``), the failure checks
     and the Figure 3 table.
     """
-    from gapjax.data import graph_tasks
     watch = Stopwatch()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -382,8 +377,7 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
         + "; ".join(f"{c['readout']}/{c['task']} {100 * c['gap']:.0f} points below sum"
                     for c in checks)
         + ("; Figure 3 pairs separated exactly as theory says." if fig3_holds
-           else "; Figure 3 separation differs from theory.")
-    )
+           else "; Figure 3 separation differs from theory."))
     numbers = {
         "accuracy": {r: {t: {"runs": matrix[r][t], "mean": float(np.mean(matrix[r][t])),
                              "std": float(np.std(matrix[r][t]))} for t in tasks}

@@ -234,7 +234,6 @@ def run_section(name: str, fn: SectionFn, out_dir: Path, quick: bool) -> dict[st
                    "numbers": {}, "holds": None, "verdict": "section failed", "figures": [],
                    "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                    "traceback": traceback.format_exc(limit=8)}
-        print(section["traceback"], file=sys.stderr)
     section["seconds"] = time.perf_counter() - start
     return section
 
@@ -316,8 +315,9 @@ def build_report(out_dir: Path | str, *, quick: bool = True, only: Sequence[str]
             def fn(path: Path, quick_mode: bool, name: str = name) -> dict[str, Any]:
                 return load_section(name)(path, quick=quick_mode)
         done[name] = run_section(name, fn, out_dir, quick)
+        failure = (done[name]["error"] or "").splitlines()[:1]  # one line per section
         print(f"[report] {name}: {holds_text(done[name])} ({done[name]['seconds']:.0f} s)",
-              file=sys.stderr, flush=True)
+              *failure, file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
     machine = machine_description()
     (out_dir / "REPORT.md").write_text(
@@ -334,12 +334,18 @@ def build_report(out_dir: Path | str, *, quick: bool = True, only: Sequence[str]
     return results
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the usage text
+        self.exit(2, f"error: {message}; see --help\n")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--full", action="store_true", help="larger runs (quick by default)")
     parser.add_argument("--only", default="", help="comma-separated sections: "
                         + ", ".join(SECTION_MODULES))
+    parser.add_argument("--traceback", action="store_true", help="the traceback of an error")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in only if name not in SECTION_MODULES]
@@ -348,11 +354,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                      f"{', '.join(SECTION_MODULES)}")
     command = "python -m gapjax.experiments.report " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    results = build_report(args.out, quick=not args.full, only=only, command=command.strip())
+    try:
+        results = build_report(args.out, quick=not args.full, only=only,
+                               command=command.strip())
+    except OSError as error:  # an unwritable or full --out
+        if args.traceback:
+            raise
+        parser.exit(1, f"error: --out {args.out}: {error.strerror or error} "
+                       f"({error.filename}); choose another --out or free space\n")
     failed = [name for name, section in results["sections"].items()
               if section["status"] != "ok"]
     print(f"wrote {args.out / 'REPORT.md'} and results.json in {results['seconds'] / 60:.1f} "
-          f"min" + (f"; failed sections: {', '.join(failed)}" if failed else ""))
+          f"min" + (f"; failed sections (tracebacks in REPORT.md): {', '.join(failed)}"
+                    if failed else ""))
 
 
 if __name__ == "__main__":

@@ -221,8 +221,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
         f"LocalGate {by_variant['local']:.2f}%, SE {by_variant['se']:.2f}%, SE with GMP "
         f"squeeze {by_variant['se, gmp squeeze']:.2f}% ({examples} test images): against "
         f"the local gate SE is {versus_local}, against no gate {versus_none} (differences "
-        f"within {TIE_STANDARD_ERRORS:.0f} standard errors count as ties)."
-    )
+        f"within {TIE_STANDARD_ERRORS:.0f} standard errors count as ties).")
     return common.section(
         "Squeeze-and-Excitation",
         claim=("SE adds ~10% parameters and ~0.26% FLOPs to ResNet-50, costs <= 1.05x step "

@@ -224,8 +224,7 @@ def run(out_dir: Path | str, quick: bool = True) -> dict[str, Any]:
         f"{len(labels)} predictions at strength 1; flips "
         f"{'grow' if monotone else 'do not grow'} monotonically with the strength. Learned "
         f"attention pooling reaches {attention_accuracy:.2f}% against GAP's "
-        f"{gap_accuracy:.2f}%."
-    )
+        f"{gap_accuracy:.2f}%.")
     return common.section(
         "Weighted pooling",
         claim=("GAP is the uniform member of the weighted-pooling family: uniform weights give "

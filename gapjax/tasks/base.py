@@ -61,6 +61,16 @@ class Task(abc.ABC):
         """Per-example loss ``[b]`` float32 of ``logits [b, K]``; ``train`` adds the
         training-only terms (label smoothing), so evaluation reports the plain loss."""
 
+    def training_losses(self, logits: jax.Array, batch: Batch) -> jax.Array:
+        """Per-example training loss ``[b]`` of ``batch``; a mixed batch (CutMix: the
+        partner's ``label_mix [b]`` and the kept share ``mix [b]``) gets
+        ``mix * l(label) + (1 - mix) * l(label_mix)``."""
+        losses = self.losses(logits, batch["label"], train=True)
+        if "label_mix" not in batch:
+            return losses
+        mixed = self.losses(logits, batch["label_mix"], train=True)
+        return batch["mix"] * losses + (1.0 - batch["mix"]) * mixed
+
     @abc.abstractmethod
     def correct(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
         """Per-example accuracy ``[b]`` in [0, 1] (``train/accuracy``, ``eval/accuracy``)."""

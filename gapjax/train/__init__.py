@@ -1,32 +1,19 @@
-"""Training: ``run(config, workdir) -> TrainResult`` and the pieces it is made of.
+"""Training: ``run(config, workdir) -> TrainResult`` (``loop``) and the pieces it is made of:
+``defaults`` (every config key), ``optim``, ``state``, ``steps``, ``parallel``,
+``checkpoint``, ``metrics``, ``workdir``.
 
-``gapjax.train.defaults.base_config()`` holds every config key with its default;
-``optim`` builds optimizers and schedules by name, ``state`` the train state, ``steps``
-the pure train / eval steps, ``parallel`` the jit-mesh and pmap placements, ``checkpoint``
-the Orbax checkpoints, ``metrics`` the metric writers and progress display, and ``loop``
-ties them together.
+Re-exported on first use: ``steps``, ``state`` and ``optim`` need only jax, flax and optax,
+so an accelerator machine without TFDS or grain can still import them.
 """
 
-
-from __future__ import annotations
-
 import importlib
-from typing import Any
 
-# Exported lazily: ``steps``, ``state`` and ``optim`` need only jax, flax and optax, so
-# an accelerator machine without TFDS, grain or ml_collections can still import them.
-_EXPORTS = {
-    "base_config": "gapjax.train.defaults",
-    "NonFiniteLossError": "gapjax.train.loop",
-    "TrainResult": "gapjax.train.loop",
-    "TrainingError": "gapjax.train.loop",
-    "run": "gapjax.train.loop",
-}
-
+_EXPORTS = {"base_config": "defaults", "NonFiniteLossError": "loop", "TrainResult": "loop",
+            "TrainingError": "loop", "run": "loop"}
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        return getattr(importlib.import_module(f"gapjax.train.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'gapjax.train' has no attribute {name!r}")

@@ -6,10 +6,13 @@ of its own (``dataset.task`` for graphs, ...). Every key of ``config.model`` oth
 ``name`` is passed to ``gapjax.models.get`` as a keyword, so ``config.model`` holds only
 keys its model takes. Every model takes ``model.pool`` (the head's pool; a graph model's
 readout) and ``model.pool_kwargs`` (the pool's options, ``--config.model.pool_kwargs.p=4``);
-image configs add ``model.head``.
+image configs add ``model.head``. ``imports`` and ``evals``: see docs/training.md.
 """
 
 from __future__ import annotations
+
+import ast
+import re
 
 import ml_collections
 
@@ -32,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"
     config.progress = "auto"
     config.gradflow_every = 0
+    config.imports = ()  # a fork's modules (names or .py paths), recorded resolved
+    # name -> dict(type=<EVALUATORS name>, every=..., ...); eval_every, eval.* and
+    # gradflow_every add the default entries (gapjax.evaluators.base.specs).
+    config.evals = ml_collections.ConfigDict()
     # Fine-tuning: a weight file (.safetensors / .pth in config.model.name's torch naming)
     # or a gapjax workdir to start from; "" starts from scratch (gapjax.train.init_from).
     config.init_from = ""
@@ -96,42 +103,36 @@ def set_epochs(
     return steps_per_epoch
 
 
-#: Config sections whose keys are open-ended: a pool's options depend on the pool chosen,
-#: so ``--config.model.pool_kwargs.<option>=<value>`` may name a key the config file never
-#: set (ml_collections only overrides existing keys). The pool checks the option names.
-OPEN_SECTIONS = ("model.pool_kwargs",)
+#: ``--config.<key>=<value>`` flags whose key the config file need not have set: the
+#: options of a model's ``*_kwargs`` dicts (the pool or module checks their names) and the
+#: entries of ``config.evals``. ml_collections only overrides keys that exist.
+OPEN_OVERRIDE = re.compile(r"--config\.((?:model\.\w+_kwargs|evals\.\w+)\.[\w.]+)=(.*)", re.S)
 
 
 def split_open_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Takes ``--config.<open section>.<key>=<value>`` flags out of ``argv``.
-
-    Returns the remaining arguments and ``{"model.pool_kwargs.p": "5", ...}`` (raw strings,
-    applied by ``apply_open_overrides`` once the config is loaded).
-    """
-    remaining, overrides = [], {}
-    prefixes = tuple(f"--config.{section}." for section in OPEN_SECTIONS)
-    for argument in argv:
-        if argument.startswith(prefixes) and "=" in argument:
-            path, value = argument[len("--config."):].split("=", 1)
-            overrides[path] = value
-        else:
-            remaining.append(argument)
-    return remaining, overrides
+    """Takes the open overrides out of ``argv``: returns the remaining arguments and
+    ``{"model.pool_kwargs.p": "5", ...}`` (raw strings, for ``apply_open_overrides``)."""
+    matches = [OPEN_OVERRIDE.fullmatch(argument) for argument in argv]
+    return ([argument for argument, match in zip(argv, matches) if not match],
+            {match[1]: match[2] for match in matches if match})
 
 
 def apply_open_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
-    """Sets the open-section overrides on ``config``; values are Python literals
-    (``5``, ``2.5``, ``True``, ``(1, 2)``) or else strings."""
-    import ast
-
+    """Sets the open-section overrides on ``config``, creating the sections they name;
+    values are Python literals (``5``, ``2.5``, ``True``, ``(1, 2)``) or else strings."""
     for path, raw in overrides.items():
         *sections, key = path.split(".")
         node = config
-        for section in sections:
-            node = node[section]
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        with node.unlocked():
-            node[key] = value
+        with config.unlocked():
+            for section in sections:
+                if node.get(section) is None:
+                    node[section] = ml_collections.ConfigDict()
+                node = node[section]
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+            try:
+                node[key] = value
+            except TypeError as error:  # another type than the config file's value
+                raise ValueError(f"--config.{path}={raw}: {error}") from None

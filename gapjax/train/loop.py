@@ -1,12 +1,14 @@
 """The training loop: ``run(config, workdir) -> TrainResult``.
 
-config -> registries (dataset, model, pool, optimizer) -> input pipeline -> compiled step
--> checkpoints and metrics. The loop owns the order of events at a step ``s``:
+It reads top to bottom: the run's pieces (data, task, model, optimizer, evaluators), the
+state (fresh, fine-tuned or restored), the compiled step, then the loop, which owns the
+order of events at a step ``s``:
 
 1. train on the next batch (asynchronous dispatch, no host sync);
 2. every ``log_every`` steps: fetch the on-device running sums, check the loss is finite,
    write ``train/*``;
-3. every ``eval_every`` steps and at the end: evaluate, write ``eval/*``;
+3. run every evaluator that is due (``config.evals``, ``gapjax.evaluators``): ``eval/*``,
+   ``test/*`` after the last step, ``train/grad_*``;
 4. when the Orbax policy asks (every ``checkpoint_every`` steps, a preemption sync point),
    at the end, or after SIGTERM: check the loss is finite, then save.
 
@@ -19,25 +21,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
+import ml_collections
+from jax.experimental import multihost_utils
 
-from gapjax import gradflow, models, tasks, wsol
+from gapjax import data, evaluators, models, tasks
 from gapjax.pooling import POOLS
+from gapjax.registry import import_modules, resolve_import
 from gapjax.train.checkpoint import Checkpointer
 from gapjax.train.defaults import DTYPES
+from gapjax.train.init_from import initialize
 from gapjax.train.metrics import MetricWriter, NullWriter, Progress, read_metrics
-from gapjax.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
+from gapjax.train.optim import make_optimizer, make_schedule
 from gapjax.train.parallel import DataParallel
 from gapjax.train.state import NO_BAD_STEP, TrainState, create_train_state, reset_sums
-from gapjax.train.steps import eval_step, train_step, zero_eval_sums
-from gapjax.train.workdir import StopSignals, open_workdir
+from gapjax.train.steps import train_step
+from gapjax.train.workdir import CHECKPOINT_DIR, StopSignals, open_workdir
 
-CHECKPOINT_DIR = "checkpoints"
+#: A run whose training will take longer than this says so after its first timed steps.
+LONG_RUN_SECONDS = 600
+TIMED_STEPS = 10
 
 
 class TrainingError(RuntimeError):
@@ -65,158 +73,16 @@ class TrainResult:
     workdir: Path
 
 
-# --------------------------------------------------------------------------------------
-# Set-up helpers
-# --------------------------------------------------------------------------------------
-
-
-def _check_choices(config: Any) -> None:
-    """Fails fast, before any data or compilation, on names that are not registered."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype={config.dtype!r} is not supported; choose one of: "
-                         f"{', '.join(DTYPES)}")
-    models.MODELS.get(config.model.name)
-    pool = config.model.get("pool")
-    if pool is not None and pool != "token":  # "token": a ViT's class token, not a pool
-        POOLS.get(pool)
-    OPTIMIZERS.get(config.optimizer.name)
-    SCHEDULES.get(config.optimizer.get("schedule", "constant"))
-    for key in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
-        if int(config[key]) <= 0:
-            raise ValueError(f"config.{key}={config[key]!r} must be a positive integer")
-
-
-def _sample_inputs(data: Any, info: Any, task: Any, config: Any, batch_size: int) -> Any:
-    """Model inputs from the first evaluation batch, to initialise shapes (no training data
-    is consumed, so a fresh and a resumed run see the same training batches)."""
-    iterator = data.make_iterator(config.dataset, info.eval_split, batch_size=batch_size,
-                                  seed=config.seed, train=False, process_index=0,
-                                  process_count=1)
-    return task.init_inputs(next(iter(iterator)))
-
-
-def _config_json(config: Any) -> dict[str, Any]:
-    import json
-
-    return json.loads(config.to_json_best_effort())
-
-
-# --------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------
-
-
-class _Run:
-    """The pieces of one run, built once by ``run``."""
-
-    def __init__(self, config: Any, workdir: Path):
-        from gapjax import data
-
-        _check_choices(config)
-        self.config = config
-        self.workdir = workdir
-        self.data = data
-        self.info = data.dataset_info(config.dataset)
-        self.parallel = DataParallel(config.parallel)
-        self.task = tasks.get(self.info.task, num_classes=self.info.num_classes,
-                              label_smoothing=float(config.optimizer.get("label_smoothing", 0)))
-        if not self.task.rows_split and (config.parallel == "pmap" or jax.process_count() > 1):
-            raise ValueError(
-                f"config.parallel={config.parallel!r} with {jax.process_count()} process(es): "
-                f"{self.info.task} batches cannot be split per device or per process; use "
-                "parallel='jit' in a single process"
-            )
-        self.local_batch_size = self.parallel.local_batch_size(int(config.batch_size))
-        self.is_chief = jax.process_index() == 0
-        self.model = models.from_config(config, self.info.num_classes, self.parallel.axis_name)
-        self.tx = make_optimizer(config.optimizer, int(config.total_steps))
-        self.schedule = make_schedule(config.optimizer, int(config.total_steps))
-        self.train_step = self.parallel.compile_train_step(functools.partial(
-            train_step, model=self.model, tx=self.tx, task=self.task, seed=int(config.seed)))
-        self.eval_step = self.parallel.compile_eval_step(functools.partial(
-            eval_step, model=self.model, task=self.task))
-        self.checkpointer = Checkpointer(
-            workdir / CHECKPOINT_DIR, checkpoint_every=int(config.checkpoint_every),
-            keep=int(config.get("keep_checkpoints", 3)))
-
-    def make_train_iterator(self) -> Any:
-        return self.data.make_iterator(
-            self.config.dataset, self.info.train_split, batch_size=self.local_batch_size,
-            seed=int(self.config.seed), train=True, process_index=jax.process_index(),
-            process_count=jax.process_count())
-
-    def initial_state(self) -> TrainState:
-        sample = _sample_inputs(self.data, self.info, self.task, self.config,
-                                self.local_batch_size)
-        model, tx, seed = self.model, self.tx, int(self.config.seed)
-        return self.parallel.init(lambda: create_train_state(model, tx, sample, seed))
-
-    def meta(self, step: int) -> dict[str, Any]:
-        return {"step": int(step), "config": _config_json(self.config),
-                "device_count": self.parallel.device_count,
-                "process_count": jax.process_count(), "parallel": self.config.parallel}
-
-    def evaluate(self, canonical_state: TrainState, split: str | None = None,
-                 prefix: str = "eval", loc_threshold: float | None = None) -> dict[str, float]:
-        """Evaluation metrics (``<prefix>/...``) of ``canonical_state`` on ``split`` (default
-        the eval split). Localization uses ``config.eval.wsol_protocol`` and
-        ``loc_threshold`` (None: calibrated on this split); its overlay grid, when
-        ``config.eval.overlay_images`` > 0, is left in ``self.overlay``."""
-        config, info = self.config, self.info
-        variables = self.parallel.to_step_form(canonical_state.variables())
-        sums = self.parallel.replicate(zero_eval_sums(self.task))
-        iterator = self.data.make_iterator(
-            config.dataset, split or info.eval_split, batch_size=self.local_batch_size,
-            seed=int(config.seed), train=False, process_index=jax.process_index(),
-            process_count=jax.process_count())
-        localization = self.overlay = None
-        if config.eval.get("localization", False):
-            localization = wsol.LocalizationEvaluator(
-                self.model, config.eval.get("cam_method", "auto"),
-                protocol=config.eval.get("wsol_protocol", "gapjax"),
-                loc_threshold=loc_threshold,
-                overlay_images=int(config.eval.get("overlay_images", 0) or 0))
-        collected: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        canonical_variables = canonical_state.variables()
-        for batch in iterator:
-            sums, logits = self.eval_step(variables, self.parallel.global_batch(batch), sums)
-            if self.task.keeps_outputs:
-                collected.append((self.parallel.local_rows(logits), np.asarray(batch["label"]),
-                                  np.asarray(batch["weight"])))
-            if localization is not None:
-                localization.update(canonical_variables, batch)
-        totals = self.parallel.fetch(sums)
-        weight = max(float(totals.pop("weight")), 1.0)
-        metrics = {f"eval/{key}": float(value) / weight for key, value in totals.items()}
-        if collected:
-            logits, labels, weights = (np.concatenate(parts) for parts in zip(*collected))
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                logits, labels, weights = (
-                    np.asarray(multihost_utils.process_allgather(a, tiled=True))
-                    for a in (logits, labels, weights))
-            real = weights > 0
-            metrics.update({f"eval/{key}": value for key, value in
-                            self.task.summarize(logits[real], labels[real]).items()})
-        if localization is not None:
-            metrics.update({key if key.startswith("eval/") else f"eval/{key}": float(value)
-                            for key, value in localization.result().items()})
-            self.overlay = localization.overlay()
-        return {f"{prefix}/{key[len('eval/'):]}": value for key, value in metrics.items()}
-
-
-def _raise_if_bad(bad_step: int, checkpointer: Checkpointer) -> None:
-    if bad_step != NO_BAD_STEP:
-        checkpointer.wait()
-        kept = checkpointer.latest_step()
-        where = (f"the last good checkpoint (step {kept}) is kept in {checkpointer.directory}"
-                 if kept is not None else "no checkpoint was written")
-        raise NonFiniteLossError(
-            f"training loss became non-finite (NaN or inf) at step {bad_step}; stopped "
-            f"without saving; {where}. Lower config.optimizer.learning_rate or set "
-            f"config.optimizer.grad_clip"
-        )
+def with_imports(config: Any) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with ``config.imports`` imported (a fork's pools, models,
+    evaluators register themselves) and recorded resolved (``resolve_import``), so that
+    every command reopening the run imports them from any working directory."""
+    config = ml_collections.ConfigDict(config).copy_and_resolve_references()
+    imports = tuple(config.get("imports") or ())
+    import_modules(imports)
+    with config.unlocked():
+        config.imports = tuple(resolve_import(spec) for spec in imports)
+    return config
 
 
 def run(config: Any, workdir: str | Path, *, eval_only: bool = False, fresh: bool = False,
@@ -228,91 +94,137 @@ def run(config: Any, workdir: str | Path, *, eval_only: bool = False, fresh: boo
     the run's meaning (one line naming each changed key) unless ``fresh`` (delete the
     run's files and start over there) or ``fork_from=OLD`` (branch: ``workdir`` is a new
     directory seeded with OLD's checkpoints). ``eval_only`` evaluates the run as trained
-    and appends its ``eval/*`` record (nothing when ``config`` differs in meaning). See
-    ``gapjax.train.workdir``.
+    (under its recorded config) and appends its record (nothing when ``config`` differs
+    in meaning). ``config.progress="none"`` keeps it quiet, as programmatic callers
+    (experiments) want. See ``gapjax.train.workdir``.
     """
-    sync = None
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        sync = multihost_utils.sync_global_devices
-    with open_workdir(workdir, _config_json(config), eval_only=eval_only, fresh=fresh,
-                      fork_from=fork_from, chief=jax.process_index() == 0,
+    config = with_imports(config)
+    sync = multihost_utils.sync_global_devices if jax.process_count() > 1 else None
+    with open_workdir(workdir, json.loads(config.to_json_best_effort()), eval_only=eval_only,
+                      fresh=fresh, fork_from=fork_from, chief=jax.process_index() == 0,
                       sync=sync) as bound:
         if bound.refused:  # --eval_only under another config: evaluate the recorded one
-            import ml_collections
-
-            config = ml_collections.ConfigDict(bound.recorded)
-        return _run(config, bound.workdir, eval_only=eval_only,
-                    append=bound.append_metrics)
+            config = with_imports(bound.recorded)
+        return _train_and_evaluate(config, bound.workdir, eval_only=eval_only,
+                                   append=bound.append_metrics)
 
 
-def _run(config: Any, workdir: str | Path, *, eval_only: bool, append: bool) -> TrainResult:
-    """Trains (or resumes) the run described by ``config`` in ``workdir``.
+def _check_choices(config: Any) -> None:
+    """Fails fast, before any data or compilation, on names that are not registered."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype={config.dtype!r} is not supported; choose one of: "
+                         f"{', '.join(DTYPES)}")
+    models.MODELS.get(config.model.name)
+    if config.model.get("pool") not in (None, "token"):  # token: a ViT's class token
+        POOLS.get(config.model.pool)
+    for key in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
+        if int(config[key]) <= 0:
+            raise ValueError(f"config.{key}={config[key]!r} must be a positive integer")
 
-    Rerunning with the same ``workdir`` resumes from the latest checkpoint; a finished run
-    returns at once with its final metrics. ``eval_only`` evaluates the latest checkpoint
-    and writes its ``eval/*`` record. ``config.progress="none"`` keeps it quiet, which is
-    what programmatic callers (experiments) want.
-    """
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    job = _Run(config, workdir)
-    checkpointer, parallel = job.checkpointer, job.parallel
-    total_steps, batch_size = int(config.total_steps), int(config.batch_size)
+
+def _train_and_evaluate(config: Any, workdir: Path, *, eval_only: bool, append: bool
+                        ) -> TrainResult:
+    # The pieces: names are checked before any data is read or code compiled.
+    _check_choices(config)
+    tx = make_optimizer(config.optimizer, int(config.total_steps))
+    chosen_evaluators = evaluators.build(config)
+    info = data.dataset_info(config.dataset)
+    parallel = DataParallel(config.parallel)
+    task = tasks.get(info.task, num_classes=info.num_classes,
+                     label_smoothing=float(config.optimizer.get("label_smoothing", 0)))
+    if not task.rows_split and (config.parallel == "pmap" or jax.process_count() > 1):
+        raise ValueError(
+            f"config.parallel={config.parallel!r} with {jax.process_count()} process(es): "
+            f"{info.task} batches cannot be split per device or per process; use "
+            "parallel='jit' in a single process")
+    seed, total_steps = int(config.seed), int(config.total_steps)
+    batch_size = parallel.local_batch_size(int(config.batch_size))
+    model = models.from_config(config, info.num_classes, parallel.axis_name)
+    chief = jax.process_index() == 0
+    checkpointer = Checkpointer(workdir / CHECKPOINT_DIR,
+                                checkpoint_every=int(config.checkpoint_every),
+                                keep=int(config.get("keep_checkpoints", 3)))
     try:
-        train_iterator = None if eval_only else job.make_train_iterator()
-        state = job.initial_state()
+        # The state: restored from the newest checkpoint, else fine-tuned or fresh. Shapes
+        # come from an evaluation batch, so no training data is consumed.
+        iterator = None if eval_only else data.make_iterator(
+            config.dataset, info.train_split, batch_size=batch_size, seed=seed, train=True,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        first = next(iter(data.make_iterator(config.dataset, info.eval_split,
+                                             batch_size=batch_size, seed=seed, train=False)))
+        sample = task.init_inputs(first)
+        state = parallel.init(lambda: create_train_state(model, tx, sample, seed))
         start_step = 0
         if checkpointer.latest_step() is not None:
-            abstract = parallel.abstract_canonical(state)
-            restored = checkpointer.restore(abstract, train_iterator)
+            restored = checkpointer.restore(parallel.abstract_canonical(state), iterator)
             state, start_step = restored.state, restored.step
         elif eval_only:
-            raise TrainingError(
-                f"--eval_only: no checkpoint in {checkpointer.directory}; train first with "
-                "the same --workdir")
+            raise TrainingError(f"--eval_only: no checkpoint in {checkpointer.directory}; "
+                                "train first with the same --workdir")
         elif config.get("init_from"):  # fine-tuning: only a fresh run reads the weights
-            from gapjax.train.init_from import initialize
+            state = initialize(state, model, tx, config)
 
-            state = initialize(state, job.model, job.tx, config)
-
-        writer = (MetricWriter(workdir, resume_step=start_step) if job.is_chief
-                  else NullWriter())
-        progress = Progress(config.progress if job.is_chief else "none", total_steps,
-                            start_step, batch_size)
-        latest: dict[str, float] = {}
+        writer = MetricWriter(workdir, resume_step=start_step) if chief else NullWriter()
+        progress = Progress(config.progress if chief else "none", total_steps, start_step,
+                            int(config.batch_size))
+        run_view = evaluators.Run(config, model, task, info, parallel, batch_size,
+                                  writer if append else NullWriter())
+        for evaluator in chosen_evaluators.values():
+            evaluator.setup(run_view)
         try:
             if eval_only:
-                latest = job.evaluate(state)
+                latest = _evaluate(chosen_evaluators.values(), state, start_step)
                 if append:
                     writer.write(start_step, latest)
                 progress.message(_summary(start_step, latest, 0.0, workdir))
-                return TrainResult(job.model, state.variables(), {"step": start_step, **latest},
+                return TrainResult(model, state.variables(), {"step": start_step, **latest},
                                    workdir)
             if start_step:
                 progress.message(f"resuming from step {start_step} ({checkpointer.directory})")
-            state, latest = _train(job, state, train_iterator, start_step, writer, progress)
+            step_fn = parallel.compile(functools.partial(
+                train_step, model=model, tx=tx, task=task, seed=seed), donate_argnums=(0,))
+            state, latest = _train(config, state, step_fn, iterator, start_step, parallel,
+                                   list(chosen_evaluators.values()), checkpointer, writer,
+                                   progress, workdir)
             # A resumed run logged only its own steps: take earlier values from the file.
             logged = {}
-            for record in read_metrics(workdir) if job.is_chief else []:
+            for record in read_metrics(workdir) if chief else []:
                 logged.update(record)
             latest = {**logged, **latest}
         finally:
             progress.close()
             writer.close()
-        return TrainResult(job.model, state.variables(), latest, workdir)
+        return TrainResult(model, state.variables(), latest, workdir)
     finally:
         checkpointer.close()
 
 
-def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer: Any,
-           progress: Progress) -> tuple[TrainState, dict[str, Any]]:
+def _evaluate(due: Any, state: TrainState, step: int, batch: Any = None) -> dict[str, float]:
+    """The metrics of every evaluator in ``due`` at ``step`` (canonical ``state``)."""
+    metrics: dict[str, float] = {}
+    for evaluator in due:
+        metrics.update(evaluator(state, step, batch))
+    return metrics
+
+
+def _raise_if_bad(bad_step: int, checkpointer: Checkpointer) -> None:
+    if bad_step != NO_BAD_STEP:
+        checkpointer.wait()
+        kept = checkpointer.latest_step()
+        where = (f"the last good checkpoint (step {kept}) is kept in {checkpointer.directory}"
+                 if kept is not None else "no checkpoint was written")
+        raise NonFiniteLossError(
+            f"training loss became non-finite (NaN or inf) at step {bad_step}; stopped "
+            f"without saving; {where}. Lower config.optimizer.learning_rate or set "
+            f"config.optimizer.grad_clip")
+
+
+def _train(config: Any, state: TrainState, step_fn: Any, iterator: Any, start_step: int,
+           parallel: DataParallel, chosen: list[Any], checkpointer: Checkpointer,
+           writer: Any, progress: Progress, workdir: Path) -> tuple[TrainState, dict[str, Any]]:
     """Steps ``start_step + 1 .. total_steps``; returns the state and the latest metrics."""
-    config, parallel, checkpointer = job.config, job.parallel, job.checkpointer
-    total_steps = int(config.total_steps)
-    log_every, eval_every = int(config.log_every), int(config.eval_every)
-    gradflow_every = int(config.get("gradflow_every", 0) or 0)
+    total_steps, log_every = int(config.total_steps), int(config.log_every)
+    schedule = make_schedule(config.optimizer, total_steps)
     multi_process = jax.process_count() > 1
     sigterm = StopSignals()
     if not multi_process:  # multi-host jobs use the distributed runtime's preemption notice
@@ -330,34 +242,28 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
         batches = iter(iterator)
         while step < total_steps:
             batch = next(batches)
-            step_state = job.train_step(step_state, parallel.global_batch(batch))
+            step_state = step_fn(step_state, parallel.global_batch(batch))
             step += 1
             progress.advance(step)
+            if step - start_step in (1, 1 + TIMED_STEPS) and step < total_steps:
+                jax.block_until_ready(step_state.step)  # two syncs per run time the steps
+                progress.time_step(step, LONG_RUN_SECONDS)
             record: dict[str, float] = {}
-            if gradflow_every and step % gradflow_every == 0:
-                record.update(_gradflow(job, parallel.to_canonical(step_state), batch))
             if step % log_every == 0 or step == total_steps:
                 sums, bad = parallel.fetch((step_state.sums, step_state.first_bad_step))
                 _raise_if_bad(int(bad), checkpointer)
                 count = max(float(sums["steps"]), 1.0)
                 record["train/loss"] = float(sums["loss_sum"]) / count
                 record["train/accuracy"] = float(sums["accuracy_sum"]) / count
-                record["train/learning_rate"] = float(job.schedule(step - 1))
+                record["train/learning_rate"] = float(schedule(step - 1))
                 step_state = reset(step_state)
                 progress.log(step, {k: v for k, v in record.items() if "rate" not in k},
                              progress.examples_per_second(step))
-            if step % eval_every == 0 or step == total_steps:
-                eval_metrics = job.evaluate(parallel.to_canonical(step_state))
-                if job.overlay is not None:
-                    writer.write_image(step, "eval/cam_overlay", job.overlay)
-                final_split = config.eval.get("final_split")
-                if step == total_steps and final_split:  # e.g. WSOL's test split, with the
-                    # map threshold calibrated on the eval split (train-fullsup)
-                    eval_metrics.update(job.evaluate(
-                        parallel.to_canonical(step_state), final_split, "test",
-                        eval_metrics.get("eval/loc_threshold")))
-                record.update(eval_metrics)
-                progress.log(step, eval_metrics)
+            due = [evaluator for evaluator in chosen if evaluator.due(step)]
+            if due:
+                evaluated = _evaluate(due, parallel.to_canonical(step_state), step, batch)
+                record.update(evaluated)
+                progress.log(step, evaluated)
             if record:
                 writer.write(step, record)
                 latest.update(record)
@@ -367,7 +273,7 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
                 bad = parallel.fetch(step_state.first_bad_step)
                 _raise_if_bad(int(bad), checkpointer)
                 checkpointer.save(step, parallel.to_canonical(step_state), iterator,
-                                  job.meta(step), force=True)
+                                  _meta(config, step, parallel), force=True)
             if preempted:
                 checkpointer.wait()
                 progress.message(f"stopped ({sigterm.name or 'preemption'}): saved a "
@@ -379,13 +285,16 @@ def _train(job: _Run, state: TrainState, iterator: Any, start_step: int, writer:
         sigterm.restore()
     latest = {"step": step, **latest}
     if step >= total_steps or start_step >= total_steps:
-        progress.message(_summary(step, latest, time.perf_counter() - started, job.workdir))
+        progress.message(_summary(step, latest, time.perf_counter() - started, workdir))
     return parallel.to_canonical(step_state), latest
 
 
-def _gradflow(job: _Run, state: TrainState, batch: dict[str, Any]) -> dict[str, float]:
-    values = gradflow.training_diagnostics(job.model, state.variables(), batch, job.task)
-    return {f"train/grad_{key}": float(value) for key, value in values.items()}
+def _meta(config: Any, step: int, parallel: DataParallel) -> dict[str, Any]:
+    """What a checkpoint records besides the state (the CAM command rebuilds the model
+    from its ``config``)."""
+    return {"step": int(step), "config": json.loads(config.to_json_best_effort()),
+            "device_count": parallel.device_count, "process_count": jax.process_count(),
+            "parallel": config.parallel}
 
 
 def _summary(step: int, metrics: dict[str, Any], seconds: float, workdir: Path) -> str:

@@ -22,10 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gapjax.train.defaults import PROGRESS_MODES
-
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-IMAGES_DIR = "images"
+from gapjax.train.workdir import IMAGES_DIR, METRICS_FILE, TENSORBOARD_DIR, write_atomically
 
 
 class MetricsFileError(ValueError):
@@ -81,12 +78,7 @@ def repair_metrics(workdir: str | Path, resume_step: int) -> list[dict[str, Any]
     dropped = len(records) - len(kept)
     if not torn and not dropped:
         return kept
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as file:
-        file.write("".join(json.dumps(record) + "\n" for record in kept))
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    write_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
     what = []
     if torn:
         what.append("a torn last line (a crash mid-write)")
@@ -211,8 +203,7 @@ class Progress:
         if mode not in PROGRESS_MODES:
             raise ValueError(
                 f"config.progress={mode!r} is not a progress mode; choose one of: "
-                f"{', '.join(PROGRESS_MODES)}"
-            )
+                f"{', '.join(PROGRESS_MODES)}")
         if mode == "auto":
             mode = "bar" if sys.stdout.isatty() else "lines"
         self.mode = mode
@@ -221,6 +212,7 @@ class Progress:
         self._step = start_step
         self._mark_step, self._mark_time = start_step, time.perf_counter()
         self._rate: float | None = None
+        self._timed: tuple[int, float] | None = None
         self._bar = None
         if mode == "bar":
             import rich
@@ -260,6 +252,22 @@ class Progress:
         self._mark_step, self._mark_time = step, now
         self._rate = rate
         return rate
+
+    def time_step(self, step: int, longer_than: float) -> None:
+        """Called, device synchronised, after the first (compiling) step and after a few
+        more: the second call prints one line when the steps left will take longer than
+        ``longer_than`` seconds at the rate between the two."""
+        now = time.perf_counter()
+        if self._timed is None:
+            self._timed = (step, now)
+            return
+        rate = (step - self._timed[0]) / max(now - self._timed[1], 1e-9)  # steps/s
+        left = (self.total_steps - step) / rate
+        if left > longer_than:
+            self.message(f"note: training will take about {_clock(left)} more here "
+                         f"({rate * self.batch_size:.0f} examples/s over "
+                         f"{step - self._timed[0]} timed steps, evaluations not included); "
+                         "Ctrl-C saves a checkpoint, and the same command resumes")
 
     def log(self, step: int, metrics: dict[str, float], rate: float | None = None) -> None:
         """Shows the latest metrics (and examples/s when given): training metrics in the

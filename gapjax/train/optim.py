@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from gapjax.registry import Registry
 
@@ -44,8 +44,7 @@ def _with_warmup(peak: float, warmup_steps: int, after: optax.Schedule) -> optax
 def cosine_schedule(options: Any, total_steps: int) -> optax.Schedule:
     """Linear warmup to ``learning_rate``, then cosine decay to zero at ``total_steps``."""
     peak, warmup = float(options.learning_rate), int(_get(options, "warmup_steps", 0))
-    decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
-    return _with_warmup(peak, warmup, decay)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
 
 
 @SCHEDULES.register("step")
@@ -114,43 +113,13 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda leaf: getattr(leaf, "ndim", 0) >= 2, params)
 
 
-def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-    return tuple(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
-
-
 def new_layer_mask(params: Any, modules: tuple[str, ...] = ("head",)) -> Any:
     """True for the parameters of the new layers of a fine-tuning run: those whose path
     starts with one of ``modules`` (module paths such as ``"head"`` or
     ``"head/classifier"``), e.g. ``params["head"]["classifier"]["kernel"]``."""
     prefixes = [tuple(module.split("/")) for module in modules]
-
-    def is_new(path, leaf):
-        del leaf
-        names = _path_names(path)
-        return any(names[:len(prefix)] == prefix for prefix in prefixes)
-
-    return jax.tree_util.tree_map_with_path(is_new, params)
-
-
-def scale_by_mask(multiplier: float, mask: Any | Callable[[Any], Any]
-                  ) -> optax.GradientTransformation:
-    """Multiplies the updates where ``mask`` (a tree of bools, or a function of the
-    params) is True by ``multiplier``; stateless. Chained after an optimizer whose update
-    is ``-learning_rate * direction`` (SGD with momentum, AdamW, weight decay included),
-    this is exactly a learning rate ``multiplier`` times larger for those parameters."""
-
-    def init(params):
-        del params
-        return optax.EmptyState()
-
-    def update(updates, state, params=None):
-        flags = mask(updates) if callable(mask) else mask
-        factor = jnp.float32(multiplier)
-        scaled = jax.tree.map(lambda u, new: u * factor.astype(u.dtype) if new else u,
-                              updates, flags)
-        return scaled, state
-
-    return optax.GradientTransformation(init, update)
+    return traverse_util.path_aware_map(
+        lambda path, _: any(path[:len(prefix)] == prefix for prefix in prefixes), params)
 
 
 def make_optimizer(options: Any, total_steps: int) -> optax.GradientTransformation:
@@ -166,8 +135,10 @@ def make_optimizer(options: Any, total_steps: int) -> optax.GradientTransformati
         raise ValueError(f"config.optimizer.head_lr_multiplier={multiplier!r} must be positive")
     if multiplier != 1.0:
         modules = tuple(_get(options, "head_modules", ("head",)) or ("head",))
-        optimizer = optax.chain(
-            optimizer, scale_by_mask(multiplier, lambda tree: new_layer_mask(tree, modules)))
+        # Every optimizer's update is -learning_rate * direction (weight decay included),
+        # so scaling the head's updates is a learning rate `multiplier` times larger.
+        optimizer = optax.chain(optimizer, optax.masked(
+            optax.scale(multiplier), lambda tree: new_layer_mask(tree, modules)))
     clip = float(_get(options, "grad_clip", 0.0) or 0.0)
     if clip > 0:
         return optax.chain(optax.clip_by_global_norm(clip), optimizer)

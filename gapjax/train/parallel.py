@@ -17,6 +17,7 @@ process-local NumPy batch with ``jax.make_array_from_process_local_data``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -42,8 +43,7 @@ def check_batch_size(batch_size: int, device_count: int, process_count: int) -> 
         raise BatchSizeError(
             f"config.batch_size={batch_size} is not divisible by the number of devices "
             f"({device_count} on {process_count} process(es)); choose a positive multiple "
-            f"of {multiple}"
-        )
+            f"of {multiple}")
 
 
 class DataParallel:
@@ -53,8 +53,7 @@ class DataParallel:
         if mode not in PARALLEL_MODES:
             raise ValueError(
                 f"config.parallel={mode!r} is not a parallel mode; choose one of: "
-                f"{', '.join(PARALLEL_MODES)}"
-            )
+                f"{', '.join(PARALLEL_MODES)}")
         self.mode = mode
         self.devices = list(devices or jax.devices())
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
@@ -101,8 +100,7 @@ class DataParallel:
                 raise ValueError(
                     f"batch leaf of shape {leaf.shape} does not split over "
                     f"{self.local_device_count} local devices; multi-process runs need every "
-                    "batch array to have a leading per-row axis"
-                )
+                    "batch array to have a leading per-row axis")
             return jax.device_put(leaf, self.replicated)
         global_shape = (leaf.shape[0] * processes, *leaf.shape[1:])
         return jax.make_array_from_process_local_data(self.sharded, leaf, global_shape)
@@ -149,22 +147,15 @@ class DataParallel:
     # Compiled steps
     # ----------------------------------------------------------------------------------
 
-    def compile_train_step(self, step_fn: Callable[..., Any]) -> Callable[[Any, Any], Any]:
-        """``step_fn(state, batch, axis_name=...) -> state`` compiled, donating the state."""
+    def compile(self, fn: Callable[..., Any], donate_argnums: tuple[int, ...] = ()
+                ) -> Callable[..., Any]:
+        """``fn(*arrays, axis_name=...)`` compiled: under pmap per device with
+        ``axis_name="data"`` (its arrays in step form), else jitted with ``axis_name=None``.
+        The train step donates the state, the eval step its sums."""
         if self.mode == "pmap":
-            return jax.pmap(lambda s, b: step_fn(s, b, axis_name=AXIS), axis_name=AXIS,
-                            devices=self.devices, donate_argnums=(0,))
-        return jax.jit(lambda s, b: step_fn(s, b, axis_name=None), donate_argnums=(0,))
-
-    def compile_eval_step(self, eval_fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``eval_fn(variables, batch, sums, axis_name=...) -> (sums, logits)`` compiled.
-
-        Variables are in step form; the sums are donated.
-        """
-        if self.mode == "pmap":
-            return jax.pmap(lambda v, b, s: eval_fn(v, b, s, axis_name=AXIS), axis_name=AXIS,
-                            devices=self.devices, donate_argnums=(2,))
-        return jax.jit(lambda v, b, s: eval_fn(v, b, s, axis_name=None), donate_argnums=(2,))
+            return jax.pmap(functools.partial(fn, axis_name=AXIS), axis_name=AXIS,
+                            devices=self.devices, donate_argnums=donate_argnums)
+        return jax.jit(functools.partial(fn, axis_name=None), donate_argnums=donate_argnums)
 
     def replicate(self, tree: Any) -> Any:
         """Host values -> step-form device values (replicated; stacked under pmap)."""

@@ -1,8 +1,8 @@
-"""The pure train / eval step functions.
+"""The pure train step (its evaluation counterpart: ``gapjax.evaluators.classification``).
 
-The steps are plain functions of arrays; ``gapjax.train.parallel`` compiles them with
-``jax.jit`` over a device mesh or with ``jax.pmap``. Under pmap they get ``axis_name`` and
-combine per-device sums with ``lax.psum`` so that every reduction covers the global batch,
+The step is a plain function of arrays; ``gapjax.train.parallel`` compiles it with
+``jax.jit`` over a device mesh or with ``jax.pmap``. Under pmap it gets ``axis_name`` and
+combines per-device sums with ``lax.psum`` so that every reduction covers the global batch,
 which keeps the losses equal to the jit ones up to float rounding. The task
 (``gapjax.tasks``) supplies the model inputs, the per-example losses and metrics.
 
@@ -28,25 +28,15 @@ def _global_sum(value: jax.Array, axis_name: str | None) -> jax.Array:
     return value if axis_name is None else jax.lax.psum(value, axis_name)
 
 
-def train_step(
-    state: TrainState,
-    batch: Batch,
-    *,
-    model: Any,
-    tx: optax.GradientTransformation,
-    task: Task,
-    seed: int = 0,
-    axis_name: str | None = None,
-) -> TrainState:
+def train_step(state: TrainState, batch: Batch, *, model: Any, tx: optax.GradientTransformation,
+               task: Task, seed: int = 0, axis_name: str | None = None) -> TrainState:
     """One optimizer update on ``batch``; returns the new state (metrics summed on device).
 
     The loss is ``sum_i w_i l_i / sum_i w_i`` over the global batch, ``l_i`` the task's
-    training loss (with ``label_mix [b]`` and ``mix [b]`` in the batch, as CutMix batches
-    have, ``mix * l(label) + (1 - mix) * l(label_mix)``). Under pmap each device
-    differentiates its share ``sum_local / sum_global`` and the gradients are psum-ed,
-    which is the same quantity. Dropout keys
-    derive from ``(seed, step)``, so a resumed run draws the same masks as an
-    uninterrupted one.
+    training loss (``task.training_losses``: CutMix batches mix two labels). Under pmap
+    each device differentiates its share ``sum_local / sum_global`` and the gradients are
+    psum-ed, which is the same quantity. Dropout keys derive from ``(seed, step)``, so a
+    resumed run draws the same masks as an uninterrupted one.
     """
     weight = batch["weight"].astype(jnp.float32)
     total_weight = jnp.maximum(_global_sum(weight.sum(), axis_name), 1.0)
@@ -63,11 +53,7 @@ def train_step(
             mutable = ["batch_stats"]
         logits, new_state = model.apply(variables, inputs, train=True, mutable=mutable,
                                         rngs={"dropout": dropout_key})
-        losses = task.losses(logits, batch["label"], train=True)
-        if "label_mix" in batch:  # mixed inputs (CutMix): the share-weighted sum of losses
-            mixed = task.losses(logits, batch["label_mix"], train=True)
-            losses = batch["mix"] * losses + (1.0 - batch["mix"]) * mixed
-        loss = (losses * weight).sum() / total_weight
+        loss = (task.training_losses(logits, batch) * weight).sum() / total_weight
         return loss, (logits, new_state)
 
     (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -95,30 +81,3 @@ def train_step(
         sums=sums,
         first_bad_step=jnp.where(bad, step, state.first_bad_step),
     )
-
-
-def zero_eval_sums(task: Task) -> dict[str, jax.Array]:
-    """Fresh evaluation sums: one per ``task.metric_names`` and ``weight`` (float32)."""
-    return {key: jnp.zeros((), jnp.float32) for key in (*task.metric_names, "weight")}
-
-
-def eval_step(
-    variables: dict[str, Any],
-    batch: Batch,
-    sums: dict[str, jax.Array],
-    *,
-    model: Any,
-    task: Task,
-    axis_name: str | None = None,
-) -> tuple[dict[str, jax.Array], jax.Array]:
-    """Adds one evaluation batch to the weighted ``sums`` (``zero_eval_sums(task)``); also
-    returns the logits ``[b, K]`` float32 (for ``task.summarize``).
-
-    ``sums[name]`` gathers ``sum_i w_i m_i`` of the task's per-example metric ``m``
-    (the loss without label smoothing, accuracy, ...), ``sums["weight"]`` ``sum_i w_i``.
-    """
-    weight = batch["weight"].astype(jnp.float32)
-    logits = model.apply(variables, task.model_inputs(batch), train=False)
-    values = {**task.example_metrics(logits, batch["label"]), "weight": 1.0}
-    return ({key: sums[key] + _global_sum((values[key] * weight).sum(), axis_name)
-             for key in sums}, logits.astype(jnp.float32))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -38,6 +39,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from flax import traverse_util
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = "lock"
@@ -75,16 +78,19 @@ def notice(message: str) -> None:
     print(f"note: {message}", file=sys.stderr, flush=True)
 
 
-def _write_json_atomically(path: Path, value: Any) -> None:
-    """Writes ``value`` as JSON to ``path`` through a temporary file and a rename, so the
-    file is always either the old or the new version, never a mix."""
+def write_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename, so the file is
+    always either the old or the new version, never a mix."""
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "w") as file:
-        json.dump(value, file, indent=1, sort_keys=True)
-        file.write("\n")
+        file.write(text)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    write_atomically(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
 
 
 def prepare(workdir: str | Path) -> Path:
@@ -105,14 +111,8 @@ def prepare(workdir: str | Path) -> Path:
 
 
 def _os_reason(error: OSError) -> str:
-    name = _errno_name(error.errno)
+    name = errno.errorcode.get(error.errno or 0, "")
     return f"{error.strerror or error} ({name})" if name else str(error)
-
-
-def _errno_name(number: int | None) -> str:
-    import errno
-
-    return errno.errorcode.get(number, "") if number is not None else ""
 
 
 # --------------------------------------------------------------------------------------
@@ -203,16 +203,9 @@ class WorkdirLock:
 # --------------------------------------------------------------------------------------
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(config: dict[str, Any]) -> dict[str, Any]:
     """``{"model": {"pool": "gap"}}`` -> ``{"model.pool": "gap"}`` (lists stay values)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+    return traverse_util.flatten_dict(config, sep=".")
 
 
 _ABSENT = object()
@@ -378,9 +371,11 @@ def _bind(workdir: Path, current: dict[str, Any], *, eval_only: bool, chief: boo
             notice(f"--eval_only evaluates the run as trained (config in {path}); ignored: "
                    f"{format_changes(meaning)}; nothing is appended to {METRICS_FILE}")
         accepted = flatten(record["config"])
-        accepted.update({key: new for key, old, new in changes
-                         if is_resumable(key, old, new) and new is not _ABSENT})
-        return Binding(workdir, _unflatten(accepted), meaning)
+        # Only the keys that may change on resume: a key of another model or dataset
+        # (absent from the record) must not reach the recorded model.
+        accepted.update({key: new for key, _, new in changes
+                         if key in RESUMABLE_KEYS and new is not _ABSENT})
+        return Binding(workdir, traverse_util.unflatten_dict(accepted, sep="."), meaning)
     if meaning:
         raise WorkdirError(
             f"config differs from the run in {workdir} (recorded in {CONFIG_FILE}): "
@@ -401,17 +396,6 @@ def _bind(workdir: Path, current: dict[str, Any], *, eval_only: bool, chief: boo
 
 def _plain(value: Any) -> Any:
     return None if value is _ABSENT else value
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        parts = key.split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return nested
 
 
 @contextlib.contextmanager
@@ -438,6 +422,12 @@ def open_workdir(workdir: str | Path, config: dict[str, Any], *, eval_only: bool
         raise WorkdirError("--fresh cannot be combined with --fork or --eval_only")
     if fork_from is not None and eval_only:
         raise WorkdirError("--fork cannot be combined with --eval_only")
+    newest = max(committed_steps(fork_from), default=0) if fork_from is not None else 0
+    total = int(config.get("total_steps", newest + 1))
+    if fork_from is not None and not has_run(workdir) and newest >= total:
+        raise WorkdirError(f"--fork: {fork_from} is already at step {newest}, and "
+                           f"config.total_steps={total}; raise it (e.g. --config.total_steps="
+                           f"{2 * newest}) to train the fork further")
     workdir = prepare(workdir) if chief else Path(workdir).absolute()
     lock = WorkdirLock(workdir)
     if chief:
