@@ -24,8 +24,10 @@ Cost: one compilation per group (14 + 1 ResNets, 6 variants, 17 cnns), inputs 8-
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
+from pathlib import Path
 from unittest import mock
 
 import flax
@@ -39,8 +41,9 @@ from helpers import tiny_digits
 from helpers.torch_reference import import_timm, randomize_
 from safetensors.torch import save_file
 
-from gapjax import cam, gradflow, models, pretrained, registry
+from gapjax import cam, gradflow, models, pretrained
 from gapjax.attention import ATTENTIONS
+from gapjax.train import defaults
 from gapjax.train.loop import run
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
@@ -64,6 +67,15 @@ def single_threaded_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def config_module(name: str):
+    """``configs/<name>.py`` as a module."""
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"attention_test_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def timm_module():
@@ -336,6 +348,23 @@ def test_models_take_attention_options_from_a_config():
                                          jnp.zeros((1, 32, 32, 3)))["params"]
 
 
+@pytest.mark.parametrize("config_file", ["digits", "cluttered_cam", "cifar10_resnet18"])
+def test_config_files_take_attention_from_the_command_line(config_file):
+    """The image configs hold ``model.attn`` as a string, so ``--config.model.attn=eca``
+    overrides it (ml_collections overrides only existing keys of a known type), and
+    ``--config.model.attn_kwargs.<key>=<value>`` is an open override; ``""`` is none."""
+    config = config_module(config_file).get_config()
+    assert config.model.attn == "" and isinstance(config.model.attn, str)
+    assert models.from_config(config, 10).attn == ""
+    remaining, overrides = defaults.split_open_overrides(
+        ["--config.model.attn=eca", "--config.model.attn_kwargs.squeeze=gmp"])
+    assert remaining == ["--config.model.attn=eca"]
+    config.model.attn = "eca"
+    defaults.apply_open_overrides(config, overrides)
+    model = models.from_config(config, 10)
+    assert model.attn == "eca" and dict(model.attn_kwargs) == {"squeeze": "gmp"}
+
+
 # --------------------------------------------------------------------------------------
 # A fork's attention in a training run
 # --------------------------------------------------------------------------------------
@@ -361,10 +390,9 @@ class FullGate(Attention):
 
 
 def test_a_fork_attention_trains_by_name(tmp_path):
-    """``config.imports`` names the fork's file; ``gapjax.train.run`` builds the cnn with
-    ``attn="mine"`` in every stage and trains it (the gate's ``fc`` moves). The file is
-    imported here with ``registry.import_modules``, what ``config.imports`` runs before
-    anything is built (a second import is a no-op)."""
+    """``config.imports`` names the fork's file; ``gapjax.train.run`` imports it before
+    anything is built, builds the cnn with ``attn="mine"`` in every stage, its options
+    from ``attn_kwargs``, and trains it (the gate's ``fc`` moves)."""
     path = tmp_path / "fork_attention.py"
     path.write_text(FORK_MODULE)
     config = tiny_digits.get_config("3")
@@ -372,15 +400,13 @@ def test_a_fork_attention_trains_by_name(tmp_path):
     config.imports = (str(path),)
     config.model.attn = "mine"
     config.model.attn_kwargs = ml_collections.ConfigDict({"squeeze": "gmp"})
+    assert "mine" not in ATTENTIONS
     try:
-        registry.import_modules(config.imports)
         result = run(config, tmp_path / "run")
         trained = result.variables["params"]
         assert set(trained["stage2_se"]) == {"fc"}
         assert result.model.attn == "mine" and result.model.attn_kwargs["squeeze"] == "gmp"
-        initial = jax.eval_shape(result.model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
-        assert trained["stage2_se"]["fc"]["kernel"].shape == \
-            initial["params"]["stage2_se"]["fc"]["kernel"].shape == (1, 1, 16, 16)
+        assert trained["stage2_se"]["fc"]["kernel"].shape == (1, 1, 16, 16)
         assert float(jnp.abs(trained["stage2_se"]["fc"]["bias"]).max()) > 0  # trained
         assert np.isfinite(result.metrics["eval/accuracy"])
     finally:
