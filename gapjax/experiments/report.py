@@ -16,6 +16,8 @@ Sections and the modules that produce them:
   (``gapjax.experiments.cam_methods``);
 * ``weighted``: weighted / attention pooling (``gapjax.experiments.weighted_pooling``);
 * ``se``: Squeeze-and-Excitation (``gapjax.experiments.squeeze_excite``);
+* ``attention``: the SE family, global context vs the local gate and none, and SE's
+  squeeze (``gapjax.experiments.attention``);
 * ``gradflow``: gradient flow of GAP vs GMP (``gapjax.experiments.gradient_flow``);
 * ``readouts``: graph readouts (``gapjax.experiments.readouts``);
 * ``vit``: ViT heads, class token vs GAP vs MAP vs GeM (``gapjax.experiments.vit_heads``);
@@ -56,6 +58,7 @@ SECTION_MODULES: dict[str, str] = {
     "cam_methods": "gapjax.experiments.cam_methods",
     "weighted": "gapjax.experiments.weighted_pooling",
     "se": "gapjax.experiments.squeeze_excite",
+    "attention": "gapjax.experiments.attention",
     "gradflow": "gapjax.experiments.gradient_flow",
     "readouts": "gapjax.experiments.readouts",
     "vit": "gapjax.experiments.vit_heads",
@@ -67,6 +70,7 @@ TITLES = {
     "cam_methods": "CAM methods: localization, faithfulness and cost",
     "weighted": "Weighted pooling",
     "se": "Squeeze-and-Excitation",
+    "attention": "Attention: global context",
     "gradflow": "Gradient flow: GAP vs GMP",
     "readouts": "Graph readouts",
     "vit": "ViT heads: class token vs GAP vs MAP",
