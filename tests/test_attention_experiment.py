@@ -69,4 +69,5 @@ def test_the_experiment_writes_its_section(tmp_path):
     assert "| se |" in section["markdown"] and "se (gmp)" in section["markdown"]
     assert (tmp_path / "attention.png").stat().st_size > 1000
     assert (tmp_path / "attention.md").read_text().startswith("# Attention")
-    json.dumps(numbers)  # JSON-safe for results.json
+    saved = json.loads((tmp_path / "attention.json").read_text())
+    assert saved["variants"]["se"]["runs"] == records["se"]["runs"]

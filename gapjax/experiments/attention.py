@@ -15,7 +15,8 @@ members with one seed are a pair. A member *helps* (*hurts*) against a baseline 
 a paired t-test at 5%, two-sided; otherwise the two are *tied*, which with few seeds often
 means "not resolved". Costs per member: parameters added per block, forward FLOPs added
 (XLA's cost analysis, per example), and the training step's time relative to no
-attention (all seeds in one vmapped step; CPU times on a shared machine move by 2x).
+attention (all seeds in one vmapped step; CPU times on a shared machine move by 2x, and
+at this size a step's time is mostly per-operation overhead, so the FLOPs decide "cost").
 "Which squeeze": SE with the GAP, GMP, GeM, LSE and std (where the build has it) squeezes,
 each against SE with GAP. The claim holds when SE helps against both ``none`` and
 ``local`` and adds at most ``FLOPS_LIMIT`` of the backbone's FLOPs; it fails when SE hurts
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -56,9 +58,9 @@ from gapjax.train.state import create_train_state
 from gapjax.train.steps import train_step
 
 #: The members quick mode trains (``--full``: every ``ATTENTIONS`` name): SE, its cheapest
-#: relative, channel + spatial gates, coordinate attention, the style squeeze, and the
-#: local control.
-QUICK_MEMBERS = ("se", "eca", "cbam", "coord", "srm", "local")
+#: relative, the context block, channel + spatial gates, coordinate attention, the style
+#: and frequency squeezes, and the local control.
+QUICK_MEMBERS = ("se", "eca", "gc", "cbam", "coord", "srm", "fca", "local")
 #: SE's squeezes for "which squeeze" (names missing from ``POOLS`` are reported, not run).
 SQUEEZES = ("gap", "gmp", "gem", "lse", "std")
 NONE = "none"
@@ -249,8 +251,9 @@ def variants(members: Sequence[str], squeezes: Sequence[str]) -> dict[str, dict[
 
 def measure(label: str, options: dict[str, Any], settings: dict[str, Any], dataset: str,
             data_dir: Path, batches: SeedBatches, eval_batches: list, info: Any
-            ) -> dict[str, Any]:
-    """Trains one variant on every seed; its accuracies, costs and timings."""
+            ) -> tuple[dict[str, Any], SeedTrainer, Any]:
+    """Trains one variant on every seed: its accuracies and costs, the trainer and the
+    trained state (for the timing rounds)."""
     watch = common.Stopwatch()
     config = common.quick_config(
         dataset, "cnn", steps=settings["steps"], batch_size=settings["batch_size"],
@@ -260,10 +263,8 @@ def measure(label: str, options: dict[str, Any], settings: dict[str, Any], datas
     trainer = SeedTrainer(config, info.num_classes, info.task, settings["seeds"])
     state = trainer.fit(batches)
     accuracies = trainer.accuracy(state, eval_batches)
-    first = next(iter(batches))
-    seconds = trainer.step_seconds(state, first, settings["timing_steps"])
     abstract = common.abstract_variables(trainer.model, info.input_shape)
-    return {
+    record = {
         "variant": label,
         "runs": [float(value) for value in accuracies],
         "mean": float(np.mean(accuracies)),
@@ -271,9 +272,21 @@ def measure(label: str, options: dict[str, Any], settings: dict[str, Any], datas
         "params": common.parameter_count(abstract["params"]),
         "params_per_block": list(attention_parameters(abstract).values()),
         "flops": common.forward_flops(trainer.model, info.input_shape),
-        "step_seconds": seconds,
         "seconds": watch.elapsed(),
     }
+    return record, trainer, state
+
+
+def step_times(trained: dict[str, tuple[SeedTrainer, Any]], batch: dict[str, np.ndarray],
+               steps: int, rounds: int = 3) -> dict[str, float]:
+    """Seconds per training step of each variant: the fastest of ``rounds`` timings, the
+    variants interleaved within each round, so that a change of the machine's load hits
+    them alike."""
+    best = {label: math.inf for label in trained}
+    for _ in range(rounds):
+        for label, (trainer, state) in trained.items():
+            best[label] = min(best[label], trainer.step_seconds(state, batch, steps, repeats=1))
+    return best
 
 
 def _figure(records: dict[str, dict[str, Any]], members: Sequence[str],
@@ -302,7 +315,8 @@ def _interval(comparison: dict[str, Any]) -> str:
 def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = None,
         dataset: str | None = None, members: Sequence[str] | None = None,
         squeezes: Sequence[str] | None = None, **overrides: Any) -> dict[str, Any]:
-    """Runs the experiment; writes ``attention.md`` and ``attention.png`` under ``out_dir``.
+    """Runs the experiment; writes ``attention.md``, ``attention.json`` (the numbers) and
+    ``attention.png`` under ``out_dir``.
 
     ``dataset``: default ``default_dataset()``; ``members`` / ``squeezes``: default
     ``QUICK_MEMBERS`` (quick) or every ``ATTENTIONS`` name, and ``SQUEEZES``; ``overrides``
@@ -340,9 +354,13 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
                           settings["seeds"], settings["steps"])
     eval_batches = list(make_iterator(probe.dataset, info.eval_split, batch_size=256, seed=0,
                                       train=False, process_index=0, process_count=1))
-    records = {label: measure(label, options, settings, dataset, data_dir, batches,
-                              eval_batches, info)
-               for label, options in variants(members, squeezes).items()}
+    records, trained = {}, {}
+    for label, options in variants(members, squeezes).items():
+        records[label], *trained[label] = measure(label, options, settings, dataset, data_dir,
+                                                  batches, eval_batches, info)
+    for label, seconds in step_times(trained, next(iter(batches)),
+                                     settings["timing_steps"]).items():
+        records[label]["step_seconds"] = seconds
 
     none = records[NONE]
     rows = []
@@ -431,6 +449,8 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
         "variants": records,
         "seconds": seconds,
     }
+    numbers = common.to_jsonable(numbers)
+    (out_dir / "attention.json").write_text(json.dumps(numbers, indent=1))
     return common.section(
         "Attention: global context",
         claim="A gate from global context (SE's squeeze of the whole map) makes a CNN more "
@@ -438,7 +458,7 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
               "gate from each pixel alone (local) does not.",
         method=__doc__.split("Method: ", 1)[1].split("\n\n", 1)[0].replace("\n", " "),
         markdown=markdown,
-        numbers=common.to_jsonable(numbers),
+        numbers=numbers,
         holds=holds,
         verdict=verdict,
         figures=[figure],
