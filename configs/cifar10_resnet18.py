@@ -27,6 +27,9 @@ def get_config(pool: str = "gap"):
     config.model.stem = "cifar"  # 3x3 stem, no max pool: 32x32 inputs keep a 4x4 final map
     config.model.pool = pool or "gap"
     config.model.head = "gap"
+    # An ATTENTIONS name in every block ("": none): --config.model.attn=eca, options
+    # --config.model.attn_kwargs.squeeze=gmp (see docs/attention.md).
+    config.model.attn = ""
     config.dtype = "bfloat16"
 
     config.batch_size = 512

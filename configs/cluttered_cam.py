@@ -34,6 +34,9 @@ def get_config(pool: str = "gap"):
     config.model.head = "gap"
     config.model.widths = (32, 64, 128)
     config.model.strides = (1, 2, 2)
+    # An ATTENTIONS name in every block ("": none): --config.model.attn=eca, options
+    # --config.model.attn_kwargs.squeeze=gmp (see docs/attention.md).
+    config.model.attn = ""
 
     config.total_steps = 2000
 

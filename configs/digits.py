@@ -19,6 +19,9 @@ def get_config(pool: str = "gap"):
     config.model.pool = pool or "gap"
     config.model.head = "gap"
     config.model.widths = (32, 64, 128)  # on 8x8 inputs: final map 2x2x128
+    # An ATTENTIONS name in every block ("": none): --config.model.attn=eca, options
+    # --config.model.attn_kwargs.squeeze=gmp (see docs/attention.md).
+    config.model.attn = ""
 
     config.total_steps = 200
     config.eval_every = 100

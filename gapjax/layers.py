@@ -1,18 +1,16 @@
-"""Building blocks shared by the image models: channel gates, classification heads, and the
-``Classifier`` base class that ties a backbone to a head.
+"""Building blocks shared by the image models: the attention a block adds, classification
+heads, and the ``Classifier`` base class that ties a backbone to a head.
 
-* ``SqueezeExcite`` pools the whole feature map (any ``POOLS`` name), passes the pooled
-  vector through a bottleneck MLP and scales every channel by the resulting gate: global
-  context at a tiny parameter cost.
-* ``LocalGate`` is the same bottleneck MLP applied at every pixel (a pair of 1x1
-  convolutions) with no pooling, so each gate sees only its own pixel. It has exactly the
-  parameters of ``SqueezeExcite``; the only difference is the global context.
+* Attention: one family, ``gapjax.attention`` (``ATTENTIONS``, ``make_attention``, re-exported
+  here). A model's blocks take ``attn=<ATTENTIONS name>`` and ``attn_kwargs={...}`` and
+  build it with ``block_attention``; ``attention_options`` folds the models' older SE
+  options (``se_reduction``, ``se_divisor``, ``se_pool``, ``se_gate``) into timm's names.
 * ``GAPHead`` pools (any ``POOLS`` name), optionally normalises and transforms the pooled
   vector, and applies one Dense: the head of CNNs and ViTs alike, with exact maps where it
   is affine after the pool. ``FCHead`` flattens the map and applies the classic VGG stack.
 
-Pure functions (``make_divisible``, ``se_reduced_channels``, ``scale_channels``,
-``adaptive_avg_pool``, ``GATES``) hold the arithmetic; the Linen modules own parameters.
+Pure functions (``adaptive_avg_pool``, ``project``, ``frozen_layer_norm``) hold the
+arithmetic; the Linen modules own parameters.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
+from gapjax.attention import ATTENTIONS, Attention, make_attention, make_divisible
 from gapjax.pooling import POOLS, make_pool
 from gapjax.pooling.map import LAYERNORM_EPSILON, gelu
 from gapjax.registry import build_with_options
@@ -34,7 +33,6 @@ from gapjax.registry import build_with_options
 Array = jax.Array
 
 HEADS = ("gap", "fc")
-ATTENTIONS = ("se", "local")
 
 
 # --------------------------------------------------------------------------------------
@@ -71,63 +69,66 @@ def build_module(cls: type[nn.Module], model_name: str, kwargs: dict[str, Any]) 
 
 
 # --------------------------------------------------------------------------------------
-# Pure functions
+# Attention in a model's blocks
 # --------------------------------------------------------------------------------------
 
-
-def make_divisible(
-    value: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.0
-) -> int:
-    """Rounds a channel count to the nearest multiple of ``divisor`` (at least ``min_value``,
-    default ``divisor``); adds one ``divisor`` when rounding lost more than ``1 -
-    round_limit`` of ``value``. With ``round_limit=0`` (what SE blocks use) the result is
-    simply the nearest multiple, never below ``divisor``: ``64 / 16 = 4 -> 8``.
-    """
-    if divisor < 1:
-        raise ValueError(f"divisor must be a positive integer; got {divisor!r}")
-    min_value = min_value or divisor
-    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if rounded < round_limit * value:
-        rounded += divisor
-    return rounded
-
-
-def se_reduced_channels(channels: int, reduction: float = 16, divisor: int = 8) -> int:
-    """Width of the SE bottleneck: ``make_divisible(channels / reduction, divisor)``.
-
-    ``divisor=8`` reproduces the published SE-ResNets of the timm library
-    (64 channels -> 8, 256 -> 16, 2048 -> 128); ``divisor=1`` gives plain
-    ``channels // reduction`` (64 -> 4), the convention of some other model zoos.
-    """
-    if reduction <= 0:
-        raise ValueError(f"se reduction must be positive; got {reduction!r}")
-    return make_divisible(channels / reduction, divisor, round_limit=0.0)
-
-
-def hard_sigmoid(x: Array) -> Array:
-    """Piecewise-linear sigmoid ``relu6(x + 3) / 6``: 0.5 at 0, range [0, 1]."""
-    return jax.nn.relu6(x + 3.0) / 6.0
-
-
-#: Gate nonlinearities of SE and LocalGate, by name. Range: sigmoid and hard_sigmoid
-#: [0, 1], tanh [-1, 1], identity unbounded.
-GATES: dict[str, Callable[[Array], Array]] = {
-    "sigmoid": jax.nn.sigmoid,
-    "hard_sigmoid": hard_sigmoid,
-    "tanh": jnp.tanh,
-    "identity": lambda x: x,
+#: The models' older SE options -> (``attn_kwargs`` name, conversion): ``se_reduction=r``
+#: is ``rd_ratio=1/r``, ``se_divisor`` is ``rd_divisor``, ``se_pool`` the ``squeeze``,
+#: ``se_gate`` the ``gate_layer``. Kept so existing configs and runs read the same.
+LEGACY_SE_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "se_reduction": ("rd_ratio", lambda reduction: 1.0 / reduction),
+    "se_divisor": ("rd_divisor", lambda divisor: divisor),
+    "se_pool": ("squeeze", lambda pool: pool),
+    "se_gate": ("gate_layer", lambda gate: gate),
 }
 
 
-def scale_channels(x: Array, gates: Array) -> Array:
-    """Multiplies ``x [B, *S, C]`` by per-example channel gates ``gates [B, C]``."""
-    if gates.shape != (x.shape[0], x.shape[-1]):
-        raise ValueError(
-            f"channel gates must have shape [batch, channels] = {(x.shape[0], x.shape[-1])}; "
-            f"got {tuple(gates.shape)}"
-        )
-    broadcast = gates.reshape(gates.shape[0], *([1] * (x.ndim - 2)), gates.shape[1])
-    return x * broadcast.astype(x.dtype)
+def check_attention(attn: Any) -> str | None:
+    """``attn`` if it is None, ``""`` or an ``ATTENTIONS`` name (a fork's included), else
+    one line naming the field and the registered names."""
+    if attn is None or attn == "" or attn in ATTENTIONS:
+        return attn or None
+    raise ValueError(f"attn={attn!r} is not valid; choose one of: "
+                     + ", ".join(repr(name) for name in ATTENTIONS.names()) + ", None")
+
+
+def attention_options(attn_kwargs: Mapping[str, Any] | None = None,
+                      **legacy: Any) -> dict[str, Any]:
+    """A block attention's options: ``attn_kwargs`` plus the legacy SE options that are set
+    (not None), renamed (``LEGACY_SE_OPTIONS``). Giving an option both ways is one line
+    naming both."""
+    options = dict(attn_kwargs or {})
+    for old, value in legacy.items():
+        if value is None:
+            continue
+        if old == "se_reduction" and (isinstance(value, bool) or not isinstance(
+                value, int | float) or value <= 0):
+            raise ValueError(f"se_reduction={value!r} is not valid; it must be a positive "
+                             "number (the SE bottleneck is C / se_reduction wide)")
+        new, convert = LEGACY_SE_OPTIONS[old]
+        if new in options:
+            raise ValueError(f"{old}={value!r} and attn_kwargs.{new}={options[new]!r} set the "
+                             f"same option; keep attn_kwargs.{new}")
+        options[new] = convert(value)
+    return options
+
+
+def block_attention(attn: str | None, options: Mapping[str, Any], channels: int, *,
+                    dtype: Any = None, axis_name: str | None = None,
+                    name: str = "se") -> Attention | None:
+    """The ``ATTENTIONS`` module ``attn`` of a block with ``channels`` output channels
+    (``make_attention`` with ``options``), named ``name`` (timm's blocks call it ``se``);
+    None when ``attn`` is None or ``""``."""
+    attn = check_attention(attn)
+    if attn is None:
+        return None
+    return make_attention(attn, channels, dtype=dtype, name=name, axis_name=axis_name,
+                          **dict(options))
+
+
+# --------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------
 
 
 def _adaptive_bins(size: int, bins: int) -> np.ndarray:
@@ -158,92 +159,6 @@ def adaptive_avg_pool(x: Array, output_size: tuple[int, int]) -> Array:
     cols = jnp.asarray(_adaptive_bins(width, out_w))
     pooled = jnp.einsum("ih,bhwc,jw->bijc", rows, x.astype(jnp.float32), cols)
     return pooled.astype(x.dtype)
-
-
-# --------------------------------------------------------------------------------------
-# Channel gates
-# --------------------------------------------------------------------------------------
-
-
-def _excitation(gate_module: nn.Module, inputs: Array, channels: int) -> Array:
-    """The gating MLP shared by SE and LocalGate: ``gate(W2 relu(W1 inputs + b1) + b2)``.
-
-    ``inputs [..., C_in] -> float32 gates [..., channels]``; called inside the gate's
-    compact ``__call__`` so the Dense layers are its ``reduce`` / ``expand`` submodules.
-    The gate itself is computed in float32 (so a zero logit gives exactly 0.5).
-    """
-    gate_fn = GATES[check_choice("se_gate", gate_module.gate, tuple(GATES))]
-    hidden = se_reduced_channels(channels, gate_module.reduction, gate_module.divisor)
-    dtype = gate_module.dtype
-    hidden_act = nn.relu(nn.Dense(hidden, dtype=dtype, name="reduce")(inputs))
-    logits = nn.Dense(channels, dtype=dtype, name="expand")(hidden_act)
-    gates = gate_fn(logits.astype(jnp.float32))
-    gate_module.sow("intermediates", "gates", gates)
-    return gates
-
-
-class SqueezeExcite(nn.Module):
-    """Squeeze-and-Excitation: ``x * gate(W2 relu(W1 pool(x) + b1) + b2)`` per channel.
-
-    ``x [B, H, W, C] -> [B, H, W, C]``. The squeeze is any ``POOLS`` name (``gap`` as in
-    the paper; ``gmp`` and ``avgmax`` for the squeeze-operator ablation); the bottleneck
-    has ``se_reduced_channels(C, reduction, divisor)`` units; both Dense layers have biases
-    (the 1x1 convolutions of the reference implementations). The gates ``[B, C]`` are
-    sown as ``intermediates/gates`` and returned too with ``return_gates=True``.
-    """
-
-    reduction: float = 16
-    divisor: int = 8
-    pool: str = "gap"
-    gate: str = "sigmoid"
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x: Array, return_gates: bool = False) -> Array | tuple[Array, Array]:
-        squeezed = make_pool(self.pool, dtype=self.dtype, name="squeeze")(x)  # [B, width]
-        gates = _excitation(self, squeezed, x.shape[-1])  # [B, C]
-        out = scale_channels(x, gates)
-        return (out, gates) if return_gates else out
-
-
-class LocalGate(nn.Module):
-    """Per-pixel gate with no global context: the SE bottleneck MLP applied at each pixel.
-
-    ``x [B, H, W, C] -> x * gate(W2 relu(W1 x_hw + b1) + b2)``, i.e. two 1x1 convolutions.
-    Same parameter names and count as ``SqueezeExcite`` with the same options, so the two
-    differ only in whether the gate sees the whole image: at any pixel the output depends
-    on that pixel alone. Gates ``[B, H, W, C]`` are sown as ``intermediates/gates``.
-    """
-
-    reduction: float = 16
-    divisor: int = 8
-    gate: str = "sigmoid"
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x: Array, return_gates: bool = False) -> Array | tuple[Array, Array]:
-        gates = _excitation(self, x, x.shape[-1])  # [B, H, W, C]
-        out = x * gates.astype(x.dtype)
-        return (out, gates) if return_gates else out
-
-
-def make_attention(
-    attn: str | None,
-    *,
-    reduction: float = 16,
-    divisor: int = 8,
-    pool: str = "gap",
-    gate: str = "sigmoid",
-    dtype: Any = None,
-    name: str = "se",
-) -> nn.Module | None:
-    """The channel gate a block uses: ``"se"``, ``"local"`` or ``None`` (no gate)."""
-    check_choice("attn", attn, (*ATTENTIONS, None))
-    if attn == "se":
-        return SqueezeExcite(reduction, divisor, pool, gate, dtype, name=name)
-    if attn == "local":
-        return LocalGate(reduction, divisor, gate, dtype, name=name)
-    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -566,27 +481,26 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 __all__ = [
     "ATTENTIONS",
-    "GATES",
     "HEADS",
     "HEAD_OUTPUTS",
+    "LEGACY_SE_OPTIONS",
     "OUTPUTS",
     "PRE_LOGITS_ACTIVATIONS",
     "Classifier",
     "FCHead",
     "GAPHead",
-    "LocalGate",
-    "SqueezeExcite",
     "adaptive_avg_pool",
+    "attention_options",
+    "block_attention",
     "build_module",
+    "check_attention",
     "check_choice",
     "check_num_classes",
     "conv_kernel_init",
+    "frozen",
     "frozen_layer_norm",
-    "hard_sigmoid",
     "head_map_kinds",
     "make_attention",
     "make_divisible",
     "project",
-    "scale_channels",
-    "se_reduced_channels",
 ]

@@ -206,7 +206,8 @@ def test_report_only_selects_and_rejects_unknown_sections(tmp_path):
 
 def test_report_sections_cover_every_claim():
     assert list(report.SECTIONS) == ["heads", "cam", "cam_methods", "weighted", "se",
-                                            "gradflow", "readouts", "vit", "benchmarks"]
+                                            "attention", "gradflow", "readouts", "vit",
+                                            "benchmarks"]
 
 
 # --------------------------------------------------------------------------------------

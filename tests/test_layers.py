@@ -1,4 +1,6 @@
-"""Tests of gapjax.layers: SE and LocalGate, heads, adaptive pooling, validation."""
+"""Tests of gapjax.layers: the attention a block adds (gapjax.attention's SE and local gate
+through the models' helpers, the older SE option names), heads, adaptive pooling,
+validation."""
 
 from __future__ import annotations
 
@@ -10,16 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gapjax import layers
+from gapjax.attention import ACTIVATIONS, LocalExcite, SqueezeExcite
 from gapjax.layers import (
-    GATES,
     FCHead,
     GAPHead,
-    LocalGate,
-    SqueezeExcite,
     adaptive_avg_pool,
+    attention_options,
+    block_attention,
+    make_attention,
     make_divisible,
-    se_reduced_channels,
 )
 from gapjax.pooling import gap
 
@@ -43,8 +44,14 @@ def _normal(*shape, seed: int = 0, scale: float = 1.0):
 
 
 def _apply(module, variables, *args, **kwargs):
-    static = tuple(key for key in ("return_gates", "train", "mutable", "output") if key in kwargs)
+    static = tuple(key for key in ("train", "mutable", "output") if key in kwargs)
     return jax.jit(module.apply, static_argnames=static)(variables, *args, **kwargs)
+
+
+def _gated(module, variables, x):
+    """``(output, sown gates)`` of an attention module."""
+    out, state = _apply(module, variables, x, mutable=("intermediates",))
+    return out, state["intermediates"]["gates"][0]
 
 
 def _count(tree) -> int:
@@ -56,10 +63,8 @@ def test_make_divisible_matches_reference_rounding():
     assert make_divisible(12.0, 8, round_limit=0.0) == 16  # halves round up
     assert make_divisible(11.9, 8, round_limit=0.0) == 8
     assert make_divisible(20.0, 8, round_limit=0.9) == 24  # 16 would lose > 10%
-    assert [se_reduced_channels(c) for c in (64, 128, 256, 512, 2048)] == [8, 8, 16, 32, 128]
-    assert se_reduced_channels(64, divisor=1) == 4
-    with pytest.raises(ValueError, match="reduction"):
-        se_reduced_channels(64, reduction=0)
+    assert [make_divisible(c / 16, 8, round_limit=0.0) for c in (64, 128, 256, 512, 2048)] \
+        == [8, 8, 16, 32, 128]
 
 
 @pytest.mark.parametrize("gate, low, high", [
@@ -67,36 +72,37 @@ def test_make_divisible_matches_reference_rounding():
 ])
 def test_se_gates_in_range(gate, low, high):
     x = _normal(3, 5, 5, 32, scale=20.0)
-    module = SqueezeExcite(gate=gate)
+    module = make_attention("se", 32, gate_layer=gate)
     variables = _init(module, x)
     # Large weights push the excitation logits far into both tails of the gate.
     variables = jax.tree.map(lambda w: 10.0 * w, variables)
-    out, gates = _apply(module, variables, x, return_gates=True)
-    assert gates.shape == (3, 32)
+    out, gates = _gated(module, variables, x)
+    assert gates.shape == (3, 1, 1, 32)
     assert float(gates.min()) >= low and float(gates.max()) <= high
     assert float(gates.min()) < low + 0.05 and float(gates.max()) > high - 0.05
-    np.testing.assert_allclose(out, x * gates[:, None, None, :], rtol=1e-6)
+    np.testing.assert_allclose(out, x * gates, rtol=1e-6)
 
 
 def test_hard_sigmoid_is_half_at_zero_and_clipped():
-    np.testing.assert_array_equal(layers.hard_sigmoid(jnp.array([-4.0, 0.0, 4.0])), [0, 0.5, 1])
+    np.testing.assert_array_equal(ACTIVATIONS["hard_sigmoid"](jnp.array([-4.0, 0.0, 4.0])),
+                                  [0, 0.5, 1])
 
 
 def test_se_with_zero_excitation_logits_scales_by_exactly_half():
     x = _normal(2, 4, 4, 16)
-    module = SqueezeExcite()
+    module = make_attention("se", 16)
     params = _init(module, x)["params"]
-    params = {**params, "expand": jax.tree.map(jnp.zeros_like, params["expand"])}
+    params = {**params, "fc2": jax.tree.map(jnp.zeros_like, params["fc2"])}
     out = _apply(module, {"params": params}, x)
     np.testing.assert_array_equal(np.asarray(out), 0.5 * np.asarray(x))
 
 
 def test_se_bottleneck_width_and_parameter_count():
     x = jnp.ones((1, 3, 3, 64))
-    params = jax.eval_shape(SqueezeExcite().init, jax.random.key(0), x)["params"]
-    assert params["reduce"]["kernel"].shape == (64, 8)  # make_divisible(64 / 16, 8)
+    params = jax.eval_shape(make_attention("se").init, jax.random.key(0), x)["params"]
+    assert params["fc1"]["kernel"].shape == (1, 1, 64, 8)  # make_divisible(64 / 16, 8)
     assert _count(params) == 64 * 8 + 8 + 8 * 64 + 64
-    local = jax.eval_shape(LocalGate().init, jax.random.key(0), x)["params"]
+    local = jax.eval_shape(make_attention("local").init, jax.random.key(0), x)["params"]
     assert jax.tree.map(jnp.shape, local) == jax.tree.map(jnp.shape, params)
 
 
@@ -109,9 +115,9 @@ def test_only_global_context_separates_se_from_local_gate():
     busy = jnp.tile(jnp.linspace(2.0, -2.0, channels), (1, 6, 6, 1)).at[0, 0, 0].set(shared_pixel)
     images = jnp.concatenate([quiet, busy])
 
-    se = SqueezeExcite(reduction=2)
+    se = make_attention("se", channels, rd_ratio=0.5)
     params = _init(se, images)["params"]
-    local = LocalGate(reduction=2)
+    local = make_attention("local", channels, rd_ratio=0.5)
     se_out = _apply(se, {"params": params}, images)
     local_out = _apply(local, {"params": params}, images)  # the very same weights
 
@@ -129,13 +135,37 @@ def test_se_squeeze_pool_is_selectable():
     x = jnp.zeros((1, 4, 4, 8)).at[0, 1, 2].set(5.0)  # one bright pixel: mean != max
     outputs = {}
     for pool in ("gap", "gmp", "avgmax", "catavgmax"):
-        module = SqueezeExcite(pool=pool, reduction=2)
+        module = make_attention("se", squeeze=pool, rd_ratio=0.5)
         variables = _init(module, x)
-        outputs[pool] = _apply(module, variables, x, return_gates=True)[1]
-        assert outputs[pool].shape == (1, 8)
+        outputs[pool] = _gated(module, variables, x)[1]
+        assert outputs[pool].shape == (1, 1, 1, 8)
     assert not np.allclose(outputs["gap"], outputs["gmp"])
-    with pytest.raises(ValueError, match=r"se_gate='relu'.*sigmoid"):
-        jax.eval_shape(SqueezeExcite(gate="relu").init, jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"gate_layer='step'.*sigmoid"):
+        jax.eval_shape(make_attention("se", gate_layer="step").init, jax.random.key(0), x)
+
+
+def test_block_attention_and_the_older_se_options():
+    """``se_reduction=r, se_divisor, se_pool, se_gate`` are ``rd_ratio=1/r, rd_divisor,
+    squeeze, gate_layer``; giving one both ways, a bad reduction or an unknown ``attn``
+    is one line."""
+    assert attention_options({"squeeze": "gem"}, se_reduction=4, se_divisor=1, se_pool=None,
+                             se_gate="tanh") == {"squeeze": "gem", "rd_ratio": 0.25,
+                                                 "rd_divisor": 1, "gate_layer": "tanh"}
+    assert attention_options(None) == {}
+    with pytest.raises(ValueError, match=r"se_pool='gmp' and attn_kwargs.squeeze='gem' set "
+                                         r"the same option; keep attn_kwargs.squeeze"):
+        attention_options({"squeeze": "gem"}, se_pool="gmp")
+    with pytest.raises(ValueError, match=r"se_reduction=0 is not valid"):
+        attention_options(None, se_reduction=0)
+    module = block_attention("eca", {"squeeze": "gmp"}, 64, name="se")
+    assert module.squeeze == "gmp" and module.channels == 64 and module.name == "se"
+    assert block_attention(None, {}, 64) is None and block_attention("", {}, 64) is None
+    assert isinstance(make_attention("se"), SqueezeExcite)
+    assert isinstance(make_attention("local"), LocalExcite)
+    assert isinstance(make_attention("se"), nn.Module)
+    with pytest.raises(ValueError, match=r"attn='sse' is not valid; choose one of: .*'cbam'"
+                                         r".*'se'.*, None"):
+        block_attention("sse", {}, 64)
 
 
 def test_adaptive_avg_pool_bins():
@@ -241,16 +271,3 @@ def test_fc_head_dropout_needs_train_flag_only():
     a = _apply(head, variables, x, train=True, rngs={"dropout": jax.random.key(1)})
     b = _apply(head, variables, x, train=True, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(a, b)
-
-
-def test_make_attention_choices():
-    assert isinstance(layers.make_attention("se"), SqueezeExcite)
-    assert isinstance(layers.make_attention("local"), LocalGate)
-    assert layers.make_attention(None) is None
-    with pytest.raises(ValueError, match=r"attn='cbam'.*'se', 'local', None"):
-        layers.make_attention("cbam")
-
-
-def test_gates_registry_names():
-    assert set(GATES) == {"sigmoid", "hard_sigmoid", "tanh", "identity"}
-    assert isinstance(SqueezeExcite(), nn.Module)

@@ -350,10 +350,12 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"head": "avg"}, r"head='avg' is not valid; choose one of: 'gap', 'fc'"),
-    ({"stem": "tiny"}, r"stem='tiny' is not valid; choose one of: 'imagenet', 'cifar'"),
-    ({"attn": "cbam"}, r"attn='cbam' is not valid; choose one of: 'se', 'local', None"),
+    ({"stem": "tiny"}, r"stem='tiny' is not valid; choose one of: 'imagenet', 'deep', "
+                       r"'deep_tiered', 'cifar'"),
+    ({"attn": "sse"}, r"attn='sse' is not valid; choose one of: .*'cbam'.*'se'.*, None"),
     ({"pool": "medoid"}, r"unknown pool 'medoid'; choose one of: .*gap"),
-    ({"se_gate": "relu"}, r"se_gate='relu' is not valid"),
+    ({"se_gate": "step"}, r"gate_layer='step' is not valid"),
+    ({"attn_kwargs": {"reduction": 8}}, r"attention 'se' has no option 'reduction'"),
 ])
 def test_bad_options_raise_one_clear_error(kwargs, message):
     model = get("seresnet18", num_classes=10, **kwargs)

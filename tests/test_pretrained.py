@@ -233,7 +233,7 @@ def test_layout_table_names_torch_keys_shapes_and_transforms():
                                            "flatten_dense(7, 7)")
     assert rows["classifier.6.weight"][0] == (1000, 4096)
     se = {key: transform for key, _, _, transform in pretrained.describe("seresnet50")}
-    assert se["layer4.2.se.fc1.weight"] == "conv1x1_dense" and se["fc.weight"] == "dense"
+    assert se["layer4.2.se.fc1.weight"] == "conv" and se["fc.weight"] == "dense"
 
 
 def test_reinit_head_puts_a_gap_head_on_a_torchvision_vgg_trunk(tmp_path, caplog):

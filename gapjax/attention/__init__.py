@@ -12,7 +12,9 @@ bottleneck at every pixel: the control without global context)::
 
 Every module maps ``x [B, H, W, C] -> [B, H, W, C]`` (``__call__(x, train=False)``) and
 keeps timm's submodule names and shapes. ``functional`` holds the arithmetic, ``base`` the
-registry, the base class and ``make_attention``, ``channel`` and ``spatial`` the modules.
+registry, the base class and ``make_attention``, ``channel`` and ``spatial`` the modules;
+``selective`` holds SKNet's selective kernel convolution (a block's convolution, not a
+registry member).
 A fork registers its own with ``@ATTENTIONS.register("mine")`` on an ``Attention``
 subclass. See docs/attention.md.
 """
@@ -46,6 +48,7 @@ from gapjax.attention.functional import (
     make_divisible,
     style_pool,
 )
+from gapjax.attention.selective import SelectiveKernel, SelectiveKernelAttention
 from gapjax.attention.spatial import (
     ConvolutionalBlockAttention,
     CoordinateAttention,
@@ -76,6 +79,8 @@ __all__ = [
     "GlobalContextAdd",
     "LightConvolutionalBlockAttention",
     "LocalExcite",
+    "SelectiveKernel",
+    "SelectiveKernelAttention",
     "SimpleCoordinateAttention",
     "SqueezeExcite",
     "StripAttention",

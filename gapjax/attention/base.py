@@ -67,13 +67,13 @@ class _Layer(nn.Module):
 
     def conv(self, features: int, kernel_size: Sequence[int] = (1, 1), *, bias: bool,
              name: str, padding: Any = "VALID", groups: int = 1, strides: int = 1,
-             kernel_init: Callable[..., Array] | None = None) -> nn.Conv:
+             dilation: int = 1, kernel_init: Callable[..., Array] | None = None) -> nn.Conv:
         """A convolution in the compute dtype (``kernel [*kernel_size, in / groups, out]``;
         PyTorch's ``[out, in / groups, *kernel_size]`` transposed)."""
         extra = {} if kernel_init is None else {"kernel_init": kernel_init}
         return nn.Conv(features, tuple(kernel_size), strides=strides, padding=padding,
-                       feature_group_count=groups, use_bias=bias, dtype=self.dtype,
-                       name=name, **extra)
+                       kernel_dilation=dilation, feature_group_count=groups, use_bias=bias,
+                       dtype=self.dtype, name=name, **extra)
 
     def norm(self, kind: str, train: bool, name: str,
              allowed: Sequence[str] = NORM_LAYERS) -> nn.Module:
@@ -207,21 +207,35 @@ class ConvMlp(_Layer):
         return self.conv(self.features, bias=self.bias, name="fc2", kernel_init=last_init)(h)
 
 
+def torch_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
+    """timm's symmetric padding of a convolution (``get_padding``): ``((stride - 1) +
+    dilation (k - 1)) // 2`` on each side (``k // 2`` for an odd kernel at stride 1)."""
+    return ((stride - 1) + dilation * (kernel_size - 1)) // 2
+
+
 class ConvNorm(_Layer):
-    """timm's ``ConvNormAct`` without the activation: a bias-free ``conv`` with symmetric
-    ``kernel_size // 2`` padding, then BatchNorm ``bn``."""
+    """timm's ``ConvNormAct``: a bias-free k x k ``conv`` with timm's symmetric padding
+    (``torch_padding``), BatchNorm ``bn``, then ``act_layer`` (None: no activation, as
+    with timm's ``apply_act=False``). ``[B, H, W, C_in] -> [B, H / stride, W / stride,
+    features]``."""
 
     features: int
     kernel_size: int
+    strides: int = 1
+    dilation: int = 1
+    groups: int = 1
+    act_layer: str | None = None
     dtype: Any = None
     axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        pad = self.kernel_size // 2
+        pad = torch_padding(self.kernel_size, self.strides, self.dilation)
         h = self.conv(self.features, (self.kernel_size, self.kernel_size), bias=False,
-                      padding=((pad, pad), (pad, pad)), name="conv")(x)
-        return self.norm("batchnorm", train, "bn")(h)
+                      padding=((pad, pad), (pad, pad)), strides=self.strides,
+                      dilation=self.dilation, groups=self.groups, name="conv")(x)
+        h = self.norm("batchnorm", train, "bn")(h)
+        return h if self.act_layer is None else activation(self.act_layer)(h)
 
 
 __all__ = [
@@ -233,4 +247,5 @@ __all__ = [
     "check_choice",
     "check_positive",
     "make_attention",
+    "torch_padding",
 ]

@@ -72,8 +72,8 @@ class _SpatialGate(_Layer):
             maps = (0.5 * mean.astype(jnp.float32) + 0.5 * peak.astype(jnp.float32))
         else:
             maps = jnp.concatenate([mean, peak], axis=-1)
-        logits = ConvNorm(1, self.kernel_size, self.dtype, self.axis_name, name="conv")(
-            maps.astype(x.dtype), train)
+        logits = ConvNorm(1, self.kernel_size, dtype=self.dtype, axis_name=self.axis_name,
+                          name="conv")(maps.astype(x.dtype), train)
         return scale_by(x, self.gate(logits))
 
 

@@ -16,6 +16,8 @@ Sections and the modules that produce them:
   (``gapjax.experiments.cam_methods``);
 * ``weighted``: weighted / attention pooling (``gapjax.experiments.weighted_pooling``);
 * ``se``: Squeeze-and-Excitation (``gapjax.experiments.squeeze_excite``);
+* ``attention``: the SE family, global context vs the local gate and none, and SE's
+  squeeze (``gapjax.experiments.attention``);
 * ``gradflow``: gradient flow of GAP vs GMP (``gapjax.experiments.gradient_flow``);
 * ``readouts``: graph readouts (``gapjax.experiments.readouts``);
 * ``vit``: ViT heads, class token vs GAP vs MAP vs GeM (``gapjax.experiments.vit_heads``);
@@ -57,6 +59,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
                     "CAM methods: localization, faithfulness and cost"),
     "weighted": ("gapjax.experiments.weighted_pooling", "Weighted pooling"),
     "se": ("gapjax.experiments.squeeze_excite", "Squeeze-and-Excitation"),
+    "attention": ("gapjax.experiments.attention", "Attention: global context"),
     "gradflow": ("gapjax.experiments.gradient_flow", "Gradient flow: GAP vs GMP"),
     "readouts": ("gapjax.experiments.readouts", "Graph readouts"),
     "vit": ("gapjax.experiments.vit_heads", "ViT heads: class token vs GAP vs MAP"),

@@ -1,8 +1,9 @@
 """A small, fast convolutional classifier for the embedded digit datasets.
 
-Stages of ``depth`` x (conv 3x3 - BN - ReLU), an optional channel gate (``attn``) at the
-end of each stage, and a 2x2 max pool in front of every stage whose stride is 2. With the
-defaults (widths 32, 64, 128; strides 1, 2, 2) the final map is the input downsampled 4x:
+Stages of ``depth`` x (conv 3x3 - BN - ReLU), an optional attention module (``attn``, any
+``gapjax.attention.ATTENTIONS`` name, options ``attn_kwargs``) at the end of each stage,
+and a 2x2 max pool in front of every stage whose stride is 2. With the defaults (widths
+32, 64, 128; strides 1, 2, 2) the final map is the input downsampled 4x:
 
 * 8x8 sklearn digits -> 2x2x128, receptive field 32 px: every unit sees the whole digit;
 * 64x64 cluttered or multi-label canvases -> 16x16x128, so class activation maps keep a
@@ -17,16 +18,18 @@ GAP + Dense with ``h * w`` times its parameters.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 
 from gapjax.layers import (
-    ATTENTIONS,
     Classifier,
+    attention_options,
+    block_attention,
+    check_attention,
     check_choice,
     conv_kernel_init,
-    make_attention,
 )
 from gapjax.models.zoo import register_preset
 
@@ -43,8 +46,13 @@ class CNN(Classifier):
       strides: per stage, 1 (keep resolution) or 2 (2x2 max pool before the stage);
         None = ``(1, 2, 2, ...)``, i.e. ``len(widths) - 1`` downsamplings.
       depth: convolutions per stage.
-      attn: channel gate after each stage: ``"se"``, ``"local"`` or None.
-      se_reduction / se_divisor / se_pool / se_gate: options of the gate.
+      attn: attention module after each stage (``stage<n>_se``): an ``ATTENTIONS`` name
+        (``"se"``, ``"eca"``, ``"cbam"``, ``"local"``, a fork's, ...) or None.
+      attn_kwargs: its options (timm's names: ``rd_ratio``, ``rd_divisor``, ``squeeze``,
+        ``gate_layer``, ...), e.g. ``{"squeeze": "gem"}``.
+      se_reduction / se_divisor / se_pool / se_gate: the older spelling of
+        ``attn_kwargs`` ``rd_ratio = 1 / se_reduction``, ``rd_divisor``, ``squeeze``,
+        ``gate_layer`` (None: not set).
     """
 
     stem: str = "cifar"
@@ -52,10 +60,11 @@ class CNN(Classifier):
     strides: Sequence[int] | None = None
     depth: int = 2
     attn: str | None = None
-    se_reduction: float = 16
-    se_divisor: int = 8
-    se_pool: str = "gap"
-    se_gate: str = "sigmoid"
+    attn_kwargs: Any = None
+    se_reduction: float | None = None
+    se_divisor: int | None = None
+    se_pool: str | None = None
+    se_gate: str | None = None
 
     def stage_strides(self) -> tuple[int, ...]:
         """The validated per-stage strides."""
@@ -73,7 +82,10 @@ class CNN(Classifier):
 
     def backbone(self, x: Array, train: bool) -> Array:
         check_choice("stem", self.stem, STEMS)
-        check_choice("attn", self.attn, (*ATTENTIONS, None))
+        check_attention(self.attn)
+        options = attention_options(self.attn_kwargs, se_reduction=self.se_reduction,
+                                    se_divisor=self.se_divisor, se_pool=self.se_pool,
+                                    se_gate=self.se_gate)
         if self.depth < 1:
             raise ValueError(f"depth={self.depth!r} must be at least 1 convolution per stage")
         dtype = self.compute_dtype
@@ -97,12 +109,10 @@ class CNN(Classifier):
                 if first_conv:
                     x, first_conv = self.early_tap(x), False
                 x = nn.relu(self.norm_layer(train, f"stage{stage + 1}_bn{index + 1}")(x))
-            gate = make_attention(
-                self.attn, reduction=self.se_reduction, divisor=self.se_divisor,
-                pool=self.se_pool, gate=self.se_gate, dtype=dtype, name=f"stage{stage + 1}_se",
-            )
-            if gate is not None:
-                x = gate(x)
+            attention = block_attention(self.attn, options, width, dtype=dtype,
+                                        axis_name=self.axis_name, name=f"stage{stage + 1}_se")
+            if attention is not None:
+                x = attention(x, train)
         return x
 
 

@@ -11,8 +11,9 @@ file: module renames and kernel transforms (see ``Layout``), e.g.::
                                         kernels=((r"/se/(reduce|expand)$", "conv1x1_dense"),)))
 
 Transforms may be named by string (``TRANSFORMS``), so rule lists can live in modules
-below this floor (an attention module's torch names, shared by every family that hosts
-it); ``Layout.extend`` adds rules to a family's layout (a variant such as ResNet-D).
+below this floor; the attention modules of ``gapjax.attention`` need none (their module
+paths are timm's and their kernels take the defaults by rank). ``Layout.extend`` adds
+rules to a family's layout (a variant such as ResNet-D).
 """
 
 from __future__ import annotations
@@ -139,10 +140,13 @@ class _Counter(Transform):
 IDENTITY = Transform()
 CONV = _Permute("conv", (3, 2, 0, 1))  # HWIO -> OIHW
 DENSE = _Permute("dense", (1, 0))  # [in, out] -> [out, in]
+CONV1D = _Permute("conv1d", (2, 1, 0))  # [k, in, out] -> torch Conv1d's [out, in, k]
 CONV1X1_DENSE = _Conv1x1Dense()
 COUNTER = _Counter()
 #: Transforms a kernel rule may name by string.
-TRANSFORMS = {t.name: t for t in (IDENTITY, CONV, DENSE, CONV1X1_DENSE)}
+TRANSFORMS = {t.name: t for t in (IDENTITY, CONV, CONV1D, DENSE, CONV1X1_DENSE)}
+#: The transform of a kernel no rule names, by its rank.
+DEFAULT_KERNELS = {4: CONV, 3: CONV1D, 2: DENSE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +196,9 @@ class Layout:
         module path (``"layer1_0/downsample_conv"``); ``/`` then becomes ``.``. Or a
         function of the flattened shapes returning such pairs.
       kernels: ``(regex, Transform or TRANSFORMS name)`` pairs on the gapjax module path
-        choosing a kernel's transform (first match); default ``CONV`` for rank 4, ``DENSE``
-        for rank 2. Or a function of the shapes returning such pairs.
+        choosing a kernel's transform (first match); default ``CONV`` for rank 4,
+        ``CONV1D`` for rank 3 (ECA's channel convolutions), ``DENSE`` for rank 2. Or a
+        function of the shapes returning such pairs.
       tensors_fn: replaces the generic builder: ``shapes -> list[TorchTensor]``.
       torch_models: the names under which ``source`` builds these models (documentation
         and tests), e.g. ``"torchvision.models.<name>()"``.
@@ -227,7 +232,7 @@ class Layout:
             transform = IDENTITY
             if leaf == "kernel":
                 chosen = next((t for pattern, t in kernels if re.search(pattern, module)),
-                              CONV if len(shape) == 4 else DENSE if len(shape) == 2 else IDENTITY)
+                              DEFAULT_KERNELS.get(len(shape), IDENTITY))
                 transform = TRANSFORMS[chosen] if isinstance(chosen, str) else chosen
             rows.append(TorchTensor(prefix + LEAF_NAMES.get((collection, leaf), leaf), (path,),
                                     transform))
@@ -239,5 +244,6 @@ class Layout:
 #: Model-name prefix -> Layout, filled by the model files. The longest prefix wins.
 LAYOUTS: Registry[Layout] = Registry("weight layout")
 
-__all__ = ["CONV", "CONV1X1_DENSE", "COUNTER", "DENSE", "IDENTITY", "LAYOUTS", "LEAF_NAMES",
-           "TRANSFORMS", "FlattenDense", "Layout", "TorchTensor", "Transform", "module_shapes"]
+__all__ = ["CONV", "CONV1D", "CONV1X1_DENSE", "COUNTER", "DEFAULT_KERNELS", "DENSE", "IDENTITY",
+           "LAYOUTS", "LEAF_NAMES", "TRANSFORMS", "FlattenDense", "Layout", "TorchTensor",
+           "Transform", "module_shapes"]

@@ -16,6 +16,11 @@ Features: 3x3 convolutions (padding 1, with bias) + ReLU, BN between them when
 ``stem="cifar"`` drops the fifth max pool, so a 32x32 image keeps a 2x2 final map (stride
 16) and the FC head flattens that map directly (no 7x7 grid) unless ``fc_grid`` says
 otherwise. ``base_width`` scales every width (64 in the published models).
+
+``attn`` (any ``gapjax.attention.ATTENTIONS`` name, options ``attn_kwargs``) adds an attention
+module after each block's last convolution (+ BN) + ReLU, before its max pool, as
+``block<b>_se``; in torch's naming it is the next ``features.<i>`` entry (an
+``nn.Sequential`` with the module inserted there).
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from gapjax.layers import Classifier, check_choice, conv_kernel_init
+from gapjax.layers import (
+    Classifier,
+    attention_options,
+    block_attention,
+    check_attention,
+    check_choice,
+    conv_kernel_init,
+)
 from gapjax.models.layouts import LAYOUTS, FlattenDense, Layout, module_shapes
 from gapjax.models.zoo import register_preset
 from gapjax.wsol_methods import ADL
@@ -62,8 +74,10 @@ class VGG(Classifier):
       extra_convs: widths of 3x3 convolutions + ReLU after the blocks (``conv6_1``, ...);
         CAM's VGG-16 has ``(1024,)``.
       adl_blocks: ADL layers (``gapjax.wsol_methods.ADL``) after block ``"block{b}"``'s
-        convolutions or after its pool ``"pool{b}"``, with ``adl_drop_rate`` and
-        ``adl_threshold``.
+        convolutions (and attention) or after its pool ``"pool{b}"``, with
+        ``adl_drop_rate`` and ``adl_threshold``.
+      attn: attention after each block (``block<b>_se``): an ``ATTENTIONS`` name or None;
+        ``attn_kwargs`` its options (timm's names).
     """
 
     depth: int = 16
@@ -77,6 +91,8 @@ class VGG(Classifier):
     adl_blocks: tuple[str, ...] = ()
     adl_drop_rate: float = 0.75
     adl_threshold: float = 0.9
+    attn: str | None = None
+    attn_kwargs: Any = None
 
     def _adl(self, x: Array, point: str, train: bool) -> Array:
         if point not in self.adl_blocks:
@@ -94,6 +110,8 @@ class VGG(Classifier):
     def backbone(self, x: Array, train: bool) -> Array:
         check_choice("stem", self.stem, STEMS)
         check_choice("depth", self.depth, tuple(CONFIGS))
+        check_attention(self.attn)
+        options = attention_options(self.attn_kwargs)
         blocks = CONFIGS[self.depth]
         for block_index, widths in enumerate(blocks):
             for conv_index, width in enumerate(widths):
@@ -108,6 +126,11 @@ class VGG(Classifier):
                 if self.batch_norm:
                     x = self.norm_layer(train, f"bn{block_index + 1}_{conv_index + 1}")(x)
                 x = nn.relu(x)
+            attention = block_attention(self.attn, options, x.shape[-1],
+                                        dtype=self.compute_dtype, axis_name=self.axis_name,
+                                        name=f"block{block_index + 1}_se")
+            if attention is not None:
+                x = attention(x, train)
             x = self._adl(x, f"block{block_index + 1}", train)
             last = block_index == len(blocks) - 1
             pooled = (not (last and self.stem == "cifar") if self.pool_after is None
@@ -164,6 +187,10 @@ def _vgg_renames(shapes):
             renames.append((rf"^{bn}$", f"features.{index}"))
             index += 1
         index += 1  # ReLU
+        if conv_index == max(c for b, c in convs if b == block_index) and any(
+                path.split("/")[1:2] == [f"block{block_index}_se"] for path in shapes):
+            renames.append((rf"^block{block_index}_se(?=/|$)", f"features.{index}"))
+            index += 1  # the attention module after the block's last ReLU
     hidden = sorted(int(m.group(1)) for path in modules
                     if (m := re.fullmatch(r"head/fc(\d+)", path)))
     for position, number in enumerate(hidden):
