@@ -54,7 +54,9 @@ VARIANTS = {
 #: Not functions of a set: learned weights indexed by position (a layout's parameter, of
 #: the layout's shape), and the class token (position 0 of a token sequence).
 POSITIONAL = {"weighted", *(name for name in POOLS.names() if POOLS.get(name).reads_class_token)}
-CASES = {**{name: (name, REQUIRED.get(name, {})) for name in POOLS.names()
+#: gapjax's own pools (other test modules register fork pools in the same process).
+BUILT_IN = [name for name in POOLS.names() if POOLS.get(name).__module__.startswith("gapjax.")]
+CASES = {**{name: (name, REQUIRED.get(name, {})) for name in BUILT_IN
             if name not in POSITIONAL}, **VARIANTS}
 
 
