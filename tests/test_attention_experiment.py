@@ -11,23 +11,23 @@ import json
 import numpy as np
 import pytest
 
-from gapjax.experiments import attention, report
+from gapjax.experiments import attention, report, seeds
 
 
 def test_paired_comparison_decides_by_the_t_interval():
-    helps = attention.paired_comparison([91.0, 92.0, 93.0], [90.0, 90.5, 91.5])
+    helps = seeds.paired_comparison([91.0, 92.0, 93.0], [90.0, 90.5, 91.5])
     assert helps["outcome"] == "helps" and helps["low"] > 0
     assert np.isclose(helps["mean_difference"], (1.0 + 1.5 + 1.5) / 3)
-    hurts = attention.paired_comparison([88.0, 89.0, 90.0], [90.0, 91.2, 91.9])
+    hurts = seeds.paired_comparison([88.0, 89.0, 90.0], [90.0, 91.2, 91.9])
     assert hurts["outcome"] == "hurts" and hurts["high"] < 0
-    tied = attention.paired_comparison([90.0, 93.0, 89.0], [91.0, 90.0, 90.0])
+    tied = seeds.paired_comparison([90.0, 93.0, 89.0], [91.0, 90.0, 90.0])
     assert tied["outcome"] == "tied" and tied["low"] < 0 < tied["high"]
     assert tied["p_value"] > 0.05 > helps["p_value"]
     # Differences without spread: decided by their sign.
-    assert attention.paired_comparison([2.0, 3.0], [1.0, 2.0])["outcome"] == "helps"
-    assert attention.paired_comparison([1.0, 2.0], [1.0, 2.0])["outcome"] == "tied"
+    assert seeds.paired_comparison([2.0, 3.0], [1.0, 2.0])["outcome"] == "helps"
+    assert seeds.paired_comparison([1.0, 2.0], [1.0, 2.0])["outcome"] == "tied"
     with pytest.raises(ValueError, match="at least two seeds"):
-        attention.paired_comparison([1.0], [2.0])
+        seeds.paired_comparison([1.0], [2.0])
 
 
 def test_claim_outcome_truth_table():

@@ -22,11 +22,11 @@ each against SE with GAP. The claim holds when SE helps against both ``none`` an
 ``local`` and adds at most ``FLOPS_LIMIT`` of the backbone's FLOPs; it fails when SE hurts
 against either or costs more; otherwise it is undecided.
 
-Training drives the training loop's own steps (``gapjax.train.steps.train_step``,
-``gapjax.evaluators.eval_step``, ``create_train_state``), vmapped over the seeds: one
-compiled step trains every seed of a member at once, on the dataset's own pipeline
-(``gapjax.data.make_iterator``, seeded per seed). Quick mode trains a subset of the
-members (``QUICK_MEMBERS``), ``--full`` every registered one, longer and with more seeds.
+Training drives the training loop's own steps, vmapped over the seeds
+(``gapjax.experiments.seeds``): one compiled step trains every seed of a member at once,
+on the dataset's own pipeline (``gapjax.data.make_iterator``, seeded per seed). Quick
+mode trains a subset of the members (``QUICK_MEMBERS``), ``--full`` every registered one,
+longer and with more seeds.
 
 ``python -m gapjax.experiments.attention --out DIR [--full] [--dataset NAME]``
 """
@@ -34,28 +34,19 @@ members (``QUICK_MEMBERS``), ``--full`` every registered one, longer and with mo
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from scipy import stats
 
-from gapjax import models, tasks
 from gapjax.attention import ATTENTIONS
 from gapjax.data import DATASETS, dataset_info, make_iterator
-from gapjax.evaluators import eval_step, zero_eval_sums
 from gapjax.experiments import common
+from gapjax.experiments.seeds import CONFIDENCE, SeedBatches, SeedTrainer, paired_comparison
 from gapjax.pooling import POOLS
-from gapjax.train.optim import make_optimizer
-from gapjax.train.state import create_train_state
-from gapjax.train.steps import train_step
 
 #: The members quick mode trains (``--full``: every ``ATTENTIONS`` name): SE, its cheapest
 #: relative, the context block, channel + spatial gates, coordinate attention, the style
@@ -66,7 +57,6 @@ SQUEEZES = ("gap", "gmp", "gem", "lse", "std")
 NONE = "none"
 #: Largest share of the backbone's forward FLOPs that still counts as "next to nothing".
 FLOPS_LIMIT = 0.05
-CONFIDENCE = 0.95
 BACKBONE = {"widths": (16, 32, 64), "strides": (1, 2, 2), "depth": 1, "head": "gap",
             "pool": "gap"}
 SETTINGS: dict[bool, dict[str, Any]] = {
@@ -74,42 +64,11 @@ SETTINGS: dict[bool, dict[str, Any]] = {
     False: {"steps": 3000, "batch_size": 128, "seeds": 5, "image_size": 16,
             "timing_steps": 20},
 }
-#: Keep the training batches in memory (shared by every member) below this size.
-CACHE_BYTES = 512 * 2**20
 
 
 def default_dataset() -> str:
     """Fashion-MNIST where this build registers it, else the embedded (real) digits."""
     return "fashion_mnist" if "fashion_mnist" in DATASETS else "gapjax_digits"
-
-
-# --------------------------------------------------------------------------------------
-# Statistics
-# --------------------------------------------------------------------------------------
-
-
-def paired_comparison(first: Sequence[float], second: Sequence[float],
-                      confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """``first - second`` paired by seed: the mean difference, its two-sided t-interval
-    at ``confidence``, the t-test's p-value and the outcome: ``"helps"`` (interval above
-    zero), ``"hurts"`` (below) or ``"tied"``. Differences without spread are decided by
-    their sign (an interval of one point)."""
-    differences = np.asarray(first, np.float64) - np.asarray(second, np.float64)
-    if differences.size < 2:
-        raise ValueError("paired_comparison needs at least two seeds")
-    mean = float(differences.mean())
-    spread = float(differences.std(ddof=1))
-    if spread == 0.0:
-        low = high = mean
-        p_value = 1.0 if mean == 0.0 else 0.0
-    else:
-        error = spread / math.sqrt(differences.size)
-        half = float(stats.t.ppf(0.5 + confidence / 2, differences.size - 1)) * error
-        low, high = mean - half, mean + half
-        p_value = float(2 * stats.t.sf(abs(mean) / error, differences.size - 1))
-    outcome = "helps" if low > 0 else "hurts" if high < 0 else "tied"
-    return {"mean_difference": mean, "low": low, "high": high, "p_value": p_value,
-            "outcome": outcome, "differences": differences.tolist()}
 
 
 def claim_outcome(se_vs_none: str, se_vs_local: str, flops_share: float) -> bool | None:
@@ -120,110 +79,6 @@ def claim_outcome(se_vs_none: str, se_vs_local: str, flops_share: float) -> bool
     if se_vs_none == "helps" and se_vs_local == "helps":
         return True
     return None
-
-
-# --------------------------------------------------------------------------------------
-# Training: the loop's own steps, vmapped over seeds
-# --------------------------------------------------------------------------------------
-
-
-class SeedBatches:
-    """The training batches of every seed, stacked ``[seeds, batch, ...]`` per step: each
-    seed's own shuffled pass of the dataset's pipeline, identical for every member. Kept
-    in memory when they fit ``CACHE_BYTES``, else read again for each member."""
-
-    def __init__(self, dataset_config: Any, split: str, batch_size: int, seeds: int,
-                 steps: int):
-        self.dataset_config, self.split = dataset_config, split
-        self.batch_size, self.seeds, self.steps = batch_size, seeds, steps
-        self._cache: list[dict[str, np.ndarray]] | None = None
-        first = self._stream()
-        sample = next(first)
-        size = sum(value.nbytes for value in sample.values()) * steps
-        if size <= CACHE_BYTES:
-            self._cache = [sample] + [next(first) for _ in range(steps - 1)]
-        self.sample = sample
-
-    def _stream(self):
-        iterators = [make_iterator(self.dataset_config, self.split, batch_size=self.batch_size,
-                                   seed=seed, train=True, process_index=0, process_count=1)
-                     for seed in range(self.seeds)]
-        while True:
-            batches = [next(iterator) for iterator in iterators]
-            yield {key: np.stack([np.asarray(batch[key]) for batch in batches])
-                   for key in batches[0]}
-
-    def __iter__(self):
-        if self._cache is not None:
-            return iter(self._cache)
-        stream = self._stream()
-        return (next(stream) for _ in range(self.steps))
-
-
-#: XLA options for programs that run once or twice (initialisation, evaluation): compiled
-#: about 5x faster; the training step keeps the default optimisation, as it runs hundreds
-#: of times.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-class SeedTrainer:
-    """One model's train / eval steps, vmapped over seeds and compiled once."""
-
-    def __init__(self, config: Any, num_classes: int, task_name: str, seeds: int):
-        self.model = models.from_config(config, num_classes)
-        self.task = tasks.get(task_name, num_classes=num_classes)
-        self.tx = make_optimizer(config.optimizer, config.total_steps)
-        self.seeds = seeds
-        model, tx, task = self.model, self.tx, self.task
-        self._init = jax.jit(jax.vmap(
-            lambda seed, inputs: create_train_state(model, tx, inputs, seed),
-            in_axes=(0, None)))
-        self._train = jax.jit(jax.vmap(functools.partial(
-            train_step, model=model, tx=tx, task=task)))
-        self._eval = jax.jit(jax.vmap(functools.partial(eval_step, model=model, task=task),
-                                      in_axes=(0, None, 0)))
-        self._compiled: dict[str, Any] = {}
-
-    def _program(self, name: str, *args: Any) -> Any:
-        """The compiled ``name`` program for ``args``' shapes (compiled on first use)."""
-        if name not in self._compiled:
-            lowered = getattr(self, f"_{name}").lower(*args)
-            self._compiled[name] = (lowered.compile() if name == "train"
-                                    else lowered.compile(FAST_COMPILE))
-        return self._compiled[name]
-
-    def fit(self, batches: SeedBatches) -> Any:
-        """Trains every seed from its initialisation; returns the stacked train state."""
-        sample = {key: value[0] for key, value in batches.sample.items()}
-        seeds, inputs = jnp.arange(self.seeds), self.task.init_inputs(sample)
-        state = self._program("init", seeds, inputs)(seeds, inputs)
-        for batch in batches:
-            state = self._program("train", state, batch)(state, batch)
-        return state
-
-    def step_seconds(self, state: Any, batch: dict[str, np.ndarray], steps: int,
-                     repeats: int = 3) -> float:
-        """Seconds per training step of all seeds (the fastest of ``repeats`` timed runs
-        of ``steps`` steps on one batch; compilation is done by then)."""
-        step = self._program("train", state, batch)
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            timed = state
-            for _ in range(steps):
-                timed = step(timed, batch)
-            jax.block_until_ready(timed.params)
-            best = min(best, (time.perf_counter() - start) / steps)
-        return best
-
-    def accuracy(self, state: Any, eval_batches: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """Test accuracy (%) of each seed over the evaluation batches."""
-        variables = state.variables()
-        sums = jax.tree.map(lambda zero: jnp.zeros((self.seeds,), zero.dtype),
-                            zero_eval_sums(self.task))
-        for batch in eval_batches:
-            sums, _ = self._program("eval", variables, batch, sums)(variables, batch, sums)
-        return 100.0 * np.asarray(sums["accuracy"]) / np.asarray(sums["weight"])
 
 
 def attention_parameters(abstract: Any) -> dict[str, int]:
