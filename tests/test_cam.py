@@ -253,6 +253,21 @@ def test_ablation_cam_has_its_closed_form_for_a_gap_linear_head():
                                rtol=2e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["score_cam", "ablation_cam"])
+def test_chunk_progress_reports_every_batched_call_in_order(method):
+    """``on_chunk`` sees each chunk of channels once, in order, and changes no map."""
+    model, variables, images = _model("gap")
+    seen = []
+    fn = cam.make_map_fn(model, method, channel_chunk=2,
+                         on_chunk=lambda index, count: seen.append((index, count)))
+    with_progress = fn(variables, images)
+    jax.effects_barrier()
+    chunks = -(-(5 + (method == "ablation_cam")) // 2)  # 5 channels (+ the reference)
+    assert seen == [(index, chunks) for index in range(chunks)]
+    plain = cam.make_map_fn(model, method, channel_chunk=2)(variables, images)
+    np.testing.assert_array_equal(with_progress.maps, plain.maps)
+
+
 def test_score_cam_weights_match_a_channel_by_channel_loop():
     model, variables, images = _model("gap", shape=(2, 8, 6, 2))
     features = np.asarray(_features(model, variables, images))  # [2, 4, 3, 5]

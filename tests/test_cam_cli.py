@@ -140,3 +140,14 @@ def test_cli_usage_errors_say_what_is_missing(argv, message, capsys):
         cli.main(argv)
     assert raised.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_chunk_progress_shows_the_first_and_last_chunk_and_throttles_between(capsys):
+    from gapjax.cli.cam import ChunkProgress
+
+    report = ChunkProgress("score_cam", every=3600.0)
+    for index in range(4):
+        report(index, 4)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" of channels")[0] for line in lines] == [
+        "score_cam: chunk 1 of 4", "score_cam: chunk 4 of 4"]

@@ -237,6 +237,7 @@ def _raw_maps(
     relu: bool,
     eigen_smooth: bool,
     channel_chunk: int,
+    on_chunk: Callable[[int, int], None] | None,
 ) -> tuple[Array, Array, Array]:
     """``(maps [B, T, h, w], logits [B, K], targets [B, T])`` at feature resolution."""
     features = model.apply(variables, images, train=False, method="forward_features")
@@ -271,14 +272,14 @@ def _raw_maps(
             terms = spec.terms(features, gradients)
         elif spec.needs == "head":
             terms = weighted_terms(
-                features, ablation_cam_weights(features, targets, head_fn, channel_chunk))
+                features, ablation_cam_weights(features, targets, head_fn, channel_chunk, on_chunk))
         else:  # "model"
 
             def model_fn(x: Array) -> Array:
                 return model.apply(variables, x, train=False)
 
             terms = weighted_terms(features, score_cam_weights(
-                features, images, targets, model_fn, channel_chunk))
+                features, images, targets, model_fn, channel_chunk, on_chunk))
         maps = reduce_terms(terms, spatial_ndim, eigen_smooth)
     if spec.rectified and relu:
         maps = jax.nn.relu(maps)
@@ -305,6 +306,7 @@ def compute_maps(
     aug_smooth: bool = False,
     eigen_smooth: bool = False,
     channel_chunk: int = DEFAULT_CHANNEL_CHUNK,
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> CamOutput:
     """Maps of ``model`` (eval mode) for ``images [B, H, W, C]``.
 
@@ -325,6 +327,8 @@ def compute_maps(
       eigen_smooth: replace the channel sum of the channel terms by their first principal
         component (not for ``cam`` / ``contribution`` / ``rollout``, whose maps come whole).
       channel_chunk: channels per batched model call in Score-CAM / Ablation-CAM.
+      on_chunk: for Score-CAM / Ablation-CAM, called on the host with ``(index, n_chunks)``
+        as each batched call finishes (progress on long maps); None: no callback.
 
     Returns ``CamOutput(maps, logits, targets)``. Jit it with the model and options static,
     e.g. ``make_map_fn(model, "grad_cam_pp")``: each method compiles once per shape.
@@ -346,7 +350,8 @@ def compute_maps(
     else:
         matrix = None
     run = functools.partial(_raw_maps, model, variables, spec=spec, relu=relu,
-                            eigen_smooth=eigen_smooth, channel_chunk=channel_chunk)
+                            eigen_smooth=eigen_smooth, channel_chunk=channel_chunk,
+                            on_chunk=on_chunk)
 
     if not aug_smooth:
         maps, logits, matrix = run(images, matrix)
@@ -380,8 +385,8 @@ def make_map_fn(model: nn.Module, method: str = "auto", **options: Any) -> Calla
     """A jitted ``fn(variables, images, targets=None) -> CamOutput`` for ``model``.
 
     ``options`` are ``compute_maps``'s keyword arguments (``resize``, ``normalize``,
-    ``relu``, ``aug_smooth``, ``eigen_smooth``, ``channel_chunk``). The method is resolved
-    now, so a bad choice fails before any tracing. Concrete out-of-range targets are
+    ``relu``, ``aug_smooth``, ``eigen_smooth``, ``channel_chunk``, ``on_chunk``). The method
+    is resolved now, so a bad choice fails before any tracing. Concrete out-of-range targets are
     rejected before the jitted call (inside it they cannot be read).
     """
     method = resolve_method(model, method)

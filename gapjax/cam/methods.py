@@ -260,6 +260,26 @@ def _chunked(values: Array, chunk: int, fill: float) -> tuple[Array, int]:
     return values.reshape(padded // chunk, chunk, *values.shape[1:]), chunk
 
 
+def _map_chunks(scores_of: Callable[[Array], Array], chunks: Array,
+                on_chunk: Callable[[int, int], None] | None) -> Array:
+    """``jax.lax.map(scores_of, chunks)``; with ``on_chunk``, each finished chunk calls
+    ``on_chunk(index, n_chunks)`` on the host (ordered), for progress on long maps."""
+    if on_chunk is None:
+        return jax.lax.map(scores_of, chunks)
+    count = chunks.shape[0]
+
+    def report(index: Array) -> None:
+        on_chunk(int(index), count)
+
+    def scores_and_report(item: tuple[Array, Array]) -> Array:
+        index, values = item
+        scores = scores_of(values)
+        jax.debug.callback(report, index, ordered=True)
+        return scores
+
+    return jax.lax.map(scores_and_report, (jnp.arange(count), chunks))
+
+
 def _pick(scores: Array, targets: Array) -> Array:
     """``scores [B, N, K]``, ``targets [B, T]`` -> ``[B, T, N]``."""
     picked = jnp.take_along_axis(scores, targets[:, None, :].astype(jnp.int32), axis=-1)
@@ -272,6 +292,7 @@ def score_cam_weights(
     targets: Array,
     model_fn: Callable[[Array], Array],
     channel_chunk: int = DEFAULT_CHANNEL_CHUNK,
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> Array:
     """Score-CAM channel weights ``[B, T, C]``.
 
@@ -280,7 +301,8 @@ def score_cam_weights(
     denominator), multiplied into ``images [B, H, W, Cin]``, and the masked image scored by
     ``model_fn(images) -> logits [n, K]``; the weights are the softmax over channels of the
     target logits (``targets [B, T]``). The ``B * C`` forward passes run as
-    ``ceil(C / channel_chunk)`` batched calls of ``B * channel_chunk`` images.
+    ``ceil(C / channel_chunk)`` batched calls of ``B * channel_chunk`` images; ``on_chunk``
+    (optional) is called on the host with ``(index, n_chunks)`` as each call finishes.
     """
     features, images = _as_float(features), jnp.asarray(images)
     if features.ndim != 4 or images.ndim != 4:
@@ -304,7 +326,7 @@ def score_cam_weights(
         logits = model_fn(masked.reshape(batch * chunk, *images.shape[1:]))
         return jnp.asarray(logits, jnp.float32).reshape(batch, chunk, -1)
 
-    scores = jax.lax.map(scores_of, chunks)  # [n, B, chunk, K]
+    scores = _map_chunks(scores_of, chunks, on_chunk)  # [n, B, chunk, K]
     scores = jnp.moveaxis(scores, 0, 1).reshape(batch, -1, scores.shape[-1])[:, :channels]
     return jax.nn.softmax(_pick(scores, targets), axis=-1)
 
@@ -314,13 +336,15 @@ def ablation_cam_weights(
     targets: Array,
     head_fn: Callable[[Array], Array],
     channel_chunk: int = DEFAULT_CHANNEL_CHUNK,
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> Array:
     """Ablation-CAM channel weights ``[B, T, C]``: ``(s - s_c) / s``.
 
     ``s`` is the target logit of ``head_fn(features)`` and ``s_c`` the same with channel
     ``c`` of ``features [B, *S, C]`` set to zero. The reference score is the first entry of
     the same batched head calls as the ``C`` ablations (same arithmetic, so near-equal scores
-    cancel cleanly). ``s == 0`` gives weight 0 rather than a division by zero.
+    cancel cleanly). ``s == 0`` gives weight 0 rather than a division by zero. ``on_chunk``:
+    as in ``score_cam_weights``.
     """
     features = _features(features, None)
     batch, channels = features.shape[0], features.shape[-1]
@@ -335,7 +359,7 @@ def ablation_cam_weights(
         logits = head_fn(copies.reshape(batch * chunk, *features.shape[1:]))
         return jnp.asarray(logits, jnp.float32).reshape(batch, chunk, -1)
 
-    scores = jax.lax.map(scores_of, chunks)
+    scores = _map_chunks(scores_of, chunks, on_chunk)
     scores = jnp.moveaxis(scores, 0, 1).reshape(batch, -1, scores.shape[-1])[:, : channels + 1]
     picked = _pick(scores, targets)  # [B, T, 1 + C]
     reference, without = picked[..., :1], picked[..., 1:]

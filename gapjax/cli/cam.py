@@ -26,6 +26,27 @@ from gapjax.train.checkpoint import load_run
 PROG = "python -m gapjax.cam"
 #: Methods that run many batched passes per image (one per chunk of channels).
 SLOW_METHODS = ("score_cam", "ablation_cam")
+#: Seconds between two progress lines of one slow map.
+CHUNK_PROGRESS_SECONDS = 5.0
+
+
+class ChunkProgress:
+    """``on_chunk`` of a slow CAM method: a progress line on stderr as batched calls over
+    chunks of channels finish (the first, then at most one per ``CHUNK_PROGRESS_SECONDS``,
+    and the last), with the time since the first chunk of the map finished."""
+
+    def __init__(self, method: str, every: float = CHUNK_PROGRESS_SECONDS):
+        self.method, self.every = method, every
+        self.began = self.shown = None
+
+    def __call__(self, index: int, count: int) -> None:
+        now = time.perf_counter()
+        if index == 0 or self.began is None:
+            self.began, self.shown = now, None
+        if self.shown is None or index == count - 1 or now - self.shown >= self.every:
+            self.shown = now
+            progress(f"{self.method}: chunk {index + 1} of {count} of channels done "
+                     f"({now - self.began:.1f} s after the first)")
 
 
 def _parser() -> Parser:
@@ -114,7 +135,8 @@ def run_overlays(workdir: str, *, split: str = "test", num: int = 16, out: str =
     began = time.perf_counter()
     if method in SLOW_METHODS:
         progress(f"{method}: {len(real)} images, one batched pass per chunk of channels ...")
-    output = make_map_fn(model, method)(run.variables, batch["image"])
+    options = {"on_chunk": ChunkProgress(method)} if method in SLOW_METHODS else {}
+    output = make_map_fn(model, method, **options)(run.variables, batch["image"])
     maps = np.asarray(output.maps)[real]
     if method in SLOW_METHODS:
         progress(f"{method}: done in {time.perf_counter() - began:.1f} s")
@@ -171,9 +193,9 @@ def predict_photos(
     top-1 class, probabilities [N, K])``. Every batch is padded to ``batch_size`` images,
     so the map function compiles once. Slow methods report each batch on stderr.
     """
-    map_fn = make_map_fn(model, method)
     inputs = np.stack([imagenet.eval_transform(picture) for picture in pictures])
     slow = resolve_method(model, method) in SLOW_METHODS
+    map_fn = make_map_fn(model, method, **({"on_chunk": ChunkProgress(method)} if slow else {}))
     if slow:
         progress(f"{method}: {len(inputs)} image(s) in batches of {batch_size}, one batched "
                  "pass per chunk of channels of the feature map")
