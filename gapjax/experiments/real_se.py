@@ -49,7 +49,8 @@ PUBLISHED = (
 def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = None,
         source_dir: Path | str | None = None, **overrides: Any) -> dict[str, Any]:
     """Runs the attention study on Fashion-MNIST with none / SE / local; writes
-    ``real_se.md``, ``real_se.json`` and ``real_se.png``; returns the report section.
+    ``real_se.md`` (this section's text, with the published figures), ``real_se.json``
+    and ``real_se.png``; returns the report section.
     ``overrides`` replace ``SETTINGS`` entries (``seeds``, ``steps``, ...)."""
     watch = common.Stopwatch()
     out_dir = Path(out_dir)
@@ -69,6 +70,9 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
         f"{100 * se['flops_share']:.2f}% FLOPs to the cnn. "
         f"({timing['seconds']:.0f} s wall, {timing['cpu_seconds']:.0f} s CPU, load "
         f"{timing['load_average']:.1f})"])
+    figures = "".join(f"\n\n![real_se]({figure})" for figure in section["figures"])
+    (out_dir / "real_se.md").write_text("# Real data: Squeeze-and-Excitation\n\n" + markdown
+                                        + f"\n\n{section['verdict']}{figures}\n")
     return common.section(
         "Real data: Squeeze-and-Excitation",
         claim=section["claim"] + " Measured on Fashion-MNIST.",
