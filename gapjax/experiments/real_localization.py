@@ -52,7 +52,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from gapjax import cam, wsol
-from gapjax.cam import CAM_METHODS
 from gapjax.data.fashion_mnist import CLASS_NAMES
 from gapjax.experiments import cam_methods, common, localization, real_heads, seeds
 
@@ -60,17 +59,14 @@ DATASET = "fashion_canvas"
 #: The method the claim is about (the exact map of a GAP head).
 CLAIMED = "cam"
 METRICS = ("max_box_acc_v2", "pxap")
-METRIC_LABELS = {"max_box_acc_v2": "MaxBoxAccV2", "pxap": "PxAP"}
 #: Test canvases drawn in the figure.
 SHOWN = 8
 #: The shared keys are real_heads' (same model, trained once per process); ``images``:
 #: test canvases scored per seed and method (None: the whole test split); ``map_batch``:
 #: canvases per map call.
 SETTINGS: dict[bool, dict[str, Any]] = {
-    quick: {**real_heads.SETTINGS[quick],
-            **({"images": 500, "map_batch": 100} if quick
-               else {"images": None, "map_batch": 250})}
-    for quick in (True, False)
+    True: {**real_heads.SETTINGS[True], "images": 500, "map_batch": 100},
+    False: {**real_heads.SETTINGS[False], "images": None, "map_batch": 100},
 }
 PUBLISHED = (
     ("Choe et al. 2020, Evaluating Weakly Supervised Object Localization Methods Right "
@@ -98,7 +94,7 @@ def skipped_methods(model: Any) -> dict[str, str]:
     for name in cam.method_names()[1:]:
         if name in available:
             continue
-        spec = CAM_METHODS.get(name)
+        spec = cam.CAM_METHODS.get(name)
         if spec.exact_kind is not None and spec.exact_kind not in kinds:
             reasons[name] = (f"needs the head's exact {spec.exact_kind!r} maps; this head "
                              f"has map_kinds {kinds}")
