@@ -236,10 +236,10 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
     verdict = (
         f"{head} ({settings['seeds']} seeds, {len(data['label'])} test canvases; 95% paired "
         f"t-intervals, CAM - centre): MaxBoxAccV2 "
-        f"{seeds.interval_text(claimed['max_box_acc_v2'])} points (CAM "
+        f"{seeds.interval_text(claimed['max_box_acc_v2'])} (points; CAM "
         f"{seeds.mean_sd_text(records[CLAIMED]['max_box_acc_v2']['runs'])} vs centre "
         f"{baseline['max_box_acc_v2']:.2f}), PxAP {seeds.interval_text(claimed['pxap'])} "
-        f"points (CAM {seeds.mean_sd_text(records[CLAIMED]['pxap']['runs'])} vs "
+        f"(points; CAM {seeds.mean_sd_text(records[CLAIMED]['pxap']['runs'])} vs "
         f"{baseline['pxap']:.2f}). Test accuracy {seeds.mean_sd_text(accuracy)}%. Best "
         f"MaxBoxAccV2: {labels.get(ranking[0], ranking[0])}; above the centre on both "
         f"metrics: {', '.join(beat) or 'none'} ({len(beat)} of {len(records)}).")
