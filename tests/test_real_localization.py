@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers.fashion_idx import write_fashion_idx
+from helpers.fashion_files import write_fashion_source
 
 from gapjax import cam, models, wsol
 from gapjax.data import fashion_mnist
@@ -20,7 +20,7 @@ TINY = {"seeds": 2, "steps": 3, "batch_size": 4, "widths": (4, 8, 8), "depth": 1
 def test_section_end_to_end_on_tiny_canvases(tmp_path, monkeypatch):
     # Only the tiny files: Debian's Fashion-MNIST, where installed, is hidden.
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "no-debian"))
-    source = write_fashion_idx(tmp_path / "idx")
+    source = write_fashion_source(tmp_path / "idx")
     out = tmp_path / "out"
     section = real_localization.run(out, quick=True, source_dir=source, **TINY)
 

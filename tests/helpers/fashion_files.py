@@ -36,6 +36,7 @@ def fake_items(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def write_fashion_source(folder: Path, train: int = 20, test: int = 10) -> Path:
     """The four IDX files in ``folder`` (train gzip-compressed, test plain); returns it."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     for split, count, suffix in (("train", train, ".gz"), ("test", test, "")):
         images, labels = fake_items(count, seed=count)
         image_file, label_file = fashion_mnist.IDX_FILES[split]
