@@ -73,7 +73,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "real_gradient_flow": ("gapjax.experiments.real_gradient_flow",
                            "Real data: gradient flow, GAP vs GMP (multi-label)"),
     "real_localization": ("gapjax.experiments.real_localization",
-                          "Real data: CAM localization of real objects"),
+                          "Real objects: CAM localization against a centre prior"),
     "real_readouts": ("gapjax.experiments.real_readouts", "Real data: molecule readouts"),
     "benchmarks": ("gapjax.experiments.report", "Benchmarks: pooling and CAM cost"),
 }
