@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -234,6 +235,11 @@ def train_seeds(config: Any, seeds: int, split: str | None = None) -> SeedRun:
     split = split or info.train_split
     key = (common.config_key(config), seeds, split)
     if key not in _SEED_RUNS:
+        model = config.model
+        what = (f"{model.name} (head {model.get('head', '-')}, pool {model.get('pool', '-')}) on "
+                f"{config.dataset.name} {split}: {seeds} seeds x {config.total_steps} steps of "
+                f"{config.batch_size}")
+        print(f"[seeds] training {what} ...", file=sys.stderr, flush=True)
         wall, cpu = time.perf_counter(), time.process_time()
         batches = SeedBatches(config.dataset, split, config.batch_size, seeds,
                               config.total_steps)
@@ -241,6 +247,8 @@ def train_seeds(config: Any, seeds: int, split: str | None = None) -> SeedRun:
         state = trainer.fit(batches)
         _SEED_RUNS[key] = SeedRun(config, trainer, state, info, split,
                                   time.perf_counter() - wall, time.process_time() - cpu)
+        print(f"[seeds] trained {what} in {_SEED_RUNS[key].seconds:.0f} s",
+              file=sys.stderr, flush=True)
     return _SEED_RUNS[key]
 
 
