@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,9 @@ def measure(label: str, options: dict[str, Any], settings: dict[str, Any], datas
     trainer = SeedTrainer(config, info.num_classes, info.task, settings["seeds"])
     state = trainer.fit(batches)
     accuracies = trainer.accuracy(state, eval_batches)
+    print(f"[attention] {label}: {settings['seeds']} seeds x {settings['steps']} steps, "
+          f"accuracy {np.mean(accuracies):.2f}% ({watch.elapsed():.0f} s)", file=sys.stderr,
+          flush=True)
     abstract = common.abstract_variables(trainer.model, info.input_shape)
     record = {
         "variant": label,
