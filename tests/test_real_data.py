@@ -8,7 +8,6 @@ Fashion-MNIST files nor RDKit's bundled data; one test reads the Debian files wh
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from helpers.fashion_files import fake_items, write_fashion_source, write_idx
 
 from gapjax import data, models, tasks
 from gapjax.data import (
@@ -47,37 +47,10 @@ def one_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def write_idx(path, array) -> None:
-    array = np.asarray(array, np.uint8)
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big")
-                                                      for d in array.shape)
-    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as file:
-        file.write(header + array.tobytes())
-
-
-def fake_items(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """28x28 "items": class k is a block of brightness 40 + 20 k with a random texture, on
-    black, so a canvas tells which class it drew."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(count) % 10
-    images = np.zeros((count, 28, 28), np.uint8)
-    for index, label in enumerate(labels):
-        top, left = rng.integers(2, 8, size=2)
-        images[index, top:top + 18, left:left + 16] = 40 + 20 * label
-        images[index, top:top + 18:3, left:left + 16:3] += 10
-    return images, labels
-
-
 @pytest.fixture(scope="session")
 def fashion_source(tmp_path_factory):
     """Four tiny IDX files (train 20, test 10 images); gzip for train, plain for test."""
-    folder = tmp_path_factory.mktemp("fashion_idx")
-    for split, count, suffix in (("train", 20, ".gz"), ("test", 10, "")):
-        images, labels = fake_items(count, seed=count)
-        image_file, label_file = fashion_mnist.IDX_FILES[split]
-        write_idx(folder / f"{image_file}{suffix}", images)
-        write_idx(folder / f"{label_file}{suffix}", labels)
-    return folder
+    return write_fashion_source(tmp_path_factory.mktemp("fashion_idx"), train=20, test=10)
 
 
 @pytest.fixture(scope="session")

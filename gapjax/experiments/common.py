@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -202,13 +203,24 @@ def abstract_variables(model: Any, input_shape: Sequence[int]) -> Any:
 
 
 class Stopwatch:
-    """Wall-clock seconds since creation."""
+    """Wall-clock and CPU seconds since creation."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def cpu_elapsed(self) -> float:
+        """CPU seconds of this process (all its threads) since creation: on a shared
+        machine the wall time stretches with the load, the CPU time much less."""
+        return time.process_time() - self.cpu_start
+
+    def timing(self) -> dict[str, float]:
+        """``{"seconds", "cpu_seconds", "load_average"}`` now (1-minute load average)."""
+        return {"seconds": self.elapsed(), "cpu_seconds": self.cpu_elapsed(),
+                "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0}
 
 
 # --------------------------------------------------------------------------------------
@@ -406,3 +418,34 @@ def experiment_cli(run: Callable[..., dict[str, Any]], doc: str,
     print(result["markdown"])
     print(result["verdict"])
     return result
+
+
+# --------------------------------------------------------------------------------------
+# Real data (the real_* sections)
+# --------------------------------------------------------------------------------------
+
+
+def real_dataset_options(data_dir: Path | str, source_dir: Path | str | None = None,
+                         **options: Any) -> dict[str, Any]:
+    """``config.dataset`` keys of a real dataset: where prepared data goes (``data_dir``),
+    where Fashion-MNIST's IDX files are (``source_dir``; None: the Debian location) and
+    the dataset's own keys."""
+    return {"data_dir": str(data_dir), **({"source_dir": str(source_dir)} if source_dir
+                                           else {}), **options}
+
+
+def section_settings(section: str, table: dict[bool, dict[str, Any]], quick: bool,
+                     overrides: dict[str, Any]) -> dict[str, Any]:
+    """``table[quick]`` with ``overrides`` (one line naming an unknown key and the valid
+    ones); tests pass tiny settings this way."""
+    unknown = sorted(set(overrides) - set(table[True]))
+    if unknown:
+        raise ValueError(f"{section}: unknown settings {unknown}; valid: "
+                         f"{', '.join(table[True])}")
+    return {**table[bool(quick)], **overrides}
+
+
+def published_table(rows: Sequence[Sequence[Any]]) -> str:
+    """The published figures a section stands beside: rows ``(source, setting, quantity,
+    value)``."""
+    return markdown_table(["published source", "setting", "quantity", "value"], rows)

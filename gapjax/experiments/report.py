@@ -21,6 +21,11 @@ Sections and the modules that produce them:
 * ``gradflow``: gradient flow of GAP vs GMP (``gapjax.experiments.gradient_flow``);
 * ``readouts``: graph readouts (``gapjax.experiments.readouts``);
 * ``vit``: ViT heads, class token vs GAP vs MAP vs GeM (``gapjax.experiments.vit_heads``);
+* ``real_heads``, ``real_se``, ``real_gradient_flow``, ``real_localization``,
+  ``real_readouts``: the claims on real data (Fashion-MNIST, its cluttered canvases and
+  mosaics, RDKit's molecules), each over seeds with a paired decision
+  (``gapjax.experiments.real_*``); ``--only real`` runs these five, ``--only digits`` the
+  sections on the embedded digits;
 * ``benchmarks``: pooling against the memory-bound yardstick and CAM cost
   (``benchmarks/pooling.py`` at its full shapes and ``benchmarks/cam_cost.py``).
 
@@ -41,7 +46,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +68,20 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "gradflow": ("gapjax.experiments.gradient_flow", "Gradient flow: GAP vs GMP"),
     "readouts": ("gapjax.experiments.readouts", "Graph readouts"),
     "vit": ("gapjax.experiments.vit_heads", "ViT heads: class token vs GAP vs MAP"),
+    "real_heads": ("gapjax.experiments.real_heads", "Real data: FC vs GAP heads"),
+    "real_se": ("gapjax.experiments.real_se", "Real data: Squeeze-and-Excitation"),
+    "real_gradient_flow": ("gapjax.experiments.real_gradient_flow",
+                           "Real data: gradient flow, GAP vs GMP (multi-label)"),
+    "real_localization": ("gapjax.experiments.real_localization",
+                          "Real objects: CAM localization against a centre prior"),
+    "real_readouts": ("gapjax.experiments.real_readouts", "Real data: molecule readouts"),
     "benchmarks": ("gapjax.experiments.report", "Benchmarks: pooling and CAM cost"),
+}
+#: ``--only`` names that stand for several sections.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "real": tuple(name for name in SECTIONS if name.startswith("real_")),
+    "digits": tuple(name for name in SECTIONS
+                    if not name.startswith("real_") and name != "benchmarks"),
 }
 SECTION_KEYS = ("title", "claim", "method", "markdown", "numbers", "holds", "verdict", "figures")
 BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -327,6 +345,16 @@ def build_report(out_dir: Path | str, *, quick: bool = True, only: Sequence[str]
     return results
 
 
+def expand_groups(names: Iterable[str]) -> list[str]:
+    """Section names with each ``GROUPS`` name replaced by its sections, in order, once."""
+    expanded: list[str] = []
+    for name in names:
+        for member in GROUPS.get(name, (name,)):
+            if member not in expanded:
+                expanded.append(member)
+    return expanded
+
+
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not the usage text
         self.exit(2, f"error: {message}; see --help\n")
@@ -337,14 +365,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--full", action="store_true", help="larger runs (quick by default)")
     parser.add_argument("--only", default="", help="comma-separated sections: "
-                        + ", ".join(SECTIONS))
+                        + ", ".join(SECTIONS) + "; or the groups " + ", ".join(GROUPS))
     parser.add_argument("--traceback", action="store_true", help="the traceback of an error")
     args = parser.parse_args(argv)
-    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    only = expand_groups(name.strip() for name in args.only.split(",") if name.strip())
     unknown = [name for name in only if name not in SECTIONS]
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from "
-                     f"{', '.join(SECTIONS)}")
+                     f"{', '.join(SECTIONS)} or the groups {', '.join(GROUPS)}")
     command = "python -m gapjax.experiments.report " + " ".join(
         sys.argv[1:] if argv is None else argv)
     try:

@@ -16,8 +16,10 @@ paired comparison that decides whether one model beats another.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,8 +30,9 @@ import numpy as np
 from scipy import stats
 
 from gapjax import models, tasks
-from gapjax.data import make_iterator
+from gapjax.data import dataset_info, make_iterator
 from gapjax.evaluators import eval_step, zero_eval_sums
+from gapjax.experiments import common
 from gapjax.train.optim import make_optimizer
 from gapjax.train.state import create_train_state
 from gapjax.train.steps import train_step
@@ -164,9 +167,124 @@ class SeedTrainer:
 
     def accuracy(self, state: Any, eval_batches: list[dict[str, np.ndarray]]) -> np.ndarray:
         """Test accuracy (%) of each seed over the evaluation batches."""
+        return self.evaluate(state, eval_batches)["accuracy"]
+
+    def evaluate(self, state: Any, eval_batches: list[dict[str, np.ndarray]]
+                 ) -> dict[str, np.ndarray]:
+        """Every metric of the task per seed over the evaluation batches, each ``[seeds]``:
+        the weighted means of ``task.metric_names`` (``accuracy`` in %) and, for a task
+        that keeps its outputs (multilabel: ``map``, ``ap_<k>``), ``task.summarize`` of
+        each seed's logits over the real rows."""
         variables = state.variables()
         sums = jax.tree.map(lambda zero: jnp.zeros((self.seeds,), zero.dtype),
                             zero_eval_sums(self.task))
+        logits, labels = [], []
         for batch in eval_batches:
-            sums, _ = self._program("eval", variables, batch, sums)(variables, batch, sums)
-        return 100.0 * np.asarray(sums["accuracy"]) / np.asarray(sums["weight"])
+            sums, batch_logits = self._program("eval", variables, batch, sums)(
+                variables, batch, sums)
+            if self.task.keeps_outputs:
+                real = np.asarray(batch["weight"]) > 0
+                logits.append(np.asarray(batch_logits)[:, real])
+                labels.append(np.asarray(batch["label"])[real])
+        weight = np.asarray(sums.pop("weight"))
+        metrics = {key: np.asarray(value) / weight for key, value in sums.items()}
+        if "accuracy" in metrics:
+            metrics["accuracy"] = 100.0 * metrics["accuracy"]
+        if logits:
+            per_seed = [self.task.summarize(seed_logits, np.concatenate(labels))
+                        for seed_logits in np.concatenate(logits, axis=1)]
+            metrics.update({key: np.array([summary[key] for summary in per_seed])
+                            for key in per_seed[0]})
+        return metrics
+
+
+# --------------------------------------------------------------------------------------
+# A model trained on every seed, shared by the sections that need it
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SeedRun:
+    """A config trained on seeds ``0..seeds-1`` by ``train_seeds``: the trainer (model,
+    task, compiled steps), the stacked train state, the dataset's info, the training split
+    and the seconds it took (wall, CPU)."""
+
+    config: Any
+    trainer: SeedTrainer
+    state: Any
+    info: Any
+    split: str
+    seconds: float
+    cpu_seconds: float
+
+    def variables(self, seed: int) -> dict[str, Any]:
+        """The variables of seed ``seed`` (index ``seed`` of every stacked leaf)."""
+        return jax.tree.map(lambda leaf: leaf[seed], self.state.variables())
+
+
+_SEED_RUNS: dict[tuple[str, int, str], SeedRun] = {}
+
+
+def train_seeds(config: Any, seeds: int, split: str | None = None) -> SeedRun:
+    """``config`` trained from seeds ``0..seeds-1`` at once (``SeedTrainer``) on ``split``
+    (default the dataset's training split; a TFDS slice such as ``"train[:2000]"`` trains
+    on a fixed subset), memoised within the process, so two report sections that need the
+    same model (the GAP cnn on the Fashion-MNIST canvases: real_heads and
+    real_localization) train it once."""
+    info = dataset_info(config.dataset)
+    split = split or info.train_split
+    key = (common.config_key(config), seeds, split)
+    if key not in _SEED_RUNS:
+        model = config.model
+        what = (f"{model.name} (head {model.get('head', '-')}, pool {model.get('pool', '-')}) on "
+                f"{config.dataset.name} {split}: {seeds} seeds x {config.total_steps} steps of "
+                f"{config.batch_size}")
+        print(f"[seeds] training {what} ...", file=sys.stderr, flush=True)
+        wall, cpu = time.perf_counter(), time.process_time()
+        batches = SeedBatches(config.dataset, split, config.batch_size, seeds,
+                              config.total_steps)
+        trainer = SeedTrainer(config, info.num_classes, info.task, seeds)
+        state = trainer.fit(batches)
+        _SEED_RUNS[key] = SeedRun(config, trainer, state, info, split,
+                                  time.perf_counter() - wall, time.process_time() - cpu)
+        print(f"[seeds] trained {what} in {_SEED_RUNS[key].seconds:.0f} s",
+              file=sys.stderr, flush=True)
+    return _SEED_RUNS[key]
+
+
+def evaluation_batches(dataset_config: Any, split: str, batch_size: int = 256,
+                       max_examples: int | None = None) -> list[dict[str, np.ndarray]]:
+    """One ordered pass of ``split`` (``make_iterator(train=False)``: no augmentation, the
+    last batch padded with ``weight == 0`` rows), cut after ``max_examples`` real rows (the
+    rest of that batch is marked as padding, so every batch keeps one shape)."""
+    batches, seen = [], 0
+    for batch in make_iterator(dataset_config, split, batch_size=batch_size, seed=0,
+                               train=False, process_index=0, process_count=1):
+        if max_examples is not None:
+            weight = np.asarray(batch["weight"]).copy()
+            keep = np.cumsum(weight > 0) + seen <= max_examples
+            batch = {**batch, "weight": np.where(keep, weight, 0.0).astype(weight.dtype)}
+        batches.append(batch)
+        seen += int((np.asarray(batch["weight"]) > 0).sum())
+        if max_examples is not None and seen >= max_examples:
+            break
+    return batches
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """``{"runs", "mean", "std"}`` of per-seed values (sample standard deviation)."""
+    runs = [float(value) for value in values]
+    return {"runs": runs, "mean": float(np.mean(runs)),
+            "std": float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0}
+
+
+def mean_sd_text(values: Sequence[float], digits: int = 2) -> str:
+    """``"mean ± sd"`` of per-seed values."""
+    summary = spread(values)
+    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+
+def interval_text(comparison: dict[str, Any], digits: int = 2) -> str:
+    """A ``paired_comparison`` as ``"+d [low, high] outcome"``."""
+    return (f"{comparison['mean_difference']:+.{digits}f} [{comparison['low']:+.{digits}f}, "
+            f"{comparison['high']:+.{digits}f}] {comparison['outcome']}")
