@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -207,7 +208,11 @@ def test_report_only_selects_and_rejects_unknown_sections(tmp_path):
 def test_report_sections_cover_every_claim():
     assert list(report.SECTIONS) == ["heads", "cam", "cam_methods", "weighted", "se",
                                             "attention", "gradflow", "readouts", "vit",
+                                            "real_heads", "real_se", "real_gradient_flow",
+                                            "real_localization", "real_readouts",
                                             "benchmarks"]
+    for module, _ in report.SECTIONS.values():  # every section's module exists
+        assert importlib.util.find_spec(module) is not None, module
 
 
 # --------------------------------------------------------------------------------------
@@ -240,7 +245,7 @@ def test_report_command_errors_are_one_line(tmp_path, capsys):
                                  "--help"),
         (["--out", str(tmp_path), "--only", "heads,nope"], 2,
          f"error: --only: unknown section(s) nope; choose from "
-         f"{', '.join(report.SECTIONS)}; see --help"),
+         f"{', '.join(report.SECTIONS)} or the groups real, digits; see --help"),
         (["--out", str(blocker / "out"), "--only", "heads"], 1,
          f"error: --out {blocker / 'out'}: Not a directory ({blocker / 'out'}); choose another "
          "--out or free space"),
