@@ -32,7 +32,6 @@ undecided. mAP is reported beside it (GAP - GMP, paired), not part of the rule.
 
 from __future__ import annotations
 
-import json
 import types
 from pathlib import Path
 from typing import Any
@@ -182,17 +181,13 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
     numbers = common.to_jsonable({
         "seeds": list(range(settings["seeds"])), "settings": settings, "pools": records,
         "parts": parts, "comparisons": comparisons, **timing})
-    (out_dir / "real_gradient_flow.md").write_text(
-        "# Real data: gradient flow, GAP vs GMP\n\n" + markdown + f"\n\n{verdict}\n")
-    (out_dir / "real_gradient_flow.json").write_text(json.dumps(numbers, indent=1))
-    return common.section(
-        "Real data: gradient flow, GAP vs GMP (multi-label)",
+    return common.write_section(
+        out_dir, "real_gradient_flow", "Real data: gradient flow, GAP vs GMP (multi-label)",
         claim=("GMP: one position per channel gets each label's gradient and the labels "
                "collide there; GAP: every position learns, and the per-label gradients on "
                "the shared backbone conflict less than GMP's (higher mean cosine, fewer "
                "opposed label pairs). Measured on Fashion-MNIST mosaics."),
-        method=__doc__.split("Method: ", 1)[1].split("``python", 1)[0].replace("\n", " "),
-        markdown=markdown, numbers=numbers, holds=holds, verdict=verdict)
+        doc=__doc__, markdown=markdown, numbers=numbers, holds=holds, verdict=verdict)
 
 
 if __name__ == "__main__":

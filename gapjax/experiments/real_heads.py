@@ -29,7 +29,6 @@ contains zero).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -212,16 +211,12 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
     numbers = common.to_jsonable({"seeds": list(range(settings["seeds"])),
                                   "settings": settings, "datasets": results,
                                   "shrink_factor": SHRINK_FACTOR, **timing})
-    (out_dir / "real_heads.md").write_text("# Real data: FC vs GAP heads\n\n" + markdown
-                                           + f"\n\n{verdict}\n")
-    (out_dir / "real_heads.json").write_text(json.dumps(numbers, indent=1))
-    return common.section(
-        "Real data: FC vs GAP heads",
+    return common.write_section(
+        out_dir, "real_heads", "Real data: FC vs GAP heads",
         claim=("A GAP head has far fewer parameters than a flatten + FC head (at least "
                f"{SHRINK_FACTOR:.0f}x fewer) and overfits less (a smaller train-test "
                "accuracy gap), on Fashion-MNIST and on Fashion-MNIST items among clutter."),
-        method=__doc__.split("Method: ", 1)[1].split("``python", 1)[0].replace("\n", " "),
-        markdown=markdown, numbers=numbers, holds=holds, verdict=verdict)
+        doc=__doc__, markdown=markdown, numbers=numbers, holds=holds, verdict=verdict)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ the threshold that localizes the most scored canvases). The README figure
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -268,17 +267,13 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
         "train_seconds": trained.seconds, "train_cpu_seconds": trained.cpu_seconds,
         "scoring_seconds": own["seconds"], "scoring_cpu_seconds": own["cpu_seconds"],
         **timing})
-    (out_dir / "real_localization.md").write_text(
-        "# Real objects: CAM methods against a centre prior\n\n" + markdown
-        + f"\n\n{verdict}\n")
-    (out_dir / "real_localization.json").write_text(json.dumps(numbers, indent=1))
-    return common.section(
-        "Real objects: CAM localization against a centre prior",
+    return common.write_section(
+        out_dir, "real_localization", "Real objects: CAM localization against a centre prior",
         claim=("With class labels only, the class activation map of a GAP classifier "
                "localizes real objects (Fashion-MNIST items among clutter) better than a "
                "centre prior, on MaxBoxAccV2 and on PxAP."),
-        method=__doc__.split("Method: ", 1)[1].split("Decision rule", 1)[0].replace("\n", " "),
-        markdown=markdown, numbers=numbers, holds=holds, verdict=verdict, figures=[figure])
+        doc=__doc__, markdown=markdown, numbers=numbers, holds=holds, verdict=verdict,
+        figures=[figure])
 
 
 # --------------------------------------------------------------------------------------

@@ -70,19 +70,12 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
         f"{100 * se['flops_share']:.2f}% FLOPs to the cnn. "
         f"({timing['seconds']:.0f} s wall, {timing['cpu_seconds']:.0f} s CPU, load "
         f"{timing['load_average']:.1f})"])
-    figures = "".join(f"\n\n![real_se]({figure})" for figure in section["figures"])
-    (out_dir / "real_se.md").write_text("# Real data: Squeeze-and-Excitation\n\n" + markdown
-                                        + f"\n\n{section['verdict']}{figures}\n")
-    return common.section(
-        "Real data: Squeeze-and-Excitation",
-        claim=section["claim"] + " Measured on Fashion-MNIST.",
-        method=__doc__.split("Method: ", 1)[1].split("``python", 1)[0].replace("\n", " "),
-        markdown=markdown,
-        numbers={**section["numbers"], **timing},
-        holds=section["holds"],
-        verdict=section["verdict"],
-        figures=section["figures"],
-    )
+    # attention.run wrote real_se.json and the figure; this page replaces its real_se.md.
+    return common.write_section(
+        out_dir, "real_se", "Real data: Squeeze-and-Excitation",
+        claim=section["claim"] + " Measured on Fashion-MNIST.", doc=__doc__,
+        markdown=markdown, numbers={**section["numbers"], **timing}, holds=section["holds"],
+        verdict=section["verdict"], figures=section["figures"], write_json=False)
 
 
 if __name__ == "__main__":
