@@ -7,6 +7,7 @@ import json
 import pytest
 
 from gapjax.data import molecules
+from gapjax.data.pipeline import DatasetError
 from gapjax.experiments import real_readouts
 
 # Halogens, sulfur, aromatic rings and sp3 carbons on both sides of the split.
@@ -37,7 +38,7 @@ def test_real_readouts_tiny_run(tmp_path):
     assert "quoted" in (tmp_path / "out" / "real_readouts.md").read_text()
 
 
-def test_decision_rule_and_unknown_settings():
+def test_decision_rule_unknown_settings_and_missing_rdkit(monkeypatch):
     def row(outcome):
         return {"outcome": outcome}
     assert real_readouts.decide([row("helps")] * 6) is True
@@ -45,3 +46,9 @@ def test_decision_rule_and_unknown_settings():
     assert real_readouts.decide([row("helps")] * 5 + [row("hurts")]) is False
     with pytest.raises(ValueError, match="real_readouts: unknown settings"):
         real_readouts.run("/nonexistent-out", bogus=1)
+    real_find_spec = real_readouts.importlib.util.find_spec
+    monkeypatch.setattr(real_readouts.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "rdkit" else real_find_spec(name))
+    with pytest.raises(DatasetError, match=r"needs RDKit.*gapjax\[chem\]") as error:
+        real_readouts.run("/nonexistent-out")
+    assert "\n" not in str(error.value)

@@ -263,12 +263,23 @@ class ReadoutTrainer:
             train_step, model=model, tx=optimizer, task=task)))
         self._eval_step = jax.jit(jax.vmap(functools.partial(eval_step, model=model, task=task),
                                            in_axes=(0, None, 0)))
+        self._compiled: dict[Any, Any] = {}
+
+    def _run_once(self, program: Any, *args: Any) -> Any:
+        """``program(*args)`` compiled with ``seeds.FAST_COMPILE`` (initialisation and
+        evaluation run a few times, so a quick compile beats a fast program)."""
+        key = (id(program), jax.tree.structure(args),
+               tuple((jnp.shape(leaf), str(jnp.result_type(leaf)))
+                     for leaf in jax.tree.leaves(args)))
+        if key not in self._compiled:
+            self._compiled[key] = program.lower(*args).compile(seed_stats.FAST_COMPILE)
+        return self._compiled[key](*args)
 
     def fit(self, batches: list[dict], seeds) -> dict[str, Any]:
         """Trains every seed from scratch (initialisation from the seed), one step per
         stacked batch ``[seeds, ...]``; returns the stacked variables."""
         inputs = self.task.init_inputs({key: value[0] for key, value in batches[0].items()})
-        state = self._init(jnp.asarray(seeds), inputs)
+        state = self._run_once(self._init, jnp.asarray(seeds), inputs)
         for batch in batches:
             state = self._train_step(state, batch)
         return state.variables()
@@ -279,7 +290,7 @@ class ReadoutTrainer:
         sums = jax.tree.map(lambda zero: jnp.zeros((count,), zero.dtype),
                             zero_eval_sums(self.task))
         for batch in batches:
-            sums, _ = self._eval_step(variables, batch, sums)
+            sums, _ = self._run_once(self._eval_step, variables, batch, sums)
         return 100.0 * np.asarray(sums["accuracy"]) / np.asarray(sums["weight"])
 
 
@@ -425,13 +436,13 @@ def shared_loop_config(readout_name: str, task: str, seed: int, settings: dict[s
 
 
 def shared_loop_matrix(settings: dict[str, Any], data_dir: Path, runs_dir: Path,
-                       names=READOUT_NAMES, graph_sizes_=None
-                       ) -> dict[str, dict[str, list[float]]]:
+                       names=READOUT_NAMES, sizes=None) -> dict[str, dict[str, list[float]]]:
     """Like ``accuracy_matrix``, each cell trained by ``gapjax.train.run`` (its own
-    workdir with ``metrics.jsonl`` and checkpoints; final ``eval/accuracy`` in %)."""
+    workdir with ``metrics.jsonl`` and checkpoints; final ``eval/accuracy`` in %).
+    ``sizes``: the training graphs' node counts, for pools that need data options."""
     matrix: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     for name in names:
-        options = readout_options(name, graph_sizes_) if graph_sizes_ is not None else {}
+        options = readout_options(name, sizes) if sizes is not None else {}
         for task in graph_tasks.VARIANTS:
             matrix[name][task] = []
             for seed in range(settings["seeds"]):
