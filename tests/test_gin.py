@@ -217,9 +217,9 @@ def test_config_builds_gin_with_the_chosen_readout_and_task():
 
 
 def test_failure_checks_compare_each_predicted_failure_with_sum():
-    matrix = {"sum": {"presence": [1.0], "proportion": [0.99], "count": [0.97]},
-              "mean": {"presence": [1.0], "proportion": [0.99], "count": [0.60]},
-              "max": {"presence": [1.0], "proportion": [0.85], "count": [0.55]}}
+    matrix = {"sum": {"presence": [100.0], "proportion": [99.0], "count": [97.0]},
+              "mean": {"presence": [100.0], "proportion": [99.0], "count": [60.0]},
+              "max": {"presence": [100.0], "proportion": [85.0], "count": [55.0]}}
     checks = {(c["readout"], c["task"]): c["fails"] for c in readouts.failure_checks(matrix)}
     assert checks == {("mean", "count"): True, ("max", "count"): True,
                       ("max", "proportion"): False}
