@@ -217,6 +217,12 @@ class Stopwatch:
         machine the wall time stretches with the load, the CPU time much less."""
         return time.process_time() - self.cpu_start
 
+    def timing_text(self, timing: dict[str, float] | None = None) -> str:
+        """``"(W s wall, C s CPU, load L)"`` of ``timing`` (default: now)."""
+        timing = timing or self.timing()
+        return (f"({timing['seconds']:.0f} s wall, {timing['cpu_seconds']:.0f} s CPU, load "
+                f"{timing['load_average']:.1f})")
+
     def timing(self) -> dict[str, float]:
         """``{"seconds", "cpu_seconds", "load_average"}`` now (1-minute load average)."""
         return {"seconds": self.elapsed(), "cpu_seconds": self.cpu_elapsed(),

@@ -176,8 +176,7 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
     timing = watch.timing()
     markdown = "\n\n".join([
         table, "Beside it:", common.published_table(PUBLISHED),
-        f"({timing['seconds']:.0f} s wall, {timing['cpu_seconds']:.0f} s CPU, load "
-        f"{timing['load_average']:.1f})"])
+        watch.timing_text(timing)])
     numbers = common.to_jsonable({
         "seeds": list(range(settings["seeds"])), "settings": settings, "pools": records,
         "parts": parts, "comparisons": comparisons, **timing})

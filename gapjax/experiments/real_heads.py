@@ -206,8 +206,7 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
     markdown = "\n\n".join([
         table, "Published figures beside ours (their setting differs: larger networks, "
         "full training sets, more epochs):", common.published_table(PUBLISHED),
-        f"({timing['seconds']:.0f} s wall, {timing['cpu_seconds']:.0f} s CPU, load "
-        f"{timing['load_average']:.1f})"])
+        watch.timing_text(timing)])
     numbers = common.to_jsonable({"seeds": list(range(settings["seeds"])),
                                   "settings": settings, "datasets": results,
                                   "shrink_factor": SHRINK_FACTOR, **timing})

@@ -67,9 +67,8 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
         "Published figures beside ours (ImageNet, ResNet-50: a far larger network and "
         "task):", common.published_table(PUBLISHED),
         f"Ours: SE adds {se['params_added']:,} parameters and "
-        f"{100 * se['flops_share']:.2f}% FLOPs to the cnn. "
-        f"({timing['seconds']:.0f} s wall, {timing['cpu_seconds']:.0f} s CPU, load "
-        f"{timing['load_average']:.1f})"])
+        f"{100 * se['flops_share']:.2f}% FLOPs to the cnn. " +
+        watch.timing_text(timing)])
     # attention.run wrote real_se.json and the figure; this page replaces its real_se.md.
     return common.write_section(
         out_dir, "real_se", "Real data: Squeeze-and-Excitation",
