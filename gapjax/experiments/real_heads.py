@@ -45,7 +45,7 @@ UNDERFIT_POINTS = 5.0
 STRIDES = {"fashion_mnist": (1, 2, 2), "fashion_canvas": (2, 2, 2)}
 CANVAS_SIZE = 56
 SETTINGS: dict[bool, dict[str, Any]] = {
-    True: {"seeds": 3, "steps": 400, "batch_size": 32, "learning_rate": 2e-3,
+    True: {"seeds": 3, "steps": 800, "batch_size": 32, "learning_rate": 2e-3,
            "widths": (16, 32, 64), "depth": 1, "train_examples": 2000,
            "canvas_train": 2000, "canvas_test": 1000},
     # For a GPU: all 60,000 training images (about 21 epochs at batch 128) and the

@@ -31,7 +31,7 @@ from gapjax.experiments import attention, common
 DATASET = "fashion_mnist"
 MEMBERS = ("se", "local")
 SETTINGS: dict[bool, dict[str, Any]] = {
-    True: {"seeds": 5, "steps": 300, "batch_size": 32, "timing_steps": 5},
+    True: {"seeds": 5, "steps": 600, "batch_size": 32, "timing_steps": 5},
     # For a GPU: about 13 epochs at batch 128, ten seeds.
     False: {"seeds": 10, "steps": 6000, "batch_size": 128, "timing_steps": 20},
 }
