@@ -89,7 +89,12 @@ def test_unreadable_photos_are_named_and_skipped_the_others_drawn(photos, small_
     assert len(captured.out.strip().splitlines()) == 3  # two predictions, "wrote 2 ..."
     progress = [line for line in captured.err.splitlines() if line.startswith("score_cam")]
     assert progress[0].startswith("score_cam: 2 image(s) in batches of 2")
-    assert progress[1].startswith("score_cam: images 1-2 of 2 done in")
+    # live progress inside the batch: the first and the last chunk of channels at least
+    chunks = [line.split(" of channels")[0] for line in progress[1:-1]]
+    assert chunks[0].startswith("score_cam: chunk 1 of ") and len(chunks) == len(progress) - 2
+    count = chunks[0].rsplit(" ", 1)[1]
+    assert chunks[-1] == f"score_cam: chunk {count} of {count}"
+    assert progress[-1].startswith("score_cam: images 1-2 of 2 done in")
 
 
 @pytest.mark.parametrize("case, argv, status, says", [
