@@ -114,7 +114,7 @@ def measure(label: str, options: dict[str, Any], settings: dict[str, Any], datas
     config = common.quick_config(
         dataset, "cnn", steps=settings["steps"], batch_size=settings["batch_size"],
         dataset_options=dataset_options, **BACKBONE, **options)
-    trainer = SeedTrainer(config, info.num_classes, info.task, settings["seeds"])
+    trainer = SeedTrainer.from_config(config, info.num_classes, info.task, settings["seeds"])
     state = trainer.fit(batches)
     accuracies = trainer.accuracy(state, eval_batches)
     print(f"[attention] {label}: {settings['seeds']} seeds x {settings['steps']} steps, "

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,6 @@ import optax
 
 from gapjax import tasks
 from gapjax.data import graph_tasks, pipeline
-from gapjax.evaluators import eval_step, zero_eval_sums
 from gapjax.experiments import seeds as seed_stats
 from gapjax.experiments.common import (
     PALETTE,
@@ -82,8 +80,6 @@ from gapjax.graph import GraphBatch, batch_graphs, readout
 from gapjax.models import gnn
 from gapjax.pooling import POOLS, make_pool, pna_degree_statistics
 from gapjax.train.metrics import last_value, read_metrics
-from gapjax.train.state import create_train_state
-from gapjax.train.steps import train_step
 
 #: The claim pools (the paper's three aggregators), always in the study.
 READOUT_NAMES = ("sum", "mean", "max")
@@ -244,54 +240,16 @@ def graph_sizes(examples: list) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-class ReadoutTrainer:
-    """The training loop's train / eval steps for one GIN readout, vmapped over seeds,
-    compiled once and reused across tasks."""
-
-    def __init__(self, readout_name: str, steps: int, pool_kwargs: dict[str, Any] | None = None):
-
-        self.task = tasks.get(graph_tasks.SPEC.task, num_classes=graph_tasks.SPEC.num_classes)
-        self.model = gnn.GIN(num_classes=self.task.num_classes, pool=readout_name,
-                             pool_kwargs=pool_kwargs or None, **MODEL)
-        self.optimizer = optax.adamw(optax.cosine_decay_schedule(LEARNING_RATE, steps),
-                                     weight_decay=WEIGHT_DECAY)
-        model, optimizer, task = self.model, self.optimizer, self.task
-        self._init = jax.jit(jax.vmap(
-            lambda seed, inputs: create_train_state(model, optimizer, inputs, seed),
-            in_axes=(0, None)))
-        self._train_step = jax.jit(jax.vmap(functools.partial(
-            train_step, model=model, tx=optimizer, task=task)))
-        self._eval_step = jax.jit(jax.vmap(functools.partial(eval_step, model=model, task=task),
-                                           in_axes=(0, None, 0)))
-        self._compiled: dict[Any, Any] = {}
-
-    def _run_once(self, program: Any, *args: Any) -> Any:
-        """``program(*args)`` compiled with ``seeds.FAST_COMPILE`` (initialisation and
-        evaluation run a few times, so a quick compile beats a fast program)."""
-        key = (id(program), jax.tree.structure(args),
-               tuple((jnp.shape(leaf), str(jnp.result_type(leaf)))
-                     for leaf in jax.tree.leaves(args)))
-        if key not in self._compiled:
-            self._compiled[key] = program.lower(*args).compile(seed_stats.FAST_COMPILE)
-        return self._compiled[key](*args)
-
-    def fit(self, batches: list[dict], seeds) -> dict[str, Any]:
-        """Trains every seed from scratch (initialisation from the seed), one step per
-        stacked batch ``[seeds, ...]``; returns the stacked variables."""
-        inputs = self.task.init_inputs({key: value[0] for key, value in batches[0].items()})
-        state = self._run_once(self._init, jnp.asarray(seeds), inputs)
-        for batch in batches:
-            state = self._train_step(state, batch)
-        return state.variables()
-
-    def accuracy(self, variables: dict[str, Any], batches: list[dict]) -> np.ndarray:
-        """Weighted accuracy (%) of each seed over evaluation batches ``[seeds]``."""
-        count = jax.tree.leaves(variables)[0].shape[0]
-        sums = jax.tree.map(lambda zero: jnp.zeros((count,), zero.dtype),
-                            zero_eval_sums(self.task))
-        for batch in batches:
-            sums, _ = self._run_once(self._eval_step, variables, batch, sums)
-        return 100.0 * np.asarray(sums["accuracy"]) / np.asarray(sums["weight"])
+def readout_trainer(readout_name: str, steps: int, seeds: int,
+                    pool_kwargs: dict[str, Any] | None = None) -> seed_stats.SeedTrainer:
+    """GIN with ``readout_name`` (``MODEL``), AdamW + cosine over ``steps``, the graph
+    task: the training loop's own steps vmapped over ``seeds`` seeds."""
+    task = tasks.get(graph_tasks.SPEC.task, num_classes=graph_tasks.SPEC.num_classes)
+    model = gnn.GIN(num_classes=task.num_classes, pool=readout_name,
+                    pool_kwargs=pool_kwargs or None, **MODEL)
+    optimizer = optax.adamw(optax.cosine_decay_schedule(LEARNING_RATE, steps),
+                            weight_decay=WEIGHT_DECAY)
+    return seed_stats.SeedTrainer(model, task, optimizer, seeds)
 
 
 # --------------------------------------------------------------------------------------
@@ -407,7 +365,8 @@ def accuracy_matrix(splits: dict[str, dict[str, list]], settings: dict[str, Any]
     (seeds ``0..settings["seeds"]-1``, trained at once)."""
     seeds = list(range(settings["seeds"]))
     sizes = np.concatenate([graph_sizes(data["train"]) for data in splits.values()])
-    trainers = {name: ReadoutTrainer(name, settings["steps"], readout_options(name, sizes))
+    trainers = {name: readout_trainer(name, settings["steps"], len(seeds),
+                                      readout_options(name, sizes))
                 for name in names}
     matrix: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     for task, data in splits.items():
@@ -415,7 +374,7 @@ def accuracy_matrix(splits: dict[str, dict[str, list]], settings: dict[str, Any]
         # The readouts see the same batches in the same order: only the readout differs.
         batches = seed_batches(data["train"], settings["batch_size"], settings["steps"], seeds)
         for name, trainer in trainers.items():
-            matrix[name][task] = trainer.accuracy(trainer.fit(batches, seeds), test).tolist()
+            matrix[name][task] = trainer.accuracy(trainer.fit(batches), test).tolist()
     return matrix
 
 

@@ -4,7 +4,8 @@ paired comparison that decides whether one model beats another.
 
 * ``SeedBatches(dataset_config, split, batch_size, seeds, steps)``: each seed's own
   shuffled pass of the dataset's pipeline, stacked ``[seeds, batch, ...]`` per step.
-* ``SeedTrainer(config, num_classes, task_name, seeds)``: ``fit(batches)`` trains every
+* ``SeedTrainer(model, task, tx, seeds)`` (or ``.from_config(config, num_classes,
+  task_name, seeds)``): ``fit(batches)`` trains every
   seed from its own initialisation (``gapjax.train.steps.train_step``,
   ``create_train_state``); ``accuracy(state, eval_batches)`` per seed;
   ``step_seconds(...)``. A seed fixes the data order and the initialisation, so the runs
@@ -21,7 +22,7 @@ import functools
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -118,12 +119,10 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitter
 class SeedTrainer:
     """One model's train / eval steps, vmapped over seeds and compiled once."""
 
-    def __init__(self, config: Any, num_classes: int, task_name: str, seeds: int):
-        self.model = models.from_config(config, num_classes)
-        self.task = tasks.get(task_name, num_classes=num_classes)
-        self.tx = make_optimizer(config.optimizer, config.total_steps)
-        self.seeds = seeds
-        model, tx, task = self.model, self.tx, self.task
+    def __init__(self, model: Any, task: Any, tx: Any, seeds: int):
+        """``model`` (Flax), ``task`` (``gapjax.tasks``), ``tx`` (optax) for ``seeds``
+        seeds; ``from_config`` builds the three from a training config."""
+        self.model, self.task, self.tx, self.seeds = model, task, tx, seeds
         self._init = jax.jit(jax.vmap(
             lambda seed, inputs: create_train_state(model, tx, inputs, seed),
             in_axes=(0, None)))
@@ -133,20 +132,36 @@ class SeedTrainer:
                                       in_axes=(0, None, 0)))
         self._compiled: dict[str, Any] = {}
 
-    def _program(self, name: str, *args: Any) -> Any:
-        """The compiled ``name`` program for ``args``' shapes (compiled on first use)."""
-        if name not in self._compiled:
-            lowered = getattr(self, f"_{name}").lower(*args)
-            self._compiled[name] = (lowered.compile() if name == "train"
-                                    else lowered.compile(FAST_COMPILE))
-        return self._compiled[name]
+    @classmethod
+    def from_config(cls, config: Any, num_classes: int, task_name: str,
+                    seeds: int) -> SeedTrainer:
+        """The model, task and optimizer ``config`` describes (as ``train.py`` builds
+        them)."""
+        return cls(models.from_config(config, num_classes),
+                   tasks.get(task_name, num_classes=num_classes),
+                   make_optimizer(config.optimizer, config.total_steps), seeds)
 
-    def fit(self, batches: SeedBatches) -> Any:
-        """Trains every seed from its initialisation; returns the stacked train state."""
-        sample = {key: value[0] for key, value in batches.sample.items()}
-        seeds, inputs = jnp.arange(self.seeds), self.task.init_inputs(sample)
-        state = self._program("init", seeds, inputs)(seeds, inputs)
+    def _program(self, name: str, *args: Any) -> Any:
+        """The compiled ``name`` program for ``args``' shapes (compiled on first use; a
+        batch of other shapes, e.g. another graph task's budgets, compiles again)."""
+        key = (name, *(tuple((field, np.shape(value)) for field, value in arg.items())
+                       for arg in args if isinstance(arg, dict) and "weight" in arg))
+        if key not in self._compiled:
+            lowered = getattr(self, f"_{name}").lower(*args)
+            self._compiled[key] = (lowered.compile() if name == "train"
+                                   else lowered.compile(FAST_COMPILE))
+        return self._compiled[key]
+
+    def fit(self, batches: Iterable[dict[str, np.ndarray]]) -> Any:
+        """Trains every seed from its initialisation (seed ``i`` for row ``i``) on the
+        stacked batches ``[seeds, batch, ...]`` (a ``SeedBatches`` or a list); returns the
+        stacked train state."""
+        state = None
         for batch in batches:
+            if state is None:
+                sample = {key: value[0] for key, value in batch.items()}
+                seeds, inputs = jnp.arange(self.seeds), self.task.init_inputs(sample)
+                state = self._program("init", seeds, inputs)(seeds, inputs)
             state = self._program("train", state, batch)(state, batch)
         return state
 
@@ -243,7 +258,7 @@ def train_seeds(config: Any, seeds: int, split: str | None = None) -> SeedRun:
         wall, cpu = time.perf_counter(), time.process_time()
         batches = SeedBatches(config.dataset, split, config.batch_size, seeds,
                               config.total_steps)
-        trainer = SeedTrainer(config, info.num_classes, info.task, seeds)
+        trainer = SeedTrainer.from_config(config, info.num_classes, info.task, seeds)
         state = trainer.fit(batches)
         _SEED_RUNS[key] = SeedRun(config, trainer, state, info, split,
                                   time.perf_counter() - wall, time.process_time() - cpu)
