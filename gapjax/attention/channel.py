@@ -139,10 +139,7 @@ class EfficientChannelAttention(Attention):
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = self.prepare(x)
         channels = x.shape[-1]
-        size = _check_kernel(self.kernel_size or eca_kernel_size(channels, self.gamma,
-                                                                 self.beta))
-        pooled = self.squeeze_with(self.squeeze, x, "squeeze")
-        sequence = self.pooled_channels(pooled, channels, self.squeeze)[:, :, None]
+        size, sequence = _eca_sequence(self, x)
         pad = ((size // 2, size // 2),)
         if self.use_mlp:
             # timm rounds this width with make_divisible's default round_limit (0.9).
@@ -153,6 +150,17 @@ class EfficientChannelAttention(Attention):
         else:
             sequence = self.conv(1, (size,), bias=False, padding=pad, name="conv")(sequence)
         return scale_by(x, self.gate(sequence[:, None, None, :, 0]))
+
+
+def _eca_sequence(module: Any, x: Array) -> tuple[int, Array]:
+    """ECA's kernel size (given, or from ``C`` by ``gamma`` / ``beta``) and the squeezed
+    channels as a sequence ``[B, C, 1]`` for the 1-D convolution, for ``module`` (an
+    ``eca`` / ``ceca``) inside its compact ``__call__``."""
+    channels = x.shape[-1]
+    size = _check_kernel(module.kernel_size or eca_kernel_size(channels, module.gamma,
+                                                               module.beta))
+    pooled = module.squeeze_with(module.squeeze, x, "squeeze")
+    return size, module.pooled_channels(pooled, channels, module.squeeze)[:, :, None]
 
 
 @ATTENTIONS.register("ecam")
@@ -178,11 +186,7 @@ class CircularEfficientChannelAttention(Attention):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = self.prepare(x)
-        channels = x.shape[-1]
-        size = _check_kernel(self.kernel_size or eca_kernel_size(channels, self.gamma,
-                                                                 self.beta))
-        pooled = self.squeeze_with(self.squeeze, x, "squeeze")
-        sequence = self.pooled_channels(pooled, channels, self.squeeze)[:, :, None]
+        size, sequence = _eca_sequence(self, x)
         sequence = jnp.pad(sequence, ((0, 0), (size // 2, size // 2), (0, 0)), mode="wrap")
         logits = self.conv(1, (size,), bias=self.bias, name="conv")(sequence)
         return scale_by(x, self.gate(logits[:, None, None, :, 0]))

@@ -249,6 +249,14 @@ class _DepthwiseStrips(_StripPools):
     """Depthwise 1-D convolutions along each strip: ``conv_h`` (kernel ``k x 1`` over
     the rows' vectors) and ``conv_w`` (``1 x k``), zero padding ``k // 2``, k odd."""
 
+    def channel_strips(self, x: Array) -> tuple[Array, Array]:
+        """``[B, H, W, C] -> ([B, H, C], [B, W, C])``: the strips with the squeeze's
+        output folded back to ``C`` channels (``pooled_channels``)."""
+        rows, cols = self.strips(x)
+        channels = x.shape[-1]
+        return (self.pooled_channels(rows, channels, self.squeeze),
+                self.pooled_channels(cols, channels, self.squeeze))
+
     def strip_convs(self, rows: Array, cols: Array) -> tuple[Array, Array]:
         """``[B, H, C], [B, W, C] -> [B, H, 1, C], [B, 1, W, C]``."""
         size = self.kernel_size
@@ -278,9 +286,7 @@ class EfficientLocalAttention(_DepthwiseStrips):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = self.prepare(x)
-        rows, cols = self.strips(x)
-        rows = self.pooled_channels(rows, x.shape[-1], self.squeeze)
-        cols = self.pooled_channels(cols, x.shape[-1], self.squeeze)
+        rows, cols = self.channel_strips(x)
         h, w = self.strip_convs(rows, cols)
         if self.norm_layer is not None:
             h = self.norm(self.norm_layer, train, "norm_h", ("groupnorm", "batchnorm"))(h)
@@ -305,9 +311,7 @@ class StripAttention(_DepthwiseStrips):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = self.prepare(x)
-        rows, cols = self.strips(x)
-        rows = self.pooled_channels(rows, x.shape[-1], self.squeeze)
-        cols = self.pooled_channels(cols, x.shape[-1], self.squeeze)
+        rows, cols = self.channel_strips(x)
         if self.use_conv:
             h, w = self.strip_convs(rows, cols)
         else:
