@@ -34,7 +34,6 @@ longer and with more seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -298,8 +297,6 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
          else ""),
         f"({seconds:.0f} s)",
     ])
-    (out_dir / f"{name}.md").write_text("# Attention: global context\n\n" + markdown
-                                        + f"\n\n![{name}]({figure})\n")
     numbers = {
         "dataset": dataset,
         "seeds": list(range(settings["seeds"])),
@@ -311,20 +308,13 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
         "variants": records,
         "seconds": seconds,
     }
-    numbers = common.to_jsonable(numbers)
-    (out_dir / f"{name}.json").write_text(json.dumps(numbers, indent=1))
-    return common.section(
-        "Attention: global context",
+    return common.write_section(
+        out_dir, name, "Attention: global context",
         claim="A gate from global context (SE's squeeze of the whole map) makes a CNN more "
               "accurate at next to no cost, and the global context is what helps: the same "
               "gate from each pixel alone (local) does not.",
-        method=__doc__.split("Method: ", 1)[1].split("\n\n", 1)[0].replace("\n", " "),
-        markdown=markdown,
-        numbers=numbers,
-        holds=holds,
-        verdict=verdict,
-        figures=[figure],
-    )
+        doc=__doc__, method_end="\n\n", markdown=markdown,
+        numbers=common.to_jsonable(numbers), holds=holds, verdict=verdict, figures=[figure])
 
 
 def main() -> None:

@@ -457,21 +457,22 @@ def published_table(rows: Sequence[Sequence[Any]]) -> str:
     return markdown_table(["published source", "setting", "quantity", "value"], rows)
 
 
-def method_text(doc: str) -> str:
-    """A section module's docstring from ``Method:`` up to its ``python -m`` line (the
-    method and the decision rule), on one line."""
-    return " ".join(doc.split("Method: ", 1)[1].split("``python", 1)[0].split())
+def method_text(doc: str, end: str = "``python") -> str:
+    """A section module's docstring from ``Method:`` up to ``end`` (default its
+    ``python -m`` line: the method and the decision rule), on one line."""
+    return " ".join(doc.split("Method: ", 1)[1].split(end, 1)[0].split())
 
 
 def write_section(out_dir: Path, name: str, title: str, *, claim: str, doc: str,
                   markdown: str, numbers: dict[str, Any], holds: bool | None, verdict: str,
-                  figures: Sequence[str] = (), write_json: bool = True) -> dict[str, Any]:
+                  figures: Sequence[str] = (), write_json: bool = True,
+                  method_end: str = "``python") -> dict[str, Any]:
     """Writes ``<name>.md`` (title, markdown, verdict, figures) and ``<name>.json`` (the
     numbers; ``write_json=False``: already written); returns the report section, its
-    method from ``doc`` (``method_text``)."""
+    method from ``doc`` (``method_text(doc, method_end)``)."""
     links = "".join(f"\n\n![{name}]({figure})" for figure in figures)
     (out_dir / f"{name}.md").write_text(f"# {title}\n\n{markdown}\n\n{verdict}{links}\n")
     if write_json:
         (out_dir / f"{name}.json").write_text(json.dumps(numbers, indent=1))
-    return section(title, claim=claim, method=method_text(doc), markdown=markdown,
+    return section(title, claim=claim, method=method_text(doc, method_end), markdown=markdown,
                    numbers=numbers, holds=holds, verdict=verdict, figures=figures)

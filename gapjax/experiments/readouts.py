@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +70,10 @@ from gapjax.experiments.common import (
     records_table,
     run_name,
     save_figure,
-    section,
     section_settings,
     to_jsonable,
     train,
+    write_section,
 )
 from gapjax.graph import GraphBatch, batch_graphs, readout
 from gapjax.models import gnn
@@ -626,11 +625,8 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
         "Not graph readouts: " + ("; ".join(f"{name}: {reason}" for name, reason
                                             in skipped.items()) or "none") + ".",
         "",
-        f"({timing['seconds']:.0f} s wall, {timing['cpu_seconds']:.0f} s CPU, load "
-        f"{timing['load_average']:.1f})",
+        watch.timing_text(timing),
     ])
-    (out_dir / "readouts.md").write_text("# Graph readouts and expressivity\n\n" + markdown
-                                         + "\n\n![readouts](readouts.png)\n")
     head = {True: "Holds", False: "Does not hold", None: "Undecided"}[holds]
     verdict = (
         f"{head} ({settings['seeds']} seeds; 95% paired t-intervals, claimed - other): "
@@ -654,21 +650,15 @@ def run(out_dir: Path | str, quick: bool = True, data_dir: Path | str | None = N
         "loop": loop,
         **timing,
     })
-    (out_dir / "readouts.json").write_text(json.dumps(numbers, indent=1))
-    return section(
-        "Graph readouts: sum counts, mean averages, max detects",
+    return write_section(
+        out_dir, "readouts", "Graph readouts: sum counts, mean averages, max detects",
         claim="Sum counts, mean keeps proportions, max detects presence: on each task the "
               "claimed readout (count: sum, proportion: mean, presence: max) is at least "
               "as accurate as the other two, mean fails count and max fails count and "
               "proportion (Xu et al., ICLR 2019); other registry readouts are ranked beside "
               "them.",
-        method=__doc__.split("Method: ", 1)[1].split("\n\n", 1)[0].replace("\n", " "),
-        markdown=markdown,
-        numbers=numbers,
-        holds=holds,
-        verdict=verdict,
-        figures=[figure],
-    )
+        doc=__doc__, method_end="\n\n", markdown=markdown, numbers=numbers, holds=holds,
+        verdict=verdict, figures=[figure])
 
 
 def main() -> None:
