@@ -7,15 +7,13 @@ label). Only measured labels enter the loss and the metrics.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gapjax.graph import GraphBatch
-from gapjax.tasks.base import TASKS, Batch
+from gapjax.tasks.base import TASKS
+from gapjax.tasks.graph import GraphInputs
 from gapjax.tasks.multilabel import MultiLabel
 
 
@@ -26,20 +24,11 @@ def _measured(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @TASKS.register("graph_multilabel")
-class GraphMultiLabel(MultiLabel):
+class GraphMultiLabel(GraphInputs, MultiLabel):
     """Sigmoid binary cross-entropy over the measured labels of each graph (their mean; a
     graph without one contributes 0). ``accuracy``: the fraction of measured labels right
     at logit 0. Evaluation: ``ap_<k>`` and ``map`` (OGB's metric for molpcba) and the mean
     ROC AUC ``roc_auc`` (OGB's for molhiv), each label over the graphs that measured it."""
-
-    rows_split = False
-    spatial_inputs = False
-
-    def model_inputs(self, batch: Batch) -> GraphBatch:
-        return GraphBatch.from_dict(batch)
-
-    def init_inputs(self, batch: Batch) -> Any:
-        return self.model_inputs(batch)
 
     def losses(self, logits: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
         del train

@@ -9,14 +9,12 @@ variance on the training split), so one loss weighs every target alike and the
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gapjax.graph import GraphBatch
-from gapjax.tasks.base import TASKS, Batch, Task
+from gapjax.tasks.base import TASKS, Task
+from gapjax.tasks.graph import GraphInputs
 
 #: ``accuracy``: a target counts as right within this many (training) standard deviations.
 TOLERANCE = 0.25
@@ -84,18 +82,9 @@ class Regression(Task):
 
 
 @TASKS.register("graph_regression")
-class GraphRegression(Regression):
+class GraphRegression(GraphInputs, Regression):
     """Regression of the graphs of a packed ``GraphBatch``: ``label [G, K]``, ``weight [G]``
-    (0 for padding graphs). Batches cannot be split by rows (see ``GraphClassification``)."""
-
-    rows_split = False
-    spatial_inputs = False
-
-    def model_inputs(self, batch: Batch) -> GraphBatch:
-        return GraphBatch.from_dict(batch)
-
-    def init_inputs(self, batch: Batch) -> Any:
-        return self.model_inputs(batch)
+    (0 for padding graphs); the model reads a ``GraphBatch`` (``GraphInputs``)."""
 
 
 __all__ = ["TOLERANCE", "GraphRegression", "Regression", "r2_scores"]
