@@ -237,6 +237,12 @@ def _exponent(value: Array | float, name: str, pool_name: str, channels: int) ->
     """Validates a positive scalar or per-channel ``[C]`` exponent (``p`` of GeM, ``r`` of
     LSE)."""
     check_positive(f"{pool_name}: {name}", value)
+    return channel_parameter(value, name, pool_name, channels)
+
+
+def channel_parameter(value: Any, name: str, pool_name: str, channels: int) -> Array:
+    """A scalar or per-channel ``[C]`` float32 parameter of a pool (``p``, ``r``, ``t``);
+    any other shape is one error naming the pool, the option and ``C``."""
     value = jnp.asarray(value, jnp.float32)
     if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, channels)):
         raise ValueError(

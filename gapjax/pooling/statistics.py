@@ -46,6 +46,7 @@ from gapjax.pooling.base import POOLS, Pool, make_pool, pool
 from gapjax.pooling.functions import (
     as_sets,
     attention_weights,
+    channel_parameter,
     check_positive,
     gmp,
     real_counts,
@@ -76,17 +77,6 @@ def _safe_sqrt(value: Array) -> Array:
     set), where ``sqrt``'s own derivative is infinite."""
     positive = value > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, value, 1.0)), 0.0)
-
-
-def _channel_parameter(value: Any, name: str, pool_name: str, channels: int) -> Array:
-    """A scalar or per-channel ``[C]`` float32 parameter (softmax's ``t``)."""
-    value = jnp.asarray(value, jnp.float32)
-    if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, channels)):
-        raise ValueError(
-            f"{pool_name}: {name} must be a scalar or have shape [channels] = [{channels}]; "
-            f"got shape {tuple(value.shape)}"
-        )
-    return value
 
 
 def _unsigned_zero(values: Array) -> Array:
@@ -302,7 +292,7 @@ def softmax(x: Array, t: Array | float = 1.0, mask: Array | None = None) -> Arra
     subtracted first, so nothing overflows.
     """
     sets, mask = as_sets(x, mask)
-    t = _channel_parameter(t, "t", "softmax", sets.shape[-1])
+    t = channel_parameter(t, "t", "softmax", sets.shape[-1])
     weights = _softmax_weights(sets, mask, t)
     pooled = (weights * zero_masked(sets, mask).astype(jnp.float32)).sum(axis=1)
     return pooled.astype(result_dtype(sets))
